@@ -1,0 +1,84 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint is a folder ``step_000500`` holding the LoRA (``lora.safetensors``, loadable by
+ComfyUI like the final file) and ``state.pt`` (optimizer, schedule, RNG, data position, loss
+history). It is written under a temporary name and renamed when complete, so a crash or a cancel
+mid-write leaves the previous checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .lora import LoraAdapter, atomic_save_safetensors, to_kohya_state_dict
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / "state.pt").is_file() and (p / "lora.safetensors").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    adapters: Mapping[str, LoraAdapter],
+    state: dict,
+    metadata: Mapping[str, str],
+    keep: int = 3,
+) -> Path:
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".{final.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        atomic_save_safetensors(to_kohya_state_dict(adapters), tmp / "lora.safetensors", metadata)
+        torch.save(state, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(kohya LoRA tensors, training state) of one checkpoint folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        lora = load_file(str(path / "lora.safetensors"))
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(
+            f"Checkpoint {path} cannot be read ({e}); delete it to resume from the one before."
+        ) from e
+    return lora, state

@@ -1,0 +1,248 @@
+"""A restoration dataset: clean (HQ) images, optionally paired degraded (LQ) ones, in buckets.
+
+``build_dataset`` validates every file up front (a corrupt image found at step 2,000 wastes the
+run), assigns buckets, and makes a held-out split that depends only on the seed and file names.
+
+Seeds of synthetic degradations: a fixed pipeline uses ``degradation_seed(seed, key, 0)`` for
+every epoch, so each image has one degraded version (its noise included) that can be cached. A
+random (Real-ESRGAN) pipeline uses ``degradation_seed(seed, key, epoch)``: a new degradation every
+epoch, reproducible from (seed, key, epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .buckets import bucket_histogram, bucket_resolutions, fit_to_bucket, format_histogram, nearest_bucket
+from .degradations import DegradationConfig, degradation_seed, degrade, describe
+from .images import IMAGE_EXTENSIONS, ImageLoadError, load_rgb, pil_to_tensor, scan_image_folder
+
+__all__ = ["RestorationDataset", "Sample", "build_dataset", "resolve_dataset_path"]
+
+NO_COUNTERPART = "no degraded counterpart"
+
+
+@dataclass
+class Sample:
+    """One training pair. ``key`` is the HQ path relative to the HQ folder, posix style."""
+
+    key: str
+    hq_path: Path
+    lq_path: Path | None
+    size: tuple[int, int]
+    bucket: tuple[int, int]
+
+
+def _reason_category(reason: str) -> str:
+    return reason.split(" (", 1)[0]
+
+
+@dataclass
+class RestorationDataset:
+    hq_dir: Path
+    lq_dir: Path | None
+    train: list[Sample]
+    val: list[Sample]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    bucket_scale: float = 1.0
+
+    def bucket_histogram(self, split: str = "all") -> dict[str, int]:
+        """Images per bucket for "train", "val" or "all"."""
+        samples = {"train": self.train, "val": self.val, "all": self.train + self.val}[split]
+        return bucket_histogram([s.bucket for s in samples])
+
+    def summary(self) -> str:
+        """Human-readable report: what is used, what was skipped and why, split, buckets."""
+        source = (
+            f"paired LQ from {self.lq_dir}" if self.lq_dir else f"synthetic LQ ({describe(self.degradation)})"
+        )
+        n = len(self.train) + len(self.val)
+        lines = [
+            f"Dataset {self.hq_dir}: {source}",
+            f"used {n} image(s): {len(self.train)} train, {len(self.val)} held out for validation",
+        ]
+        if self.skipped:
+            by_reason = Counter(_reason_category(r) for _, r in self.skipped)
+            lines.append(
+                f"skipped {len(self.skipped)}: "
+                + ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items()))
+            )
+            for path, reason in self.skipped[:10]:
+                lines.append(f"  - {path}: {reason}")
+            if len(self.skipped) > 10:
+                lines.append(f"  ... and {len(self.skipped) - 10} more")
+        lines.append(f"buckets (scale {self.bucket_scale:g}):")
+        lines.append(format_histogram(self.bucket_histogram()))
+        return "\n".join(lines)
+
+    def load_clean(self, sample: Sample) -> torch.Tensor:
+        """The HQ image fitted to its bucket, (3, h, w) in [0, 1]."""
+        return pil_to_tensor(fit_to_bucket(load_rgb(sample.hq_path, min_size=1), sample.bucket))
+
+    def degradation_seed_for(self, sample: Sample, epoch: int, seed: int) -> int:
+        """Seed of the synthetic degradation; the epoch only counts for random pipelines."""
+        return degradation_seed(seed, sample.key, epoch if self.degradation.is_random else 0)
+
+    def load_degraded(
+        self, sample: Sample, epoch: int, seed: int, clean: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The LQ image at the sample's bucket: the real paired file (fitted to the same bucket,
+        whatever its own size) or a synthetic degradation of ``clean`` (loaded if not given)."""
+        if sample.lq_path is not None:
+            return pil_to_tensor(fit_to_bucket(load_rgb(sample.lq_path, min_size=1), sample.bucket))
+        if clean is None:
+            clean = self.load_clean(sample)
+        return degrade(clean, self.degradation, self.degradation_seed_for(sample, epoch, seed))
+
+    def load_pair(self, sample: Sample, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean, degraded), both (3, h, w) float32 in [0, 1] at the sample's bucket size."""
+        clean = self.load_clean(sample)
+        return clean, self.load_degraded(sample, epoch, seed, clean=clean)
+
+
+def resolve_dataset_path(path: str, base_dir: str | None) -> Path:
+    """A user-typed folder path: ``~`` expanded, surrounding quotes and spaces removed (pasted
+    Windows paths often have them); relative paths resolve against ``base_dir`` (ComfyUI's input
+    folder when called from a node), else against the working directory."""
+    text = str(path).strip().strip("\"'").strip()
+    if not text:
+        raise ValueError(
+            "dataset path is empty: enter a folder path (absolute, or relative to the input folder)"
+        )
+    p = Path(text).expanduser()
+    if p.is_absolute():
+        return p
+    base = Path(base_dir).expanduser() if base_dir else Path.cwd()
+    return base / p
+
+
+def _check_folder(folder: Path, role: str) -> None:
+    if not folder.exists():
+        raise ValueError(f"{role} folder {folder} does not exist: create it or fix the path")
+    if not folder.is_dir():
+        raise ValueError(f"{role} path {folder} is not a folder: give the folder that holds the images")
+
+
+def _index_lq(lq_dir: Path) -> dict[str, list[Path]]:
+    """LQ files by relative path without extension (so a.png may pair with a.jpg)."""
+    index: dict[str, list[Path]] = {}
+    for p in scan_image_folder(lq_dir):
+        stem_key = p.relative_to(lq_dir).with_suffix("").as_posix()
+        index.setdefault(stem_key, []).append(p)
+    return index
+
+
+def _pick_lq(hq: Path, candidates: list[Path]) -> Path:
+    # Same extension first, then alphabetical, so the choice is deterministic.
+    return sorted(candidates, key=lambda p: (p.suffix.lower() != hq.suffix.lower(), p.name))[0]
+
+
+def _val_size(n: int, val_count: int | None, val_fraction: float) -> int:
+    if n < 2:
+        return 0
+    if val_count is not None:
+        v = val_count
+    else:
+        v = round(n * val_fraction)
+        if val_fraction > 0:
+            v = max(v, 1)
+    return max(0, min(v, n - 1))  # keep at least one training image
+
+
+def _split_rank(seed: int, key: str) -> bytes:
+    # Ranking by a per-key hash (not a shuffle of the list) keeps most of the split when files
+    # are added or removed.
+    return hashlib.sha256(f"split\x00{int(seed)}\x00{key}".encode()).digest()
+
+
+def build_dataset(
+    hq_dir: str | os.PathLike,
+    lq_dir: str | os.PathLike | None = None,
+    *,
+    val_count: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    bucket_scale: float = 1.0,
+    min_size: int = 64,
+    degradation: DegradationConfig | None = None,
+    logger: logging.Logger | None = None,
+) -> RestorationDataset:
+    """Scan, validate, pair, bucket and split. Unusable files are skipped with a warning.
+
+    Raises ValueError (naming the folder and what to do) when a folder is missing, not a folder,
+    has no image files, or has no usable image.
+    """
+    log = logger or logging.getLogger(__name__)
+    if val_count is not None and val_count < 0:
+        raise ValueError(f"val_count must be >= 0, got {val_count}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    hq = Path(hq_dir).expanduser()
+    lq = Path(lq_dir).expanduser() if lq_dir is not None else None
+    _check_folder(hq, "HQ image")
+    if lq is not None:
+        _check_folder(lq, "LQ (degraded) image")
+    buckets = bucket_resolutions(bucket_scale)
+    exts = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+
+    files = scan_image_folder(hq)
+    if not files:
+        raise ValueError(f"HQ image folder {hq} contains no image files ({exts}): put the clean images there")
+    lq_index = _index_lq(lq) if lq is not None else {}
+
+    usable: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append((str(path), reason))
+        log.warning("skipping %s: %s", path, reason)
+
+    for path in files:
+        key = path.relative_to(hq).as_posix()
+        lq_path = None
+        if lq is not None:
+            candidates = lq_index.get(path.relative_to(hq).with_suffix("").as_posix())
+            if not candidates:
+                skip(path, NO_COUNTERPART)
+                continue
+            lq_path = _pick_lq(path, candidates)
+        try:
+            with load_rgb(path, min_size=min_size) as img:
+                size = img.size
+            if lq_path is not None:
+                load_rgb(lq_path, min_size=1).close()
+        except ImageLoadError as e:
+            skip(e.path, e.reason)
+            continue
+        usable.append(Sample(key, path, lq_path, size, nearest_bucket(*size, buckets)))
+
+    if not usable:
+        reasons = Counter(_reason_category(r) for _, r in skipped)
+        listed = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+        raise ValueError(
+            f"no usable image in {hq} ({len(files)} file(s) found, all skipped: {listed}); "
+            "fix or replace the files listed in the log"
+        )
+
+    n_val = _val_size(len(usable), val_count, val_fraction)
+    ranked = sorted(usable, key=lambda s: _split_rank(seed, s.key))
+    val_keys = {s.key for s in ranked[:n_val]}
+    train = [s for s in usable if s.key not in val_keys]
+    val = [s for s in usable if s.key in val_keys]
+    return RestorationDataset(
+        hq_dir=hq,
+        lq_dir=lq,
+        train=train,
+        val=val,
+        skipped=skipped,
+        degradation=degradation if degradation is not None else DegradationConfig(),
+        bucket_scale=bucket_scale,
+    )

@@ -1,0 +1,154 @@
+"""Flow-matching math for restoration, in Flux's own convention.
+
+Flux (and ComfyUI's ``ModelSamplingFlux`` with ``CONST`` prediction) defines the path
+``x_sigma = sigma * start + (1 - sigma) * x0`` and has the model predict the velocity
+``v = start - x0``; sampling integrates from sigma = 1 down to 0. For pre-training ``start`` is
+Gaussian noise. All three formulations here keep that convention and only change ``start`` and
+whether the degraded latent is shown to the model as Kontext reference tokens:
+
+=============  ====================  ==================  ==========================
+formulation    start (sigma = 1)     reference tokens    sampling starts from
+=============  ====================  ==================  ==========================
+bridge         z_LQ (+ s * eps)      none                the degraded latent
+bridge_ref     z_LQ (+ s * eps)      z_LQ                the degraded latent
+kontext        eps                   z_LQ                pure noise
+=============  ====================  ==================  ==========================
+
+The original design note wrote the bridge as ``x = (1 - s) z_LQ + s z_HQ`` with target
+``z_HQ - z_LQ``: the same straight line with ``s = 1 - sigma`` and the opposite sign, so s = 1
+meant *clean*, the reverse of everything the base model learned about time. Written this way the
+LoRA only has to learn a new start point, not a new clock.
+
+``bridge_noise`` (s) moves the bridge's start to ``z_LQ + s * eps``: a noised degraded latent,
+which regularises the bridge against degradations it has not seen; the sampler starts from the
+same noised point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FORMULATIONS = ("bridge", "bridge_ref", "kontext")
+TIMESTEP_SAMPLING = ("shifted_uniform", "logit_normal", "uniform")
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def uses_reference(formulation: str) -> bool:
+    return check_choice("formulation", formulation, FORMULATIONS) != "bridge"
+
+
+def starts_from_degraded(formulation: str) -> bool:
+    return check_choice("formulation", formulation, FORMULATIONS) != "kontext"
+
+
+def flux_shift_mu(image_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """The shift ComfyUI's ModelSamplingFlux node picks for a resolution: a line through
+    (256 tokens, base_shift) and (4096 tokens, max_shift). One token is a 2x2 latent patch."""
+    slope = (max_shift - base_shift) / (4096 - 256)
+    return image_tokens * slope + (base_shift - slope * 256)
+
+
+def image_tokens(latent_height: int, latent_width: int, patch: int = 2) -> int:
+    return math.ceil(latent_height / patch) * math.ceil(latent_width / patch)
+
+
+def time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
+    """Flux's resolution-dependent time shift, sigma = e^mu / (e^mu + 1/t - 1)."""
+    t = t.clamp(0.0, 1.0)
+    out = math.exp(mu) / (math.exp(mu) + (1.0 / t.clamp_min(1e-12) - 1.0))
+    return torch.where(t <= 0, torch.zeros_like(t), out)
+
+
+def sample_training_sigmas(
+    batch: int,
+    method: str,
+    mu: float,
+    generator: torch.Generator,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> torch.Tensor:
+    """Training sigmas in (0, 1], on the CPU (moved by the caller).
+
+    ``shifted_uniform`` is what Flux uses: uniform t, then the time shift for this resolution.
+    ``logit_normal`` (SD3) and ``uniform`` come from diffusers' training utilities.
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    check_choice("timestep_sampling", method, TIMESTEP_SAMPLING)
+    scheme = "logit_normal" if method == "logit_normal" else "uniform"
+    u = compute_density_for_timestep_sampling(
+        weighting_scheme=scheme,
+        batch_size=batch,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        generator=generator,
+    )
+    if method == "shifted_uniform":
+        u = time_shift(mu, u)
+    return u.clamp(1e-4, 1.0)
+
+
+def loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    check_choice("loss_weighting", scheme, LOSS_WEIGHTING)
+    # sigma_sqrt is sigma^-2: bounded here so a sigma near 0 cannot blow up one step's loss.
+    return compute_loss_weighting_for_sd3(scheme, sigmas.clamp_min(1e-2))
+
+
+@dataclass
+class TrainingExample:
+    x: torch.Tensor  # model input at sigma
+    target: torch.Tensor  # velocity the model should predict
+    reference: torch.Tensor | None  # Kontext reference latent, or None
+
+
+def path_start(
+    formulation: str, degraded: torch.Tensor, noise: torch.Tensor, bridge_noise: float = 0.0
+) -> torch.Tensor:
+    """Where the path begins at sigma = 1."""
+    if starts_from_degraded(formulation):
+        return degraded + bridge_noise * noise if bridge_noise > 0 else degraded
+    return noise
+
+
+def make_training_example(
+    formulation: str,
+    clean: torch.Tensor,
+    degraded: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    bridge_noise: float = 0.0,
+) -> TrainingExample:
+    """x_sigma = sigma * start + (1 - sigma) * clean; target v = start - clean."""
+    start = path_start(formulation, degraded, noise, bridge_noise)
+    s = sigmas.reshape(-1, *([1] * (clean.ndim - 1))).to(clean)
+    x = s * start + (1.0 - s) * clean
+    reference = degraded if uses_reference(formulation) else None
+    return TrainingExample(x=x, target=start - clean, reference=reference)
+
+
+def sampling_sigmas(steps: int, mu: float | None = None) -> torch.Tensor:
+    """steps + 1 sigmas from 1 to 0, time-shifted like training when ``mu`` is given."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    t = torch.linspace(1.0, 0.0, steps + 1)
+    return time_shift(mu, t) if mu is not None else t
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    return x + (sigma_next - sigma) * v
+
+
+def denoised_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The clean estimate the velocity implies: x0 = x - sigma * v."""
+    return x - sigma * v

@@ -1,0 +1,213 @@
+"""LoRA adapters for Flux Linear layers, and the file format they are saved in.
+
+An adapter is a callable ``weight -> weight + scale * up @ down``: exactly the shape of function
+ComfyUI accepts as a *weight wrapper* (``ModelPatcher.add_weight_wrapper``), so the base weights
+are never modified and any dtype ComfyUI stores them in (fp8 included) is cast first and only the
+low-rank delta is trained. The file format is kohya's (``lora_unet_<path>.lora_down.weight``),
+which both ComfyUI's ``LoraLoader`` and diffusers' ``load_lora_weights`` read; fused ``qkv`` and
+``linear1`` are kept fused because both loaders expect them that way for Flux.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# Linear layers of the Flux transformer blocks that get an adapter. Modulation layers are optional:
+# they are large (6 x width^2 per double block) and rarely worth training for restoration.
+BLOCK_TARGETS = (
+    r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)",
+    r"double_blocks\.\d+\.(img|txt)_mlp\.(0|2)",
+    r"single_blocks\.\d+\.(linear1|linear2)",
+)
+MODULATION_TARGETS = (
+    r"double_blocks\.\d+\.(img|txt)_mod\.lin",
+    r"single_blocks\.\d+\.modulation\.lin",
+)
+# Every other Linear layer of Flux: input/output projections and the time/guidance/vector
+# embedders. Rarely useful on the real model; it lets a tiny random test model express a map.
+OUTER_TARGETS = (
+    r"img_in",
+    r"txt_in",
+    r"(time_in|guidance_in|vector_in)\.(in_layer|out_layer)",
+    r"final_layer\.(linear|adaLN_modulation\.1)",
+)
+TARGET_SETS = {
+    "blocks": BLOCK_TARGETS,
+    "blocks+modulation": BLOCK_TARGETS + MODULATION_TARGETS,
+    "all_linear": BLOCK_TARGETS + MODULATION_TARGETS + OUTER_TARGETS,
+}
+KOHYA_PREFIX = "lora_unet_"
+
+
+def select_targets(module_paths: Iterable[str], targets: str = "blocks") -> list[str]:
+    """The module paths (relative to the diffusion model) that receive a LoRA adapter."""
+    if targets not in TARGET_SETS:
+        raise ValueError(f"LoRA targets must be one of {', '.join(TARGET_SETS)}; got {targets!r}")
+    regex = re.compile("^(" + "|".join(TARGET_SETS[targets]) + ")$")
+    return [p for p in module_paths if regex.match(p)]
+
+
+class LoraAdapter(torch.nn.Module):
+    """Low-rank delta for one Linear weight of shape (out_features, in_features).
+
+    ``up`` starts at zero so a fresh adapter leaves the model unchanged; ``down`` gets Kaiming
+    uniform initialisation like PEFT and kohya do.
+    """
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        alpha: float,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        down = torch.empty(rank, in_features, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on a Linear weight
+        down.uniform_(-bound, bound, generator=generator)
+        self.down = torch.nn.Parameter(down.to(dtype))
+        self.up = torch.nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
+        self.rank = rank
+        self.alpha = float(alpha)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        return (self.up @ self.down) * self.scale
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:  # ComfyUI weight-wrapper protocol
+        delta = self.up.to(weight.dtype) @ self.down.to(weight.dtype)
+        return weight + delta * self.scale
+
+    # ComfyUI's memory manager asks weight functions how much memory they hold and moves them
+    # together with the module they wrap.
+    def passive_memory_usage(self) -> int:
+        return sum(p.nelement() * p.element_size() for p in self.parameters())
+
+    def move_to(self, device: torch.device | str) -> int:
+        self.to(device=device)
+        return self.passive_memory_usage()
+
+
+def create_adapters(
+    shapes: Mapping[str, tuple[int, int]],
+    rank: int,
+    alpha: float,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, LoraAdapter]:
+    """One adapter per module path, initialised deterministically from ``seed`` in path order."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        path: LoraAdapter(out_f, in_f, rank, alpha, dtype=dtype, generator=generator)
+        for path, (out_f, in_f) in sorted(shapes.items())
+    }
+
+
+def kohya_name(module_path: str) -> str:
+    return KOHYA_PREFIX + module_path.replace(".", "_")
+
+
+def to_kohya_state_dict(adapters: Mapping[str, LoraAdapter], dtype: torch.dtype | None = None) -> dict:
+    """Flattens adapters into kohya keys; ``dtype`` None keeps the training dtype."""
+    out: dict[str, torch.Tensor] = {}
+    for path, adapter in adapters.items():
+        name = kohya_name(path)
+        down = adapter.down.detach()
+        up = adapter.up.detach()
+        if dtype is not None:
+            down, up = down.to(dtype), up.to(dtype)
+        out[f"{name}.lora_down.weight"] = down.contiguous().cpu()
+        out[f"{name}.lora_up.weight"] = up.contiguous().cpu()
+        out[f"{name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+    return out
+
+
+def load_kohya_into(adapters: Mapping[str, LoraAdapter], state: Mapping[str, torch.Tensor]) -> None:
+    """Copies saved weights into existing adapters; shapes and the key set must match."""
+    expected = {kohya_name(p): p for p in adapters}
+    found = {k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k}
+    missing = sorted(set(expected) - found)
+    extra = sorted(found - set(expected))
+    if missing or extra:
+        raise ValueError(
+            "LoRA does not match this model's layers "
+            f"(missing {len(missing)}: {missing[:3]}, unexpected {len(extra)}: {extra[:3]}). "
+            "Use the same rank, targets and base model it was trained with."
+        )
+    with torch.no_grad():
+        for name, path in expected.items():
+            adapter = adapters[path]
+            down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
+            if down.shape != adapter.down.shape or up.shape != adapter.up.shape:
+                raise ValueError(
+                    f"LoRA layer {name}: saved shapes {tuple(down.shape)}/{tuple(up.shape)} differ from "
+                    f"{tuple(adapter.down.shape)}/{tuple(adapter.up.shape)}; the rank or base model differs."
+                )
+            adapter.down.copy_(down)
+            adapter.up.copy_(up)
+            alpha = state.get(f"{name}.alpha")
+            if alpha is not None:
+                adapter.alpha = float(alpha)
+
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping) -> Path:
+    """Writes to a temporary file in the same folder, then renames: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def sanitize_lora_name(name: str) -> str:
+    """A file name for the loras folder: no absolute paths, no ``..``, a ``.safetensors`` suffix.
+
+    Sub-folders are allowed (``restore/faces``) because ComfyUI lists them in its LoRA pickers.
+    """
+    raw = (name or "").strip()
+    if not raw:
+        raise ValueError("The LoRA name is empty: give a file name such as 'kontext_restore'.")
+    candidate = raw.replace("\\", "/")
+    if candidate.startswith("/") or re.match(r"^[A-Za-z]:", candidate) or candidate.startswith("~"):
+        raise ValueError(f"LoRA name {name!r} is an absolute path; give a name relative to the loras folder.")
+    parts = [p for p in candidate.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise ValueError(f"LoRA name {name!r} contains '..'; give a name inside the loras folder.")
+    if not parts:
+        raise ValueError(f"LoRA name {name!r} has no file name.")
+    bad = [p for p in parts if re.search(r'[\x00-\x1f<>:"|?*]', p)]
+    if bad:
+        raise ValueError(f"LoRA name {name!r} contains characters not allowed in file names: {bad[0]!r}.")
+    if not parts[-1].lower().endswith(".safetensors"):
+        parts[-1] += ".safetensors"
+    return "/".join(parts)

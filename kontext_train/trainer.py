@@ -1,0 +1,445 @@
+"""The flow-matching LoRA training loop.
+
+The whole method, on one screen: for each batch of (clean, degraded) latents, pick sigmas, build
+the point on the path between the formulation's start and the clean latent, have the model predict
+the velocity there (with the degraded latent as Kontext reference tokens where the formulation
+uses them), and regress it onto ``start - clean``. Everything around that - schedule,
+accumulation, checkpoints, resume, validation, cancel, NaN and out-of-memory handling - is
+bookkeeping that a user of a serious trainer expects.
+
+The model is anything with ``adapters``, ``parameters()``, ``load()``, ``training()``,
+``to_model_space()`` and ``velocity()``: ``comfy_adapter.FluxLoraModel`` in real use, small torch
+modules in tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .batches import LatentBatch, LatentBatches
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .flow import (
+    FORMULATIONS,
+    LOSS_WEIGHTING,
+    TIMESTEP_SAMPLING,
+    check_choice,
+    flux_shift_mu,
+    image_tokens,
+    loss_weights,
+    make_training_example,
+    sample_training_sigmas,
+)
+from .lora import TARGET_SETS, atomic_save_safetensors, load_kohya_into, to_kohya_state_dict
+
+LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LR_SCHEDULES = ("cosine", "constant_with_warmup", "linear")
+METADATA_PREFIX = "kontext_restore."
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. Defaults follow the original design note where it had one."""
+
+    steps: int = 3000
+    learning_rate: float = 1e-4
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank, i.e. LoRA scale 1
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 100
+    guidance: float = 1.5
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every_epochs: int = 5
+    validation_steps: int = 8
+    seed: int = 0
+    formulation: str = "bridge_ref"
+    bridge_noise: float = 0.0
+    timestep_sampling: str = "shifted_uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss_weighting: str = "none"
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    lora_targets: str = "blocks"  # blocks | blocks+modulation | all_linear
+    gradient_checkpointing: bool = True
+    lora_dtype: str = "float32"
+
+    # Settings that may change between a run and its resume; everything else must match.
+    RESUMABLE_CHANGES = (
+        "steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "validate_every_epochs",
+        "validation_steps",
+    )
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "rank", "batch_size", "grad_accum", "validation_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.validate_every_epochs < 0:
+            raise ValueError("warmup_steps, checkpoint_every and validate_every_epochs must not be negative")
+        if self.bridge_noise < 0:
+            raise ValueError(f"bridge_noise must not be negative, got {self.bridge_noise}")
+        check_choice("formulation", self.formulation, FORMULATIONS)
+        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTING)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("lora_dtype", self.lora_dtype, tuple(LORA_DTYPES))
+        check_choice("lora_targets", self.lora_targets, tuple(TARGET_SETS))
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    epoch: int
+    seconds_per_step: float
+
+
+@dataclass
+class TrainerHooks:
+    """How the host (node, command line, tests) follows and steers a run."""
+
+    on_step: Callable[[StepInfo], None] | None = None
+    check_cancel: Callable[[], None] | None = None  # raises one of cancel_exceptions to stop
+    cancel_exceptions: tuple[type[BaseException], ...] = (KeyboardInterrupt,)
+    oom_exceptions: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+    on_validation: Callable[[dict], None] | None = None
+    # Multi-process training: average gradients across ranks; only the main process writes.
+    sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None
+    is_main_process: bool = True
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]
+    validation: list[dict]
+    lora_path: Path | None
+    checkpoint: Path | None
+    resumed_from: int = 0
+    last_restored: list = field(default_factory=list)  # images of the last validation
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lora_metadata(config: TrainConfig, step: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Safetensors metadata: every setting, the step, the pack version, and kohya's common keys."""
+    meta = {
+        METADATA_PREFIX + "version": __version__,
+        METADATA_PREFIX + "config": json.dumps(config.to_dict(), sort_keys=True),
+        METADATA_PREFIX + "formulation": config.formulation,
+        METADATA_PREFIX + "bridge_noise": str(config.bridge_noise),
+        METADATA_PREFIX + "guidance": str(config.guidance),
+        METADATA_PREFIX + "step": str(step),
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.lora_alpha),
+        "ss_steps": str(step),
+        "ss_learning_rate": str(config.learning_rate),
+        "modelspec.architecture": "flux-1-dev/lora",
+    }
+    for k, v in (extra or {}).items():
+        meta[k if "." in k or k.startswith("ss_") else METADATA_PREFIX + k] = str(v)
+    return meta
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_validation_report(rows: list[dict], lora_path: Path) -> tuple[Path, Path]:
+    """``<lora>.validation.json`` and ``.csv`` beside the LoRA file."""
+    base = Path(lora_path).with_suffix("")
+    json_path, csv_path = (
+        base.with_name(base.name + ".validation.json"),
+        base.with_name(base.name + ".validation.csv"),
+    )
+    _atomic_write_text(json_path, json.dumps(rows, indent=2, default=str))
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns and not isinstance(row[k], (list, dict))]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write_text(csv_path, buf.getvalue())
+    return json_path, csv_path
+
+
+def _check_resume_compatible(saved: Mapping, config: TrainConfig) -> None:
+    current = config.to_dict()
+    differ = [
+        k
+        for k, v in saved.items()
+        if k in current and k not in TrainConfig.RESUMABLE_CHANGES and current[k] != v
+    ]
+    if differ:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in differ)
+        raise ValueError(
+            f"Cannot resume: settings differ from the checkpoint ({detail}). "
+            "Use the original settings, or start a new run (another name or resume off)."
+        )
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        model,
+        batches: LatentBatches,
+        cond,
+        run_dir: Path,
+        lora_path: Path | None = None,
+        metadata: Mapping[str, str] | None = None,
+        validator=None,
+        hooks: TrainerHooks | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.batches = batches
+        self.cond = cond
+        self.run_dir = Path(run_dir)
+        self.lora_path = Path(lora_path) if lora_path else None
+        self.extra_metadata = dict(metadata or {})
+        self.validator = validator
+        self.hooks = hooks or TrainerHooks()
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.epoch = 0
+        self.position = 0
+        self.losses: list[float] = []
+        self.validation: list[dict] = []
+        self.last_saved_step = -1
+        self.last_checkpoint: Path | None = None
+        self.last_restored: list = []
+
+    # -- one step of the method -------------------------------------------------------------
+    def batch_loss(self, batch: LatentBatch) -> torch.Tensor:
+        cfg, model = self.config, self.model
+        device = model.device
+        clean = model.to_model_space(batch.clean.to(device))
+        degraded = model.to_model_space(batch.degraded.to(device))
+        n, _, h, w = clean.shape
+        mu = flux_shift_mu(image_tokens(h, w))
+        sigmas = sample_training_sigmas(
+            n, cfg.timestep_sampling, mu, self.generator, cfg.logit_mean, cfg.logit_std
+        )
+        # Noise is drawn on the CPU from the run's own generator: identical on any device and resumable.
+        noise = torch.randn(clean.shape, generator=self.generator).to(device)
+        sigmas_d = sigmas.to(device)
+        example = make_training_example(cfg.formulation, clean, degraded, sigmas_d, noise, cfg.bridge_noise)
+        with self._autocast():
+            pred = model.velocity(example.x, sigmas_d, self.cond, cfg.guidance, example.reference)
+        per_sample = (pred.float() - example.target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+        return (loss_weights(sigmas_d, cfg.loss_weighting) * per_sample).mean()
+
+    def _autocast(self):
+        device = getattr(self.model, "device", torch.device("cpu"))
+        if (
+            torch.device(device).type == "cuda"
+            and getattr(self.model, "dtype", torch.float32) != torch.float32
+        ):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    # -- state ----------------------------------------------------------------------------
+    def _state(self, optimizer, scheduler) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "losses": list(self.losses),
+            "validation": list(self.validation),
+            "config": self.config.to_dict(),
+            "version": __version__,
+        }
+
+    def _metadata(self) -> dict[str, str]:
+        return lora_metadata(self.config, self.step, self.extra_metadata)
+
+    def save_checkpoint(self, optimizer, scheduler) -> Path | None:
+        if not self.hooks.is_main_process or self.step == self.last_saved_step or self.step == 0:
+            return self.last_checkpoint
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model.adapters,
+            self._state(optimizer, scheduler),
+            self._metadata(),
+            keep=self.config.keep_checkpoints,
+        )
+        self.last_saved_step = self.step
+        return self.last_checkpoint
+
+    def _resume(self, optimizer, scheduler) -> int:
+        found = latest_checkpoint(self.run_dir)
+        if found is None:
+            return 0
+        lora, state = load_checkpoint(found)
+        _check_resume_compatible(state.get("config", {}), self.config)
+        load_kohya_into(self.model.adapters, lora)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.losses = list(state["losses"])
+        self.validation = list(state["validation"])
+        self.last_saved_step = self.step
+        self.last_checkpoint = found
+        return self.step
+
+    # -- validation -----------------------------------------------------------------------
+    def _validate(self, epoch: int) -> None:
+        if self.validator is None:
+            return
+        with torch.no_grad():
+            row, restored = self.validator.run(self.model, self.cond, self.config)
+        row = {"step": self.step, "epoch": epoch, **row}
+        self.validation.append(row)
+        self.last_restored = restored
+        if self.hooks.on_validation:
+            self.hooks.on_validation(row)
+        if self.hooks.is_main_process and self.lora_path is not None:
+            write_validation_report(self.validation, self.lora_path)
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, resume: bool = True) -> TrainResult:
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.config
+        self.model.load()
+        params = self.model.parameters()
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scheduler = get_scheduler(
+            cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
+        )
+        resumed_from = self._resume(optimizer, scheduler) if resume else 0
+        per_epoch = self.batches.batches_per_epoch()
+        stream = self.batches.stream(self.epoch, self.position)
+        try:
+            with self.model.training():
+                while self.step < cfg.steps:
+                    started = time.perf_counter()
+                    optimizer.zero_grad(set_to_none=True)
+                    step_loss = 0.0
+                    finished_epochs = []
+                    for _ in range(cfg.grad_accum):
+                        batch = next(stream)
+                        loss = self.batch_loss(batch)
+                        (loss / cfg.grad_accum).backward()
+                        step_loss += loss.detach().float().item() / cfg.grad_accum
+                        self.epoch, self.position = batch.epoch, batch.position + 1
+                        if self.position >= per_epoch:
+                            finished_epochs.append(self.epoch)
+                            self.epoch, self.position = self.epoch + 1, 0
+                    if not math.isfinite(step_loss):
+                        where = self.last_checkpoint or "none was written yet"
+                        raise NonFiniteLossError(
+                            f"The loss became {step_loss} at step {self.step + 1}; training stopped. The last "
+                            f"good checkpoint is kept ({where}). Lower the learning rate or check the data."
+                        )
+                    if self.hooks.sync_gradients:
+                        self.hooks.sync_gradients(params)
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    self.step += 1
+                    self.losses.append(step_loss)
+                    if self.hooks.on_step:
+                        self.hooks.on_step(
+                            StepInfo(
+                                self.step,
+                                cfg.steps,
+                                step_loss,
+                                scheduler.get_last_lr()[0],
+                                self.epoch,
+                                time.perf_counter() - started,
+                            )
+                        )
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint(optimizer, scheduler)
+                    for e in finished_epochs:
+                        if cfg.validate_every_epochs and (e + 1) % cfg.validate_every_epochs == 0:
+                            self._validate(e)
+                    if self.hooks.check_cancel and self.step < cfg.steps:
+                        self.hooks.check_cancel()
+                if self.validator is not None and (
+                    not self.validation or self.validation[-1]["step"] != self.step
+                ):
+                    self._validate(self.epoch)
+        except self.hooks.cancel_exceptions:
+            self.save_checkpoint(optimizer, scheduler)
+            raise
+        except self.hooks.oom_exceptions as e:
+            optimizer.zero_grad(set_to_none=True)
+            raise RuntimeError(
+                f"Out of memory at step {self.step + 1} ({e.__class__.__name__}). Try batch size 1, a smaller "
+                "bucket scale (e.g. 0.5 for ~512 px buckets), gradient checkpointing on, fp8 base weights, or a "
+                f"lower LoRA rank. Last checkpoint: {self.last_checkpoint or 'none'}."
+            ) from e
+
+        lora_path = None
+        if self.hooks.is_main_process:
+            self.save_checkpoint(optimizer, scheduler)
+            if self.lora_path is not None:
+                lora_path = atomic_save_safetensors(
+                    to_kohya_state_dict(self.model.adapters), self.lora_path, self._metadata()
+                )
+            _atomic_write_text(self.run_dir / "loss_history.json", json.dumps(self.losses))
+        return TrainResult(
+            step=self.step,
+            losses=self.losses,
+            validation=self.validation,
+            lora_path=lora_path,
+            checkpoint=self.last_checkpoint,
+            resumed_from=resumed_from,
+            last_restored=self.last_restored,
+        )

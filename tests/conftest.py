@@ -1,0 +1,101 @@
+"""Shared fixtures: a real ComfyUI imported in-process (CPU), tiny random Flux / VAE models built
+through ComfyUI's own classes, and conditioning shaped like CLIPTextEncode's for Flux.
+
+The ComfyUI used is $COMFYUI_PATH when set, else the tree scripts/setup_test_env.sh builds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TINY_CONTEXT_DIM = 64
+
+
+@pytest.fixture(scope="session")
+def comfy_root(tmp_path_factory) -> Path:
+    """ComfyUI imported once per session, with its input/output/temp and loras in a temp folder."""
+    from kontext_train import comfy_adapter
+
+    root = comfy_adapter.bootstrap_comfyui(cpu=True)
+    import folder_paths
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    for sub in ("input", "output", "temp", "loras"):
+        (base / sub).mkdir()
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    folder_paths.add_model_folder_path("loras", str(base / "loras"), is_default=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def comfy_dirs(comfy_root):
+    import folder_paths
+
+    return {
+        "input": Path(folder_paths.get_input_directory()),
+        "output": Path(folder_paths.get_output_directory()),
+        "temp": Path(folder_paths.get_temp_directory()),
+        "loras": Path(folder_paths.get_folder_paths("loras")[0]),
+    }
+
+
+@pytest.fixture(scope="session")
+def pack_nodes(comfy_root):
+    """ComfyUI's node registry with this pack loaded the way ComfyUI loads custom nodes."""
+    import asyncio
+
+    import nodes
+
+    if not any(k.startswith("KontextRestore") for k in nodes.NODE_CLASS_MAPPINGS):
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        ok = asyncio.run(nodes.load_custom_node(str(ROOT)))
+        assert ok, "ComfyUI failed to import the pack"
+    return nodes
+
+
+def make_tiny_flux(seed: int = 0, **kwargs):
+    from kontext_train.comfy_adapter import build_tiny_flux
+
+    return build_tiny_flux(context_in_dim=TINY_CONTEXT_DIM, seed=seed, **kwargs)
+
+
+@pytest.fixture
+def tiny_flux(comfy_root):
+    return make_tiny_flux()
+
+
+def make_tiny_vae(seed: int = 0):
+    """A 16-channel TAESD-format VAE (~2.5M params) loaded through comfy.sd.VAE."""
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    torch.manual_seed(seed)
+    sd = comfy.taesd.taesd.TAESD(latent_channels=16).state_dict()
+    return comfy.sd.VAE(sd=sd)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(comfy_root):
+    return make_tiny_vae()
+
+
+def make_conditioning(seed: int = 0, tokens: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randn(1, tokens, TINY_CONTEXT_DIM, generator=g)
+    pooled = torch.randn(1, 768, generator=g)
+    return [[context, {"pooled_output": pooled}]]
+
+
+@pytest.fixture
+def flux_conditioning():
+    return make_conditioning()
