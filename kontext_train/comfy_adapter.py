@@ -318,8 +318,11 @@ class FluxLoraModel:
             self.patcher.set_model_patch_replace(_BlockPatch(block, True, self), "dit", "double_block", i)
         for i, block in enumerate(diffusion.single_blocks):
             self.patcher.set_model_patch_replace(_BlockPatch(block, False, self), "dit", "single_block", i)
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
+        self.device = torch.device(self.patcher.load_device)
+        self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+
+    def prepare_conditioning(self, conditioning) -> PreparedConditioning:
+        return prepare_conditioning(conditioning, self.device, self.dtype)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for a in self.adapters.values() for p in a.parameters()]
@@ -395,16 +398,12 @@ class FluxLoraModel:
         with contextlib.suppress(Exception):
             mm.soft_empty_cache()
 
-    def inference_model(self):
-        """A MODEL for the rest of the graph: a clone of the input with the trained adapters,
-        frozen, and without the training block patches."""
-        out = self.patcher.clone()
-        to = out.model_options.get("transformer_options", {})
-        replace = to.get("patches_replace", {}).get("dit")
-        if replace is not None:
-            to["patches_replace"] = dict(to["patches_replace"])
-            to["patches_replace"]["dit"] = {}
-        return out
+
+def apply_lora(model, lora_state: Mapping[str, torch.Tensor], strength: float = 1.0):
+    """The input MODEL with a LoRA state dict applied exactly as the stock LoraLoaderModelOnly does."""
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(model, None, dict(lora_state), strength, 0)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,12 +517,14 @@ class _SeededNoise:
 def vae_encode(vae, images_bchw: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [0,1] -> raw latents (B,16,H/8,W/8) on the CPU."""
     pixels = images_bchw.permute(0, 2, 3, 1).contiguous()
-    return vae.encode(pixels[:, :, :, :3]).float().cpu()
+    with torch.no_grad():
+        return vae.encode(pixels[:, :, :, :3]).float().cpu()
 
 
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Raw latents -> (B,3,H,W) in [0,1] on the CPU."""
-    images = vae.decode(latents)
+    with torch.no_grad():
+        images = vae.decode(latents)
     if images.ndim == 5:  # some VAEs return (B, T, H, W, C)
         images = images.reshape(-1, *images.shape[-3:])
     return images.permute(0, 3, 1, 2).float().clamp(0, 1).cpu()

@@ -1,0 +1,257 @@
+"""Dataset nodes: image folders, degradations, buckets, latent cache."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..kontext_train import comfy_adapter
+from ..kontext_train.buckets import bucket_resolutions, fit_to_bucket, nearest_bucket
+from ..kontext_train.dataset import RestorationDataset, build_dataset, resolve_dataset_path
+from ..kontext_train.degradations import DegradationConfig, degrade, describe
+from ..kontext_train.images import (
+    comfy_image_to_tensors,
+    pil_to_tensor,
+    tensor_to_pil,
+    tensors_to_comfy_image,
+)
+from ..kontext_train.latent_cache import CONTROL_MODES, LatentCache
+from .common import CATEGORY, DATASET, DEGRADATION, LATENTS, SEED
+
+log = logging.getLogger("kontext_restore")
+
+
+class KontextRestoreDegradation:
+    """Degradation settings: the original fixed pipeline, or randomised Real-ESRGAN-style."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "kind": (["fixed", "realesrgan"], {"default": "fixed"}),
+                "noise_sigma": ("FLOAT", {"default": 0.02, "min": 0.0, "max": 0.5, "step": 0.005}),
+                "blur_radius": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 10.0, "step": 0.1}),
+                "jpeg_quality": ("INT", {"default": 85, "min": 0, "max": 100, "tooltip": "0 turns JPEG off"}),
+                "downscale": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 8.0, "step": 0.25}),
+            },
+            "optional": {
+                "second_order_prob": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05}),
+                "shuffle_prob": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.05}),
+            },
+        }
+
+    RETURN_TYPES = (DEGRADATION, "STRING")
+    RETURN_NAMES = ("degradation", "description")
+    FUNCTION = "make"
+    CATEGORY = CATEGORY + "/dataset"
+    DESCRIPTION = "Fixed: blur -> down/up -> noise -> JPEG with these values. realesrgan: random ranges, order and second pass."
+
+    def make(
+        self, kind, noise_sigma, blur_radius, jpeg_quality, downscale, second_order_prob=0.5, shuffle_prob=0.3
+    ):
+        config = DegradationConfig(
+            kind=kind,
+            noise_sigma=noise_sigma,
+            blur_radius=blur_radius,
+            jpeg_quality=jpeg_quality,
+            downscale=downscale,
+            second_order_prob=second_order_prob,
+            shuffle_prob=shuffle_prob,
+        )
+        return (config, describe(config))
+
+
+class KontextRestoreDegradeImage:
+    """Degrades an IMAGE batch: previews, and test inputs made inside a graph."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"images": ("IMAGE",), "seed": SEED},
+            "optional": {"degradation": (DEGRADATION,)},
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY + "/dataset"
+
+    def apply(self, images, seed, degradation=None):
+        config = degradation or DegradationConfig()
+        batch = comfy_image_to_tensors(images)
+        out = torch.stack([degrade(img, config, seed + i) for i, img in enumerate(batch)])
+        return (tensors_to_comfy_image(out),)
+
+
+class KontextRestoreBucketImage:
+    """Scales images to their nearest preferred Kontext resolution (like FluxKontextImageScale,
+    with a scale for smaller GPUs)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE",),
+                "bucket_scale": ("FLOAT", {"default": 1.0, "min": 0.25, "max": 2.0, "step": 0.05}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "scale"
+    CATEGORY = CATEGORY + "/dataset"
+
+    def scale(self, images, bucket_scale):
+        buckets = bucket_resolutions(bucket_scale)
+        h, w = images.shape[1], images.shape[2]
+        bucket = nearest_bucket(w, h, buckets)
+        out = [pil_to_tensor(fit_to_bucket(tensor_to_pil(t), bucket)) for t in comfy_image_to_tensors(images)]
+        return (tensors_to_comfy_image(torch.stack(out)),)
+
+
+class KontextRestoreDataset:
+    """A folder of high-quality images (and optionally their real degraded counterparts)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "hq_folder": (
+                    "STRING",
+                    {"default": "restore_hq", "tooltip": "Relative paths are inside ComfyUI's input folder."},
+                ),
+                "bucket_scale": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.25,
+                        "max": 2.0,
+                        "step": 0.05,
+                        "tooltip": "0.5 gives ~512 px buckets",
+                    },
+                ),
+                "val_count": (
+                    "INT",
+                    {"default": 4, "min": 0, "max": 1000, "tooltip": "Held-out images for validation"},
+                ),
+                "seed": SEED,
+            },
+            "optional": {
+                "lq_folder": (
+                    "STRING",
+                    {"default": "", "tooltip": "Optional real degraded images, matched by relative path"},
+                ),
+                "degradation": (DEGRADATION,),
+                "min_size": ("INT", {"default": 64, "min": 8, "max": 4096}),
+            },
+        }
+
+    RETURN_TYPES = (DATASET, "STRING")
+    RETURN_NAMES = ("dataset", "summary")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY + "/dataset"
+    OUTPUT_NODE = True
+
+    def load(self, hq_folder, bucket_scale, val_count, seed, lq_folder="", degradation=None, min_size=64):
+        base = str(comfy_adapter.input_folder())
+        hq = resolve_dataset_path(hq_folder, base)
+        lq = resolve_dataset_path(lq_folder, base) if lq_folder and lq_folder.strip() else None
+        dataset = build_dataset(
+            hq,
+            lq,
+            val_count=val_count,
+            seed=seed,
+            bucket_scale=bucket_scale,
+            min_size=min_size,
+            degradation=degradation or DegradationConfig(),
+            logger=log,
+        )
+        summary = dataset.summary()
+        log.info("Kontext Restore dataset:\n%s", summary)
+        return {"ui": {"text": [summary]}, "result": (dataset, summary)}
+
+
+@dataclass
+class CachedLatents:
+    """What the trainer consumes: the dataset, its latent cache and the seed for degradations."""
+
+    dataset: RestorationDataset
+    cache: LatentCache
+    seed: int
+    vae_name: str
+
+
+class KontextRestoreCacheLatents:
+    """Encodes every training and validation pair with the loaded VAE into an on-disk cache."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dataset": (DATASET,),
+                "vae": ("VAE",),
+                "control_mode": (
+                    list(CONTROL_MODES),
+                    {
+                        "default": "pool",
+                        "tooltip": "Random degradations only: pool caches N variants per image; reencode encodes fresh ones every epoch",
+                    },
+                ),
+                "pool_size": ("INT", {"default": 4, "min": 1, "max": 64}),
+                "seed": SEED,
+            },
+            "optional": {
+                "cache_folder": (
+                    "STRING",
+                    {
+                        "default": "kontext_restore_cache",
+                        "tooltip": "Inside ComfyUI's output folder unless absolute",
+                    },
+                )
+            },
+        }
+
+    RETURN_TYPES = (LATENTS, "STRING")
+    RETURN_NAMES = ("latents", "cache_stats")
+    FUNCTION = "cache"
+    CATEGORY = CATEGORY + "/dataset"
+
+    def cache(self, dataset, vae, control_mode, pool_size, seed, cache_folder="kontext_restore_cache"):
+        folder = resolve_dataset_path(
+            cache_folder or "kontext_restore_cache", str(comfy_adapter.output_folder())
+        )
+        cache = LatentCache(
+            folder,
+            vae_id=comfy_adapter.vae_identity(vae),
+            encode=lambda images: comfy_adapter.vae_encode(vae, images),
+            control_mode=control_mode,
+            pool_size=pool_size,
+        )
+        samples = dataset.train + dataset.val
+        progress = comfy_adapter.NodeProgress(len(samples))
+        # Warm the cache: targets and the epoch-0 controls (the rest of a pool fills during training).
+        for i, sample in enumerate(samples):
+            comfy_adapter.check_interrupted()
+            cache.target(dataset, sample)
+            if control_mode == "pool" or not dataset.degradation.is_random:
+                cache.control(dataset, sample, 0, seed)
+            progress.update(i + 1)
+        stats = cache.stats
+        text = f"{len(samples)} images cached in {folder}: {stats}"
+        return (CachedLatents(dataset, cache, seed, type(vae).__name__), text)
+
+
+NODE_CLASS_MAPPINGS = {
+    "KontextRestoreDegradation": KontextRestoreDegradation,
+    "KontextRestoreDegradeImage": KontextRestoreDegradeImage,
+    "KontextRestoreBucketImage": KontextRestoreBucketImage,
+    "KontextRestoreDataset": KontextRestoreDataset,
+    "KontextRestoreCacheLatents": KontextRestoreCacheLatents,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "KontextRestoreDegradation": "Kontext Restore: Degradation Settings",
+    "KontextRestoreDegradeImage": "Kontext Restore: Degrade Image",
+    "KontextRestoreBucketImage": "Kontext Restore: Scale to Kontext Bucket",
+    "KontextRestoreDataset": "Kontext Restore: Image Folder Dataset",
+    "KontextRestoreCacheLatents": "Kontext Restore: Cache Latents",
+}

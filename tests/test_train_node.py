@@ -1,0 +1,96 @@
+"""The trainer node end to end on a tiny model, through the pack as ComfyUI loaded it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_conditioning, make_tiny_flux
+from PIL import Image
+from safetensors.torch import load_file
+
+
+def _photo_like(seed: int, w: int = 96, h: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.random((h // 8, w // 8, 3))
+    img = Image.fromarray((base * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    return img
+
+
+@pytest.fixture
+def image_folder(comfy_dirs, tmp_path):
+    folder = comfy_dirs["input"] / f"hq_{tmp_path.name}"
+    folder.mkdir()
+    for i in range(6):
+        _photo_like(i).save(folder / f"img_{i}.png")
+    return folder
+
+
+def _node(pack_nodes, name):
+    return pack_nodes.NODE_CLASS_MAPPINGS[name]()
+
+
+def _cached_latents(pack_nodes, folder, tiny_vae, seed=0):
+    (dataset, summary) = _node(pack_nodes, "KontextRestoreDataset").load(folder.name, 0.0625, 2, seed)[
+        "result"
+    ]
+    assert "6" in summary
+    latents, stats = _node(pack_nodes, "KontextRestoreCacheLatents").cache(dataset, tiny_vae, "pool", 2, seed)
+    return dataset, latents, stats
+
+
+def _train(pack_nodes, model, latents, tiny_vae, name, steps=4, resume=True, **kw):
+    node = _node(pack_nodes, "KontextRestoreTrainLoRA")
+    with torch.inference_mode():  # ComfyUI runs nodes in inference mode
+        return node.train(
+            model,
+            make_conditioning(),
+            latents,
+            tiny_vae,
+            name,
+            steps,
+            1e-3,
+            4,
+            2,
+            1,
+            1,
+            1.5,
+            2,
+            1,
+            "bridge_ref",
+            0,
+            resume,
+            **kw,
+        )["result"]
+
+
+def test_train_node_writes_lora_checkpoints_and_report(pack_nodes, comfy_dirs, image_folder, tiny_vae):
+    model = make_tiny_flux()
+    _, latents, stats = _cached_latents(pack_nodes, image_folder, tiny_vae)
+    assert "misses" in stats
+    trained, name, loss, report = _train(pack_nodes, model, latents, tiny_vae, f"t/{image_folder.name}")
+    lora_file = comfy_dirs["loras"] / name
+    assert lora_file.is_file()
+    state = load_file(str(lora_file))
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in state)
+    assert len(loss["loss"]) == 4 and all(np.isfinite(loss["loss"]))
+    assert loss["validation"], "validation should have run on the held-out images"
+    assert "psnr_restored" in loss["validation"][-1]
+    report_json = lora_file.with_name(lora_file.name.replace(".safetensors", ".validation.json"))
+    assert json.loads(report_json.read_text())[-1]["step"] == 4
+    run_dir = comfy_dirs["output"] / "kontext_restore" / name.replace(".safetensors", "")
+    assert (run_dir / "checkpoints" / "step_000004" / "lora.safetensors").is_file()
+    assert "PSNR" in report
+    # Resume with more steps continues from step 4 instead of starting over.
+    _, _, loss2, _ = _train(pack_nodes, model, latents, tiny_vae, f"t/{image_folder.name}", steps=6)
+    assert len(loss2["loss"]) == 6 and loss2["loss"][:4] == loss["loss"]
+
+
+def test_existing_run_without_resume_is_refused(pack_nodes, image_folder, tiny_vae):
+    model = make_tiny_flux()
+    _, latents, _ = _cached_latents(pack_nodes, image_folder, tiny_vae)
+    _train(pack_nodes, model, latents, tiny_vae, f"again_{image_folder.name}", steps=2)
+    with pytest.raises(ValueError, match="resume"):
+        _train(pack_nodes, model, latents, tiny_vae, f"again_{image_folder.name}", steps=2, resume=False)
