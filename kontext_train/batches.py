@@ -17,6 +17,7 @@ class LatentBatch:
     clean: torch.Tensor  # raw VAE latents (B, 16, h, w)
     degraded: torch.Tensor
     keys: list[str]
+    first_index: int = 0  # index of this batch's first sample within the global (all-rank) batch
 
 
 class LatentBatches:
@@ -32,6 +33,7 @@ class LatentBatches:
         self.dataset = dataset
         self.cache = cache
         self.seed = seed
+        self.first_index = rank * batch_size
         self.samples = dataset.train
         if not self.samples:
             raise ValueError("The dataset has no training images.")
@@ -46,7 +48,7 @@ class LatentBatches:
         picked = [self.samples[i] for i in indices]
         clean = torch.stack([self.cache.target(self.dataset, s) for s in picked])
         degraded = torch.stack([self.cache.control(self.dataset, s, epoch, self.seed) for s in picked])
-        return LatentBatch(epoch, position, clean, degraded, [s.key for s in picked])
+        return LatentBatch(epoch, position, clean, degraded, [s.key for s in picked], self.first_index)
 
     def stream(self, epoch: int = 0, position: int = 0) -> Iterator[LatentBatch]:
         """Endless: epoch after epoch, starting at (epoch, position)."""

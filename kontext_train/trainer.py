@@ -247,7 +247,6 @@ class Trainer:
         self.extra_metadata = dict(metadata or {})
         self.validator = validator
         self.hooks = hooks or TrainerHooks()
-        self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.epoch = 0
         self.position = 0
@@ -258,19 +257,33 @@ class Trainer:
         self.last_restored: list = []
 
     # -- one step of the method -------------------------------------------------------------
-    def batch_loss(self, batch: LatentBatch) -> torch.Tensor:
+    def sample_generator(self, micro_step: int, index: int) -> torch.Generator:
+        """The random source of one sample: keyed on (seed, step, micro-step, global index).
+
+        Keying by position instead of carrying one generator along makes a resumed run draw
+        exactly what an uninterrupted one would, and lets N processes with batch B draw exactly
+        what one process with batch N*B draws (each rank owns a slice of the global indices).
+        """
+        key = ((self.config.seed * 1_000_003 + self.step) * 1_009 + micro_step) * 65_537 + index
+        return torch.Generator().manual_seed(key % (2**63 - 1))
+
+    def batch_loss(self, batch: LatentBatch, micro_step: int = 0) -> torch.Tensor:
         cfg, model = self.config, self.model
         device = model.device
         clean = model.to_model_space(batch.clean.to(device))
         degraded = model.to_model_space(batch.degraded.to(device))
         n, _, h, w = clean.shape
         mu = flux_shift_mu(image_tokens(h, w))
-        sigmas = sample_training_sigmas(
-            n, cfg.timestep_sampling, mu, self.generator, cfg.logit_mean, cfg.logit_std
-        )
-        # Noise is drawn on the CPU from the run's own generator: identical on any device and resumable.
-        noise = torch.randn(clean.shape, generator=self.generator).to(device)
-        sigmas_d = sigmas.to(device)
+        sigmas, noises = [], []
+        for j in range(n):
+            g = self.sample_generator(micro_step, batch.first_index + j)
+            sigmas.append(
+                sample_training_sigmas(1, cfg.timestep_sampling, mu, g, cfg.logit_mean, cfg.logit_std)
+            )
+            # Drawn on the CPU: identical on any device.
+            noises.append(torch.randn(clean.shape[1:], generator=g))
+        sigmas_d = torch.cat(sigmas).to(device)
+        noise = torch.stack(noises).to(device)
         example = make_training_example(cfg.formulation, clean, degraded, sigmas_d, noise, cfg.bridge_noise)
         with self._autocast():
             pred = model.velocity(example.x, sigmas_d, self.cond, cfg.guidance, example.reference)
@@ -294,7 +307,6 @@ class Trainer:
             "position": self.position,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "generator": self.generator.get_state(),
             "losses": list(self.losses),
             "validation": list(self.validation),
             "config": self.config.to_dict(),
@@ -327,7 +339,6 @@ class Trainer:
         load_kohya_into(self.model.adapters, lora)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.losses = list(state["losses"])
         self.validation = list(state["validation"])
@@ -370,9 +381,9 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                     step_loss = 0.0
                     finished_epochs = []
-                    for _ in range(cfg.grad_accum):
+                    for micro in range(cfg.grad_accum):
                         batch = next(stream)
-                        loss = self.batch_loss(batch)
+                        loss = self.batch_loss(batch, micro)
                         (loss / cfg.grad_accum).backward()
                         step_loss += loss.detach().float().item() / cfg.grad_accum
                         self.epoch, self.position = batch.epoch, batch.position + 1
