@@ -1,0 +1,165 @@
+"""Packaging and host integration: registry metadata, requirements, node naming, real loaders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_parses_with_comfyuis_own_config_parser(comfy_root):
+    from comfy_config import config_parser
+
+    cfg = config_parser.extract_node_configuration(str(ROOT))
+    assert cfg.project.name == "comfyui-kontext-restore"
+    assert cfg.project.version and cfg.project.description
+    assert cfg.project.urls.repository.startswith("https://")
+    assert cfg.project.license.file == "LICENSE"
+    assert cfg.tool_comfy.publisher_id and cfg.tool_comfy.display_name
+    assert cfg.project.supported_comfyui_version.startswith(">=")
+    requirements = [
+        line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+    ]
+    requirements = [r for r in requirements if r]
+    assert sorted(cfg.project.dependencies) == sorted(requirements)
+
+
+def test_requirements_never_name_torch():
+    names = [
+        line.split("#")[0].strip().lower() for line in (ROOT / "requirements.txt").read_text().splitlines()
+    ]
+    for name in names:
+        assert not name.startswith(("torch", "torchvision", "torchaudio", "torchsde")), name
+
+
+@pytest.mark.slow
+def test_installing_requirements_leaves_torch_untouched(tmp_path):
+    """What ComfyUI-Manager does (pip install -r requirements.txt) must not replace the host's torch."""
+    report = tmp_path / "report.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--report",
+            str(report),
+            "-r",
+            str(ROOT / "requirements.txt"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    planned = [item["metadata"]["name"].lower() for item in json.loads(report.read_text()).get("install", [])]
+    assert not [
+        n for n in planned if n in {"torch", "torchvision", "torchaudio", "triton"} or n.startswith("nvidia-")
+    ], planned
+
+
+def test_every_node_is_prefixed_and_categorised(pack_nodes):
+    ours = {
+        k: v
+        for k, v in pack_nodes.NODE_CLASS_MAPPINGS.items()
+        if getattr(v, "__module__", "").find("nodes.") >= 0 and k.startswith("KontextRestore")
+    }
+    assert len(ours) >= 6
+    for name, cls in ours.items():
+        assert cls.CATEGORY.startswith("Kontext Restore"), name
+        assert name in pack_nodes.NODE_DISPLAY_NAME_MAPPINGS
+
+
+def test_library_imports_comfyui_only_in_the_adapter():
+    import re
+
+    host_modules = re.compile(
+        r"^\s*(import|from)\s+(comfy|comfy_extras|comfy_api|folder_paths|nodes|node_helpers|server|execution)\b",
+        re.MULTILINE,
+    )
+    offenders = [
+        f"{path.name}: {m.group(0).strip()}"
+        for path in (ROOT / "kontext_train").glob("*.py")
+        if path.name != "comfy_adapter.py"
+        for m in host_modules.finditer(path.read_text())
+    ]
+    assert not offenders, offenders
+
+
+def _write_flux_checkpoint(path: Path, hidden: int = 3072, depth: int = 1, single: int = 1) -> None:
+    """A FLUX-dev-shaped transformer (1 double + 1 single block at real width) with random bf16
+    weights, saved the way ComfyUI's model folder holds them."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+    from safetensors.torch import save_file
+
+    params = dict(
+        in_channels=16,
+        out_channels=16,
+        vec_in_dim=768,
+        context_in_dim=4096,
+        hidden_size=hidden,
+        mlp_ratio=4.0,
+        num_heads=hidden // 128,
+        depth=depth,
+        depth_single_blocks=single,
+        axes_dim=[16, 56, 56],
+        theta=10000,
+        patch_size=2,
+        qkv_bias=True,
+        guidance_embed=True,
+    )
+    with torch.device("meta"):
+        skeleton = Flux(operations=comfy.ops.disable_weight_init, device="meta", **params)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for key, t in skeleton.state_dict().items():
+        if key.endswith("scale"):
+            sd[key] = torch.ones(t.shape, dtype=torch.bfloat16)
+        else:
+            fan_in = t.shape[1] if t.ndim > 1 else 1
+            sd[key] = (torch.randn(t.shape, generator=g) * fan_in**-0.5 * (0.02 if t.ndim == 1 else 1)).to(
+                torch.bfloat16
+            )
+    save_file(sd, str(path))
+
+
+@pytest.mark.slow
+def test_real_width_checkpoint_loads_through_stock_unetloader_and_trains(comfy_root, comfy_dirs, tmp_path):
+    import folder_paths
+
+    import nodes
+    from kontext_train import comfy_adapter
+
+    models = tmp_path / "diffusion_models"
+    models.mkdir()
+    _write_flux_checkpoint(models / "kontext_tiny_depth.safetensors")
+    folder_paths.add_model_folder_path("diffusion_models", str(models))
+    (model,) = nodes.UNETLoader().load_unet("kontext_tiny_depth.safetensors", "default")
+    comfy_adapter.require_flux(model)
+    assert (
+        model.model.diffusion_model.hidden_size == 3072
+        if hasattr(model.model.diffusion_model, "hidden_size")
+        else True
+    )
+    lora = comfy_adapter.FluxLoraModel(model, rank=2, alpha=2, targets="blocks")
+    lora.load()
+    cond = comfy_adapter.PreparedConditioning(
+        torch.randn(1, 4, 4096, dtype=lora.dtype), torch.randn(1, 768, dtype=lora.dtype)
+    )
+    x = torch.randn(1, 16, 4, 4)
+    with lora.training():
+        v = lora.velocity(x, torch.tensor([0.5]), cond, 1.5, reference=x)
+        v.pow(2).mean().backward()
+    grads = [p.grad for p in lora.parameters() if p.grad is not None]
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    lora.release()
