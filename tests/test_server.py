@@ -1,0 +1,113 @@
+"""The pack inside a real headless ComfyUI server (tests/server_host.py), loaded from outside
+ComfyUI's tree the way a user's extra custom-nodes folder is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from server_host import PACK_LINK_NAME, pack_import_failures, server_fixture, write_png
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
+
+comfy_server = server_fixture()
+
+
+def test_object_info_lists_every_pack_node(comfy_server, pack_nodes):
+    # The pack as ComfyUI imports it in-process, compared with what the server serves.
+    pack = sorted(k for k in pack_nodes.NODE_CLASS_MAPPINGS if k.startswith("KontextRestore"))
+    pack = [k for k in pack if not k.startswith("KontextRestoreTest")]
+    assert "KontextRestoreTrainLoRA" in pack
+    info = comfy_server.object_info()
+    missing = [k for k in pack if k not in info]
+    assert not missing, f"not in /object_info: {missing}\n{comfy_server.log_tail()}"
+    for name in pack:
+        assert info[name]["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"
+        assert info[name]["category"].startswith("Kontext Restore")
+        assert info[name]["display_name"].startswith("Kontext Restore")
+    # The test-only nodes come from their own folder, never from the pack.
+    assert info["KontextRestoreTestTinyFlux"]["python_module"] != f"custom_nodes.{PACK_LINK_NAME}"
+
+
+def test_log_shows_no_pack_import_failure(comfy_server):
+    log = comfy_server.log_text()
+    assert PACK_LINK_NAME in log, "the server log never mentions the pack's folder"
+    assert not pack_import_failures(log), "\n".join(pack_import_failures(log))
+    # ComfyUI prints one line per custom-node folder with its import time.
+    timing = [
+        line for line in log.splitlines() if "seconds" in line and line.rstrip().endswith(PACK_LINK_NAME)
+    ]
+    assert len(timing) == 1 and "IMPORT FAILED" not in timing[0], timing
+
+
+def test_pack_workflows_are_listed_as_templates(comfy_server):
+    templates = comfy_server.get("/workflow_templates")
+    names = sorted(templates.get(PACK_LINK_NAME, []))
+    expected = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+    assert expected, "no example workflows in workflows/"
+    assert names == expected
+    assert not any(n.endswith(".api") for n in names), "API-format files must not show up as templates"
+
+
+def _image_graph(clean: str) -> dict:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": clean}},
+        "2": {
+            "class_type": "KontextRestoreDegradation",
+            "inputs": {
+                "kind": "fixed",
+                "noise_sigma": 0.05,
+                "blur_radius": 1.5,
+                "jpeg_quality": 60,
+                "downscale": 2.0,
+            },
+        },
+        "3": {
+            "class_type": "KontextRestoreDegradeImage",
+            "inputs": {"images": ["1", 0], "seed": 7, "degradation": ["2", 0]},
+        },
+        "4": {
+            "class_type": "KontextRestoreBucketImage",
+            "inputs": {"images": ["3", 0], "bucket_scale": 0.25},
+        },
+        "5": {
+            "class_type": "KontextRestoreBucketImage",
+            "inputs": {"images": ["1", 0], "bucket_scale": 0.25},
+        },
+        "6": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["4", 0], "filename_prefix": "server_test/degraded"},
+        },
+        "7": {"class_type": "KontextRestoreMetrics", "inputs": {"restored": ["4", 0], "reference": ["5", 0]}},
+        "8": {"class_type": "PreviewAny", "inputs": {"source": ["7", 0]}},
+    }
+
+
+def test_image_graph_runs_through_prompt_and_history(comfy_server):
+    write_png(comfy_server.input_dir / "server_test_clean.png", 200, 136, seed=3)
+    entry = comfy_server.run_prompt(_image_graph("server_test_clean.png"), timeout=180)
+    assert entry["status"]["status_str"] == "success"
+    images = entry["outputs"]["6"]["images"]
+    assert len(images) == 1
+    saved = comfy_server.output_dir / images[0]["subfolder"] / images[0]["filename"]
+    assert saved.is_file()
+    with Image.open(saved) as img:
+        # Scaled to a Kontext bucket at a quarter of the size (multiples of 16 px).
+        assert img.width % 16 == 0 and img.height % 16 == 0
+        assert 150 <= img.width <= 500 and img.width > img.height
+        pixels = np.asarray(img.convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 1.0, "the saved image is flat"
+    table = "".join(entry["outputs"]["8"]["text"])
+    assert "PSNR" in table.upper()
+
+
+def test_invalid_graph_is_refused_with_node_errors(comfy_server):
+    graph = _image_graph("server_test_missing_file.png")
+    graph["4"]["inputs"]["bucket_scale"] = 99.0  # above the node's maximum
+    from server_host import ServerError
+
+    with pytest.raises(ServerError) as err:
+        comfy_server.queue_prompt(graph)
+    assert "bucket_scale" in str(err.value)
