@@ -333,6 +333,10 @@ class FluxLoraModel:
         import comfy.model_management as mm
 
         _fix_inference_tensors(self.base.diffusion_model)
+        # Only the adapters train. A model loaded outside inference mode (headless command, tests)
+        # has base weights with requires_grad=True: backward would then build a full-size gradient
+        # for every base weight (and fail on fp8 weights). ComfyUI's own trainer does the same.
+        self.base.diffusion_model.requires_grad_(False)
         mm.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)
         self.device = self.patcher.load_device
         self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
@@ -504,7 +508,8 @@ def with_reference_and_guidance(conditioning, reference_raw: torch.Tensor | None
     refs = [reference_raw] if reference_raw is not None else None
     if had_refs:
         log.warning(
-            "Kontext Restore: reference latents on the conditioning were replaced by the degraded image."
+            "Kontext Restore: reference latents already on the conditioning were dropped; %s",
+            "the degraded image is the reference." if refs else "a 'bridge' LoRA was trained without one.",
         )
     return node_helpers.conditioning_set_values(
         conditioning, {"guidance": float(guidance), "reference_latents": refs}

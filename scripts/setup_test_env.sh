@@ -18,13 +18,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 stamp="$VENV/.kontext-restore-deps"
-want="$(cat requirements.txt requirements-test.txt scripts/setup_test_env.sh | sha256sum | cut -c1-16)"
+want="$(cat requirements.txt requirements-test.txt pyproject.toml scripts/setup_test_env.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   $PIP install --quiet --upgrade pip
   # Pinned: an unpinned torch pulls a multi-GB build; these two import together on CPU and GPU.
   $PIP install --quiet "torch==2.14.1" "torchvision==0.29.1"
   $PIP install --quiet -r requirements-test.txt
   $PIP install --quiet -r requirements.txt
+  # The pack itself, editable, for the `kontext-train` console script.
+  $PIP install --quiet --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
 

@@ -1,0 +1,333 @@
+"""Pure helpers for the Restore node: settings from a LoRA's metadata, and image geometry.
+
+Restoration runs at Kontext's bucket resolutions, the sizes the LoRA was trained at. Images are
+handled in one of two ways, chosen by ``plan_restoration``:
+
+* **Single pass.** The image is scaled uniformly to fit *inside* its nearest bucket and the rest
+  of the bucket is filled by reflecting the border (never cropped: every input pixel comes back,
+  and nothing is stretched). After restoration the padding is cut away and the result is scaled
+  back to the input size.
+* **Tiles.** When fitting into the bucket would shrink the image below ``TILE_BELOW_SCALE`` of its
+  size (a side more than 1.25x its bucket side), scaling down and up again would throw away the
+  very detail a restoration should recover. Such images are restored at their own pixel scale in
+  overlapping bucket-size tiles (overlap at least ``MIN_TILE_OVERLAP`` of a tile side), which are
+  blended with linear ramps across the overlaps. The tile size is the bucket that covers the image
+  with the least total tile area.
+
+Images above ``MAX_MEGAPIXELS`` are refused with a clear error rather than run for hours.
+
+Everything here is plain torch on ``(3, H, W)`` tensors in ``[0, 1]``; ComfyUI is not imported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .buckets import nearest_bucket
+from .flow import (
+    FORMULATIONS,
+    check_choice,
+    flux_shift_mu,
+    image_tokens,
+    sampling_sigmas,
+    starts_from_degraded,
+)
+
+Bucket = tuple[int, int]  # (width, height)
+
+MODES = ("auto",) + FORMULATIONS
+AS_TRAINED = "as_trained"
+BRIDGE_STEPS = 8
+KONTEXT_STEPS = 28
+TILE_BELOW_SCALE = 0.8
+MIN_TILE_OVERLAP = 1 / 8
+MAX_MEGAPIXELS = 64.0
+METADATA_PREFIX = "kontext_restore."  # the trainer's prefix (trainer.METADATA_PREFIX)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What a LoRA file says about how it was trained (``None`` where it says nothing)."""
+
+    path: str
+    formulation: str | None
+    bridge_noise: float
+    guidance: float | None
+
+
+def _float_or(value: str | None, default: float | None, key: str, path: str) -> float | None:
+    if value is None or value == "":
+        return default
+    try:
+        out = float(value)
+    except ValueError:
+        raise ValueError(
+            f"LoRA {path}: metadata {key}={value!r} is not a number; the file is damaged."
+        ) from None
+    if not math.isfinite(out):
+        raise ValueError(f"LoRA {path}: metadata {key}={value!r} is not finite; the file is damaged.")
+    return out
+
+
+def lora_settings_from_metadata(metadata: Mapping[str, str], path: str = "<lora>") -> LoraSettings:
+    """Reads ``kontext_restore.formulation``, ``.bridge_noise`` and ``.guidance`` (see
+    ``trainer.lora_metadata``). A LoRA from another trainer has none of them."""
+    formulation = metadata.get(METADATA_PREFIX + "formulation") or None
+    if formulation is not None and formulation not in FORMULATIONS:
+        raise ValueError(
+            f"LoRA {path} records formulation {formulation!r}, which this version does not know "
+            f"({', '.join(FORMULATIONS)}). Update the pack, or choose the mode explicitly."
+        )
+    bridge_noise = _float_or(metadata.get(METADATA_PREFIX + "bridge_noise"), 0.0, "bridge_noise", path)
+    if bridge_noise is not None and bridge_noise < 0:
+        raise ValueError(
+            f"LoRA {path}: metadata bridge_noise={bridge_noise} is negative; the file is damaged."
+        )
+    guidance = _float_or(metadata.get(METADATA_PREFIX + "guidance"), None, "guidance", path)
+    return LoraSettings(
+        path=path, formulation=formulation, bridge_noise=float(bridge_noise or 0.0), guidance=guidance
+    )
+
+
+def read_lora_settings(path: str | Path) -> LoraSettings:
+    """The training settings stored in a LoRA file's safetensors header."""
+    from .lora import read_metadata
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {p}")
+    try:
+        metadata = read_metadata(p)
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise ValueError(
+            f"Cannot read {p} as a safetensors LoRA ({e}). Is it a complete .safetensors file?"
+        ) from e
+    return lora_settings_from_metadata(metadata, str(p))
+
+
+def resolve_formulation(mode: str, lora: LoraSettings | None) -> str:
+    """``auto``: the LoRA's recorded formulation when a LoRA file is given, else ``bridge_ref``."""
+    check_choice("mode", mode, MODES)
+    if mode != "auto":
+        return mode
+    if lora is None:
+        return "bridge_ref"
+    if lora.formulation is None:
+        raise ValueError(
+            f"mode is 'auto' but LoRA {lora.path} has no '{METADATA_PREFIX}formulation' metadata "
+            "(it was not trained by Kontext Restore). Choose the mode explicitly: bridge, bridge_ref or kontext."
+        )
+    return lora.formulation
+
+
+def resolve_steps(steps: int, formulation: str) -> int:
+    """0 means automatic: a bridge starts at the degraded image and needs few steps; Kontext
+    starts from noise and uses its usual 28."""
+    if steps < 0:
+        raise ValueError(f"steps must be 0 (automatic) or positive, got {steps}")
+    if steps:
+        return int(steps)
+    return BRIDGE_STEPS if starts_from_degraded(formulation) else KONTEXT_STEPS
+
+
+def as_trained_sigmas(steps: int, latent_height: int, latent_width: int) -> torch.Tensor:
+    """Sigmas 1 -> 0 with the time shift training used at this latent size."""
+    return sampling_sigmas(steps, flux_shift_mu(image_tokens(latent_height, latent_width)))
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+
+
+def resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(C, H, W) -> (C, height, width), bicubic with antialiasing, values kept in [0, 1]."""
+    if image.shape[-2:] == (height, width):
+        return image
+    out = F.interpolate(
+        image[None].float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False
+    )
+    return out[0].clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Box:
+    left: int
+    top: int
+    width: int
+    height: int
+
+
+def fit_inside(image: torch.Tensor, bucket: Bucket) -> tuple[torch.Tensor, Box]:
+    """Scales ``image`` (3, h, w) uniformly to fit inside ``bucket`` and pads it to the bucket.
+
+    Returns the bucket-size image and where the content sits in it. Padding reflects the border
+    where it can (the model sees plausible surroundings) and repeats it where the pad is wider
+    than the content.
+    """
+    bw, bh = bucket
+    h, w = image.shape[-2:]
+    scale = min(bw / w, bh / h)
+    cw, ch = min(bw, max(1, round(w * scale))), min(bh, max(1, round(h * scale)))
+    content = resize(image, cw, ch)
+    left, top = (bw - cw) // 2, (bh - ch) // 2
+    pads = (left, bw - cw - left, top, bh - ch - top)
+    if any(pads):
+        reflect_ok = max(pads[0], pads[1]) < cw and max(pads[2], pads[3]) < ch
+        content = F.pad(content[None], pads, mode="reflect" if reflect_ok else "replicate")[0]
+    return content, Box(left, top, cw, ch)
+
+
+def unfit(restored: torch.Tensor, box: Box, width: int, height: int) -> torch.Tensor:
+    """The inverse of ``fit_inside``: cut the content out and scale it to (width, height)."""
+    content = restored[..., box.top : box.top + box.height, box.left : box.left + box.width]
+    return resize(content, width, height)
+
+
+def axis_tiles(length: int, tile: int, min_overlap: int) -> list[tuple[int, int]]:
+    """(start, size) of evenly spaced tiles covering ``length``, neighbours overlapping by at
+    least ``min_overlap``. An axis no longer than the tile is one tile of the whole length."""
+    if length <= tile:
+        return [(0, length)]
+    if not 0 <= min_overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, {tile}), got {min_overlap}")
+    n = math.ceil((length - min_overlap) / (tile - min_overlap))
+    n = max(n, 2)
+    return [(round(i * (length - tile) / (n - 1)), tile) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """How one image is restored: one bucket, and the regions (x, y, w, h) run through it."""
+
+    width: int
+    height: int
+    bucket: Bucket
+    tiles: tuple[Box, ...]
+
+    @property
+    def tiled(self) -> bool:
+        return len(self.tiles) > 1 or (self.tiles[0].width, self.tiles[0].height) != (self.width, self.height)
+
+
+def check_size(width: int, height: int, max_megapixels: float = MAX_MEGAPIXELS) -> None:
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    mp = width * height / 1e6
+    if mp > max_megapixels:
+        raise ValueError(
+            f"The image is {width}x{height} ({mp:.1f} MP), above the {max_megapixels:g} MP this node restores "
+            "(even in tiles that would take very long). Scale it down or crop it first (e.g. 'Upscale Image By' < 1)."
+        )
+
+
+def plan_restoration(
+    width: int,
+    height: int,
+    buckets: Sequence[Bucket],
+    tile_below_scale: float = TILE_BELOW_SCALE,
+    min_overlap: float = MIN_TILE_OVERLAP,
+    max_megapixels: float = MAX_MEGAPIXELS,
+) -> RestorePlan:
+    """One pass in the nearest bucket, or tiles when that would shrink the image too much."""
+    check_size(width, height, max_megapixels)
+    bucket = nearest_bucket(width, height, buckets)
+    if min(bucket[0] / width, bucket[1] / height) >= tile_below_scale:
+        return RestorePlan(width, height, bucket, (Box(0, 0, width, height),))
+    best = None
+    for index, (bw, bh) in enumerate(buckets):
+        xs = axis_tiles(width, bw, math.ceil(bw * min_overlap))
+        ys = axis_tiles(height, bh, math.ceil(bh * min_overlap))
+        n = len(xs) * len(ys)
+        key = (n * bw * bh, n, index)
+        if best is None or key < best[0]:
+            best = (key, (bw, bh), xs, ys)
+    assert best is not None
+    _, tile_bucket, xs, ys = best
+    tiles = tuple(Box(x, y, w, h) for y, h in ys for x, w in xs)
+    return RestorePlan(width, height, tile_bucket, tiles)
+
+
+def _ramp(size: int, before: int, after: int) -> torch.Tensor:
+    """1 inside, falling linearly to ~0 across the overlaps with the previous/next tile.
+
+    Never exactly 0 (the +0.5 centres the ramp on pixels), so every pixel has some weight.
+    """
+    idx = torch.arange(size, dtype=torch.float32)
+    w = torch.ones(size)
+    if before > 0:
+        w = torch.minimum(w, (idx + 0.5) / before)
+    if after > 0:
+        w = torch.minimum(w, (size - idx - 0.5) / after)
+    return w
+
+
+def _overlaps(starts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for i, (s, n) in enumerate(starts):
+        before = max(0, starts[i - 1][0] + starts[i - 1][1] - s) if i > 0 else 0
+        after = max(0, s + n - starts[i + 1][0]) if i + 1 < len(starts) else 0
+        out.append((before, after))
+    return out
+
+
+def restore_image(
+    image: torch.Tensor,
+    plan: RestorePlan,
+    restore_bucket: Callable[[torch.Tensor, int], torch.Tensor],
+    on_tile: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Runs ``restore_bucket`` on every region of ``plan`` and assembles a (3, H, W) result.
+
+    ``restore_bucket(pixels, tile_index)`` receives a (1, 3, bh, bw) bucket-size image and returns
+    the restored one of the same size. ``on_tile(i, n)`` runs before each tile (progress, cancel).
+    """
+    c, h, w = image.shape
+    if (w, h) != (plan.width, plan.height):
+        raise ValueError(f"plan is for {plan.width}x{plan.height} but the image is {w}x{h}")
+    bw, bh = plan.bucket
+
+    def run(region: torch.Tensor, index: int) -> torch.Tensor:
+        padded, box = fit_inside(region, plan.bucket)
+        out = restore_bucket(padded[None], index)
+        if tuple(out.shape) != (1, c, bh, bw):
+            raise RuntimeError(f"restoration returned shape {tuple(out.shape)}, expected {(1, c, bh, bw)}")
+        return unfit(out[0].float(), box, region.shape[-1], region.shape[-2])
+
+    if not plan.tiled:
+        if on_tile:
+            on_tile(0, 1)
+        return run(image, 0)
+
+    xs = sorted({(t.left, t.width) for t in plan.tiles})
+    ys = sorted({(t.top, t.height) for t in plan.tiles})
+    ramps_x = dict(zip(xs, (_ramp(n, *o) for (_, n), o in zip(xs, _overlaps(xs)))))
+    ramps_y = dict(zip(ys, (_ramp(n, *o) for (_, n), o in zip(ys, _overlaps(ys)))))
+    canvas = torch.zeros(c, h, w)
+    weight = torch.zeros(1, h, w)
+    for i, t in enumerate(plan.tiles):
+        if on_tile:
+            on_tile(i, len(plan.tiles))
+        region = image[:, t.top : t.top + t.height, t.left : t.left + t.width]
+        out = run(region, i)
+        wt = ramps_y[(t.top, t.height)][:, None] * ramps_x[(t.left, t.width)][None, :]
+        canvas[:, t.top : t.top + t.height, t.left : t.left + t.width] += out * wt
+        weight[:, t.top : t.top + t.height, t.left : t.left + t.width] += wt
+    return (canvas / weight).clamp(0.0, 1.0)
+
+
+def tile_seed(seed: int, image_index: int, tile_index: int) -> int:
+    """Seed for one tile: tiles of one image get different noise (a repeated noise pattern would
+    show as a grid in ``kontext`` mode), and the result stays a function of the node's seed."""
+    return (seed + image_index + 0x9E3779B1 * tile_index) % (2**64)

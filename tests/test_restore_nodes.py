@@ -1,0 +1,403 @@
+"""Restoration sampler nodes and helpers, in-process on a tiny Flux model and a tiny VAE.
+
+The central promise: in bridge modes ComfyUI's sampler starts *exactly* at the degraded latent
+(model space) at sigma = 1, as the LoRA was trained; checked by recording the first model call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_conditioning, make_tiny_flux
+from toy import ToyBatches, degrade_latent, toy_latents
+
+from kontext_train import comfy_adapter
+from kontext_train.buckets import bucket_resolutions
+from kontext_train.flow import flux_shift_mu, image_tokens, sampling_sigmas
+from kontext_train.lora import atomic_save_safetensors, create_adapters, to_kohya_state_dict
+from kontext_train.restore import (
+    MAX_MEGAPIXELS,
+    Box,
+    RestorePlan,
+    axis_tiles,
+    check_size,
+    fit_inside,
+    plan_restoration,
+    resolve_formulation,
+    resolve_steps,
+    restore_image,
+    unfit,
+)
+from kontext_train.sampler import restore_latents
+from kontext_train.trainer import TrainConfig, Trainer, lora_metadata
+
+SCALE = 0.0625  # buckets of ~64 px: latents of a few tokens, fast on the CPU
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny models' ops gain nothing from a second thread, and on a busy 2-core machine the
+    threads' spin-waits made these tests 5x slower (measured): run them on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _node(pack_nodes, name):
+    return pack_nodes.NODE_CLASS_MAPPINGS[name]()
+
+
+def _recording(model):
+    """A clone of ``model`` that records every model call the sampler makes."""
+    calls = []
+    patched = model.clone()
+
+    def wrapper(apply_model, args):
+        c = args["c"]
+        calls.append(
+            {
+                "input": args["input"].detach().clone(),
+                "sigma": args["timestep"].detach().clone(),
+                "refs": [r.detach().clone() for r in c["ref_latents"]] if c.get("ref_latents") else None,
+            }
+        )
+        return apply_model(args["input"], args["timestep"], **c)
+
+    patched.set_model_unet_function_wrapper(wrapper)
+    return patched, calls
+
+
+def _model_space(model, raw):
+    return model.get_model_object("latent_format").process_in(raw.float())
+
+
+def _runs(calls):
+    """Model calls grouped per sampler run (each run starts at sigma = 1)."""
+    runs = []
+    for call in calls:
+        if float(call["sigma"].flatten()[0]) == 1.0 or not runs:
+            runs.append([])
+        runs[-1].append(call)
+    return runs
+
+
+def _images(n, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, h, w, 3, generator=g)
+
+
+def _restore(pack_nodes, model, vae, images, mode="bridge_ref", steps=0, seed=0, lora_name="", **kw):
+    node = _node(pack_nodes, "KontextRestoreRestore")
+    args = dict(
+        model=model,
+        vae=vae,
+        conditioning=make_conditioning(),
+        images=images,
+        mode=mode,
+        steps=steps,
+        guidance=1.5,
+        sampler_name="euler",
+        scheduler="as_trained",
+        seed=seed,
+        bucket_scale=SCALE,
+        lora_name=lora_name,
+    )
+    args.update(kw)
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        return node.restore(**args)[0]
+
+
+def _write_lora(folder, name, **config):
+    adapters = create_adapters({"double_blocks.0.img_attn.qkv": (384, 128)}, rank=2, alpha=2)
+    meta = lora_metadata(TrainConfig(**config), step=10)
+    return atomic_save_safetensors(to_kohya_state_dict(adapters), folder / name, meta)
+
+
+# ------------------------------------------------------------------ the exact degraded start
+
+
+def test_restore_node_first_model_call_is_the_degraded_latent(pack_nodes, tiny_vae):
+    model, calls = _recording(make_tiny_flux())
+    images = _images(1, 64, 64)  # exactly the 64x64 bucket: no resize, no padding
+    out = _restore(pack_nodes, model, tiny_vae, images, mode="bridge_ref")
+    raw = comfy_adapter.vae_encode(tiny_vae, images.permute(0, 3, 1, 2))
+    expected = _model_space(model, raw)
+    assert torch.equal(calls[0]["input"], expected)
+    assert torch.all(calls[0]["sigma"] == 1.0)
+    # bridge_ref also shows the degraded latent as the Kontext reference.
+    assert calls[0]["refs"] is not None and torch.allclose(calls[0]["refs"][0], expected)
+    assert len(calls) == 8  # steps 0 = automatic: 8 for bridge modes
+    assert out.shape == images.shape
+
+
+def test_sampler_custom_advanced_with_degraded_noise_and_bridge_sigmas(pack_nodes, tiny_vae):
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as ncs
+
+    model, calls = _recording(make_tiny_flux())
+    raw = comfy_adapter.vae_encode(tiny_vae, _images(1, 64, 96, seed=3).permute(0, 3, 1, 2))
+    latent = {"samples": raw}
+    with torch.inference_mode():
+        (noise,) = _node(pack_nodes, "KontextRestoreDegradedNoise").make(model, latent, 0.0, 5)
+        (sigmas,) = _node(pack_nodes, "KontextRestoreSigmas").make(6, latent)
+        guider = ncs.Guider_Basic(model)
+        guider.set_conds(make_conditioning())
+        sampler = comfy.samplers.sampler_object("euler")
+        result = ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent)
+    out = result.result[0] if hasattr(result, "result") else result[0]
+    mu = flux_shift_mu(image_tokens(*raw.shape[-2:]))
+    assert torch.allclose(sigmas, sampling_sigmas(6, mu)) and sigmas[0] == 1.0 and sigmas[-1] == 0.0
+    assert torch.equal(calls[0]["input"], _model_space(model, raw))
+    assert torch.all(calls[0]["sigma"] == 1.0)
+    assert len(calls) == 6
+    assert out["samples"].shape == raw.shape
+
+
+def test_degraded_noise_refuses_a_latent_of_another_size(comfy_root):
+    noise = comfy_adapter.DegradedStartNoise(torch.zeros(1, 16, 8, 8))
+    with pytest.raises(ValueError, match="same degraded LATENT"):
+        noise.generate_noise({"samples": torch.zeros(1, 16, 8, 10)})
+
+
+# ------------------------------------------------------------------ a trained LoRA restores
+
+
+@pytest.mark.slow
+def test_trained_lora_restores_toy_latents_through_comfy_sampler(comfy_root, tmp_path):
+    """A LoRA trained on the toy pairs restores held-out latents with ComfyUI's euler sampler,
+    and ComfyUI's sampler agrees with the pure-torch Euler restorer given the same sigmas."""
+    torch.manual_seed(0)
+    model = make_tiny_flux()
+    cond = make_conditioning()
+    config = TrainConfig(
+        steps=300,
+        learning_rate=2e-3,
+        rank=8,
+        batch_size=4,
+        lr_schedule="constant_with_warmup",
+        warmup_steps=0,
+        checkpoint_every=0,
+        validate_every_epochs=0,
+        formulation="bridge_ref",
+        lora_targets="all_linear",
+        gradient_checkpointing=False,
+    )
+    lora_model = comfy_adapter.FluxLoraModel(
+        model, rank=8, alpha=8.0, targets="all_linear", gradient_checkpointing=False
+    )
+    prepared = lora_model.prepare_conditioning(cond)
+    trainer = Trainer(config, lora_model, ToyBatches(toy_latents(32, seed=1), 4), prepared, tmp_path)
+    result = trainer.run(resume=False)
+    assert result.step == 300
+
+    clean = toy_latents(4, seed=1234)  # held out
+    degraded = degrade_latent(clean)
+    steps = 8
+    mu = flux_shift_mu(image_tokens(*clean.shape[-2:]))
+    sigmas = sampling_sigmas(steps, mu)
+
+    with torch.no_grad():
+        start = lora_model.to_model_space(degraded.to(lora_model.device))
+
+        def velocity(x, sigma, reference):
+            return lora_model.velocity(x, sigma, prepared, config.guidance, reference)
+
+        pure = lora_model.from_model_space(restore_latents(velocity, start, "bridge_ref", steps, mu)).cpu()
+    lora_model.release()
+
+    restored_model = comfy_adapter.apply_lora(model, to_kohya_state_dict(lora_model.adapters))
+    comfy = comfy_adapter.sample_from(
+        restored_model, cond, degraded, sigmas, formulation="bridge_ref", sampler_name="euler", guidance=1.5
+    )
+    mse_degraded = torch.mean((degraded - clean) ** 2).item()
+    mse_restored = torch.mean((comfy - clean) ** 2).item()
+    assert mse_restored < 0.5 * mse_degraded, (mse_restored, mse_degraded)
+    assert torch.allclose(comfy, pure, atol=1e-5, rtol=1e-5), (comfy - pure).abs().max()
+
+
+# ------------------------------------------------------------------ the Restore node
+
+
+def test_restore_node_keeps_odd_sizes_and_batches(pack_nodes, tiny_vae):
+    model = make_tiny_flux()
+    images = _images(2, 37, 53)
+    out = _restore(pack_nodes, model, tiny_vae, images, steps=2)
+    assert out.shape == images.shape
+    assert out.dtype == torch.float32 and 0.0 <= out.min() and out.max() <= 1.0
+    # Images of a batch are restored independently (different content, different results).
+    assert not torch.equal(out[0], out[1])
+
+
+def test_restore_node_is_deterministic_by_seed(pack_nodes, tiny_vae):
+    model = make_tiny_flux()
+    images = _images(1, 48, 64, seed=1)
+    a = _restore(pack_nodes, model, tiny_vae, images, mode="kontext", steps=3, seed=7)
+    b = _restore(pack_nodes, model, tiny_vae, images, mode="kontext", steps=3, seed=7)
+    c = _restore(pack_nodes, model, tiny_vae, images, mode="kontext", steps=3, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # kontext starts from seeded noise
+
+
+def test_auto_mode_reads_formulation_and_bridge_noise_from_lora(pack_nodes, tiny_vae, comfy_dirs):
+    loras = comfy_dirs["loras"]
+    _write_lora(loras, "meta_bridge.safetensors", formulation="bridge")
+    _write_lora(loras, "meta_kontext.safetensors", formulation="kontext")
+    _write_lora(loras, "sub/meta_noisy.safetensors", formulation="bridge_ref", bridge_noise=0.1)
+    images = _images(1, 64, 64, seed=2)
+    raw = comfy_adapter.vae_encode(tiny_vae, images.permute(0, 3, 1, 2))
+
+    model, calls = _recording(make_tiny_flux())
+    degraded = _model_space(model, raw)
+    _restore(pack_nodes, model, tiny_vae, images, mode="auto", lora_name="meta_bridge")  # suffix optional
+    assert torch.equal(calls[0]["input"], degraded) and calls[0]["refs"] is None and len(calls) == 8
+
+    model, calls = _recording(make_tiny_flux())
+    _restore(pack_nodes, model, tiny_vae, images, mode="auto", lora_name="meta_kontext.safetensors")
+    assert not torch.allclose(calls[0]["input"], degraded) and calls[0]["refs"] is not None
+    assert len(calls) == 28  # kontext: noise to image in the usual 28 steps
+
+    model, calls = _recording(make_tiny_flux())
+    _restore(
+        pack_nodes, model, tiny_vae, images, mode="auto", seed=11, lora_name="sub/meta_noisy.safetensors"
+    )
+    eps = torch.randn(degraded.shape, generator=torch.Generator().manual_seed(11))
+    assert torch.allclose(calls[0]["input"], degraded + 0.1 * eps, atol=1e-6)
+    assert calls[0]["refs"] is not None
+
+    # No LoRA: auto means bridge_ref.
+    model, calls = _recording(make_tiny_flux())
+    _restore(pack_nodes, model, tiny_vae, images, mode="auto")
+    assert torch.equal(calls[0]["input"], degraded) and calls[0]["refs"] is not None
+
+
+def test_lora_name_errors_are_clear(pack_nodes, tiny_vae, comfy_dirs):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(comfy_dirs["loras"] / "foreign.safetensors"), metadata={"ss_x": "1"})
+    model = make_tiny_flux()
+    images = _images(1, 32, 32)
+    with pytest.raises(FileNotFoundError, match="no_such_lora"):
+        _restore(pack_nodes, model, tiny_vae, images, mode="auto", lora_name="no_such_lora")
+    with pytest.raises(ValueError, match="Choose the mode explicitly"):
+        _restore(pack_nodes, model, tiny_vae, images, mode="auto", lora_name="foreign")
+    # An explicit mode works with any LoRA file.
+    out = _restore(pack_nodes, model, tiny_vae, images, mode="bridge", steps=1, lora_name="foreign")
+    assert out.shape == images.shape
+
+
+def test_oversize_images_are_restored_in_bucket_tiles(pack_nodes, tiny_vae):
+    images = _images(1, 70, 150, seed=4)
+    plan = plan_restoration(150, 70, bucket_resolutions(SCALE))
+    assert plan.tiled and len(plan.tiles) > 1
+    model, calls = _recording(make_tiny_flux())
+    out = _restore(pack_nodes, model, tiny_vae, images, steps=2)
+    assert out.shape == images.shape
+    runs = _runs(calls)
+    assert len(runs) == len(plan.tiles)
+    bw, bh = plan.bucket
+    assert all(run[0]["input"].shape[-2:] == (bh // 8, bw // 8) for run in runs)
+
+
+def test_node_defaults_are_valid_choices(pack_nodes):
+    spec = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"].INPUT_TYPES()["required"]
+    for name in ("mode", "sampler_name", "scheduler"):
+        choices, options = spec[name]
+        assert options["default"] in choices
+    assert spec["scheduler"][0][0] == "as_trained"
+    assert "simple" in spec["scheduler"][0]
+    assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS["KontextRestoreSigmas"] == "Kontext Restore: Bridge Sigmas"
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def test_resolve_mode_and_steps():
+    assert resolve_formulation("auto", None) == "bridge_ref"
+    assert resolve_formulation("kontext", None) == "kontext"
+    assert resolve_steps(0, "bridge") == 8 and resolve_steps(0, "bridge_ref") == 8
+    assert resolve_steps(0, "kontext") == 28 and resolve_steps(5, "kontext") == 5
+    with pytest.raises(ValueError, match="mode"):
+        resolve_formulation("sideways", None)
+
+
+def test_fit_inside_pads_without_cropping_and_unfit_inverts():
+    image = torch.rand(3, 30, 50)
+    padded, box = fit_inside(image, (64, 64))
+    assert padded.shape == (3, 64, 64)
+    assert (box.width, box.height) == (64, 38)  # uniform scale 64/50, nothing cut off
+    back = unfit(padded, box, 50, 30)
+    assert back.shape == image.shape
+    # Same-size content round-trips exactly.
+    region = image[:, :, :32]  # 32 wide, 30 high in a 32x32 bucket: scale 1, two rows of padding
+    exact, box2 = fit_inside(region, (32, 32))
+    assert box2 == Box(0, 1, 32, 30)
+    assert torch.equal(unfit(exact, box2, 32, 30), region)
+
+
+def test_axis_tiles_cover_with_overlap():
+    tiles = axis_tiles(1000, 256, 32)
+    assert tiles[0][0] == 0 and tiles[-1][0] + tiles[-1][1] == 1000
+    for (s0, n0), (s1, _) in zip(tiles, tiles[1:]):
+        assert s0 + n0 - s1 >= 32
+    assert axis_tiles(200, 256, 32) == [(0, 200)]
+
+
+def test_plan_uses_one_pass_for_bucket_sized_images_and_tiles_for_large_ones():
+    buckets = bucket_resolutions(1.0)
+    single = plan_restoration(1100, 1100, buckets)  # shrinks to 93%: one pass
+    assert not single.tiled and single.bucket == (1024, 1024)
+    large = plan_restoration(3000, 700, buckets)
+    assert large.tiled
+    bw, bh = large.bucket
+    covered = torch.zeros(700, 3000, dtype=torch.bool)
+    for t in large.tiles:
+        assert t.width <= bw and t.height <= bh
+        covered[t.top : t.top + t.height, t.left : t.left + t.width] = True
+    assert covered.all()
+    # The cheapest cover of a 3000x700 strip is one row of wide tiles.
+    assert len({t.top for t in large.tiles}) == 1
+
+
+def test_tiled_restore_with_identity_returns_the_image():
+    image = torch.rand(3, 70, 150)
+    plan = plan_restoration(150, 70, bucket_resolutions(SCALE))
+    seen = []
+
+    def identity(pixels, index):
+        seen.append((index, tuple(pixels.shape)))
+        return pixels.clone()
+
+    out = restore_image(image, plan, identity)
+    assert torch.allclose(out, image, atol=1e-6)
+    bw, bh = plan.bucket
+    assert [s for _, s in seen] == [(1, 3, bh, bw)] * len(plan.tiles)
+
+
+def test_tiles_blend_smoothly_across_overlaps():
+    image = torch.zeros(3, 64, 200)
+    plan = RestorePlan(200, 64, (64, 64), tuple(Box(x, 0, 64, 64) for x, _ in axis_tiles(200, 64, 8)))
+    out = restore_image(image, plan, lambda p, i: torch.full_like(p, float(i) / 4))
+    row = out[0, 32]
+    # Monotone ramp between tile values instead of a step at a seam.
+    assert torch.all(row[1:] - row[:-1] >= -1e-6)
+    assert (row[1:] - row[:-1]).max() < 0.1
+
+
+def test_too_large_images_are_refused_with_the_limit_named():
+    with pytest.raises(ValueError, match=f"{MAX_MEGAPIXELS:g} MP"):
+        check_size(10000, 8000)
+    check_size(8000, 8000)  # 64 MP exactly is allowed
+
+
+def test_existing_reference_latents_are_replaced_not_appended(comfy_root):
+    cond = make_conditioning()
+    cond[0][1]["reference_latents"] = [torch.ones(1, 16, 4, 4)]
+    degraded = torch.zeros(1, 16, 4, 4)
+    with_ref = comfy_adapter.with_reference_and_guidance(cond, degraded, 2.5)
+    assert len(with_ref[0][1]["reference_latents"]) == 1
+    assert torch.equal(with_ref[0][1]["reference_latents"][0], degraded)
+    assert with_ref[0][1]["guidance"] == 2.5
+    without = comfy_adapter.with_reference_and_guidance(cond, None, 1.5)
+    assert without[0][1]["reference_latents"] is None
+    assert len(cond[0][1]["reference_latents"]) == 1  # the input conditioning is not modified
