@@ -1,0 +1,151 @@
+"""Shared helpers for the benchmark scripts: ComfyUI bootstrap, tiny models, machine info, timing.
+
+Benchmarks are scripts, not tests: run them from the repository root with the project's venv,
+e.g. ``.venv/bin/python benchmarks/train_step.py``. Each prints a markdown table and can write
+JSON (``--json PATH``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+def bootstrap(cpu: bool | None = None, quiet: bool = True) -> Path:
+    """Imports ComfyUI in-process (no server), with its output folders in a temp directory."""
+    import logging
+    import tempfile
+
+    from kontext_train import comfy_adapter
+
+    root = comfy_adapter.bootstrap_comfyui(cpu=cpu)
+    import folder_paths
+
+    base = Path(tempfile.mkdtemp(prefix="kr_bench_"))
+    for sub in ("input", "output", "temp", "loras"):
+        (base / sub).mkdir()
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    folder_paths.add_model_folder_path("loras", str(base / "loras"), is_default=True)
+    if quiet:
+        logging.getLogger().setLevel(logging.WARNING)
+        import comfy.utils
+
+        comfy.utils.PROGRESS_BAR_ENABLED = False
+    return root
+
+
+def machine_info() -> dict:
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "nproc": os.cpu_count(),
+        "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import comfyui_version  # type: ignore
+
+        info["comfyui"] = comfyui_version.__version__
+    except Exception:
+        pass
+    return info
+
+
+def median(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return statistics.median(xs) if xs else float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+class StepClock:
+    """Timestamps of every optimizer step in the process (a global post-step hook), so the
+    per-step time of any training loop - ours, ComfyUI's native node, a bare loop - is measured
+    the same way: the interval between consecutive ``optimizer.step()`` returns."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self._handle = None
+
+    def __enter__(self) -> StepClock:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.stamps = []
+        self._handle = register_optimizer_step_post_hook(
+            lambda *a, **k: self.stamps.append(time.perf_counter())
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def intervals(self, skip: int = 1) -> list[float]:
+        """Step intervals, dropping the first ``skip`` ones (warm-up after setup)."""
+        d = [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:])]
+        return d[skip:]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def make_conditioning(context_dim: int, tokens: int, seed: int = 0, guidance: float | None = None):
+    """CONDITIONING shaped like CLIPTextEncode's for Flux (random values)."""
+    g = torch.Generator().manual_seed(seed)
+    extras = {"pooled_output": torch.randn(1, 768, generator=g)}
+    if guidance is not None:
+        extras["guidance"] = guidance
+    return [[torch.randn(1, tokens, context_dim, generator=g), extras]]
