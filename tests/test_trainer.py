@@ -339,3 +339,13 @@ def test_crash_while_saving_lora_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         lora_mod.atomic_save_safetensors({"a": torch.zeros(1)}, target, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_lora_parameters_receive_gradients(comfy_root, tmp_path):
+    """The frozen base gets no gradients (else a full-size model would carry ~22 GiB of them)."""
+    cfg = TrainConfig(steps=1, **{**TOY, "batch_size": 2, "lora_targets": "blocks"})
+    model = _model(cfg)
+    _trainer(cfg, tmp_path, model=model, n=2).run()
+    base = model.base.diffusion_model
+    assert not [n for n, p in base.named_parameters() if p.requires_grad or p.grad is not None]
+    assert all(p.grad is not None for p in model.parameters())
