@@ -796,3 +796,10 @@ def resolve_model_file(value: str, folders: tuple[str, ...]) -> Path | None:
         if found and Path(found).is_file():
             return Path(found)
     return None
+
+
+def soft_empty_cache() -> None:
+    """Lets ComfyUI return freed memory to the device (e.g. after the text encoders are dropped)."""
+    import comfy.model_management as mm
+
+    mm.soft_empty_cache()

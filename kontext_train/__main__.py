@@ -1,0 +1,7 @@
+"""``python -m kontext_train``: the same as the ``kontext-train`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""The offline demo: real photographs, a tiny random model, the whole pipeline in about a minute.
+
+Photos come from the scikit-image wheel (``skimage.data`` reads files bundled inside the wheel;
+nothing is downloaded). The model is a tiny randomly initialised Flux transformer built through
+ComfyUI's own classes, with a tiny random TAESD-format VAE and random text conditioning, so no
+weights are needed. Such a model cannot restore photographs; the demo proves that every stage -
+degradation, buckets, latent cache, training, checkpoints, restoration with ComfyUI's sampler,
+metrics, plots, report - runs end to end, and the same command with real weights does the job.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+# skimage.data functions that read a bundled colour photograph (checked in scikit-image 0.19-0.26:
+# these files ship inside the wheel; other datasets need pooch and a download).
+SAMPLE_PHOTOS: tuple[str, ...] = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
+
+# The tiny model (see comfy_adapter.build_tiny_flux); context width of the random conditioning.
+TINY_CONTEXT_DIM = 64
+TINY_HIDDEN = 128
+DEMO_BASE_MODEL = "demo:tiny-random-flux"
+
+# Settings the demo uses instead of the real-run defaults when the tiny model is used (flags,
+# config file and environment still override them). Tuned for about a minute on a 2-core CPU.
+DEMO_DEFAULTS: dict[str, object] = {
+    "steps": 150,
+    "learning_rate": 2e-3,
+    "rank": 8,
+    "batch_size": 1,
+    "warmup_steps": 10,
+    "checkpoint_every": 50,
+    "validate_every_epochs": 10,
+    "validation_steps": 8,
+    "lora_targets": "all_linear",
+    "gradient_checkpointing": False,
+    "bucket_scale": 0.25,
+    "val_count": 2,
+    "restore_steps": 8,
+    "name": "kontext_restore_demo",
+}
+
+
+class DemoUnavailable(RuntimeError):
+    pass
+
+
+def export_sample_photos(folder: Path, count: int = len(SAMPLE_PHOTOS)) -> list[Path]:
+    """Writes ``count`` bundled scikit-image photos as PNGs into ``folder`` (kept if present)."""
+    if not 1 <= count <= len(SAMPLE_PHOTOS):
+        raise ValueError(f"demo_images must be between 1 and {len(SAMPLE_PHOTOS)}, got {count}")
+    try:
+        from skimage import data
+    except ImportError:
+        raise DemoUnavailable(
+            "The demo's sample photos come from scikit-image, which is not installed: "
+            "pip install scikit-image (or give real data with --hr-root and weights with --unet ...)."
+        ) from None
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in SAMPLE_PHOTOS[:count]:
+        path = folder / f"{name}.png"
+        if not path.is_file():
+            array = getattr(data, name)()
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=folder)
+            os.close(fd)
+            try:
+                Image.fromarray(array).convert("RGB").save(tmp, format="PNG")
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        written.append(path)
+    return written
+
+
+def random_conditioning(seed: int = 0, tokens: int = 8, width: int = TINY_CONTEXT_DIM) -> list:
+    """CONDITIONING shaped like CLIPTextEncode's for Flux, with random values (the tiny model
+    has no text encoder)."""
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randn(1, tokens, width, generator=g)
+    pooled = torch.randn(1, 768, generator=g)
+    return [[context, {"pooled_output": pooled}]]
+
+
+def build_demo_models(seed: int = 0):
+    """(MODEL, VAE, CONDITIONING) of the demo: tiny random Flux, tiny random VAE, random text."""
+    from . import comfy_adapter
+
+    model = comfy_adapter.build_tiny_flux(hidden_size=TINY_HIDDEN, context_in_dim=TINY_CONTEXT_DIM, seed=seed)
+    vae = comfy_adapter.build_tiny_vae(seed=seed)
+    return model, vae, random_conditioning(seed)
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.model.diffusion_model.parameters())
+
+
+def honest_paragraph(
+    n_params: int,
+    steps: int,
+    n_train: int,
+    vae_roundtrip_psnr: float | None,
+    real_command: str,
+    latent_mse: tuple[float, float, float] | None = None,
+) -> str:
+    """What the demo numbers mean, and the command that does the real job.
+
+    ``latent_mse``: (degraded, first validation's restored, last validation's restored) latent MSE
+    of the held-out images."""
+    ceiling = (
+        f" The random VAE alone (encode, then decode the clean image) scores {vae_roundtrip_psnr:.1f} dB "
+        "PSNR, so no restoration through it can score better than that."
+        if vae_roundtrip_psnr is not None
+        else ""
+    )
+    latent = ""
+    if latent_mse is not None:
+        degraded, first, last = latent_mse
+        trend = "fell" if last < first else "did not fall"
+        beat = "below" if last < degraded else "still above"
+        latent = (
+            f" In latent space, the one place a model this small can learn anything, the held-out error "
+            f"{trend} from {first:.4g} to {last:.4g} during training ({beat} the degraded latents' {degraded:.4g})."
+        )
+    return (
+        "**What these numbers mean.** This run used a tiny, randomly initialised Flux transformer "
+        f"({n_params / 1e6:.2f}M parameters, one double and one single block) with a random 16-channel "
+        f"VAE and random text conditioning, trained for {steps} steps on {n_train} photos. A model like "
+        "that cannot restore real photographs, and it did not: the restored images are worse than the "
+        f"degraded ones, as expected.{ceiling}{latent} What the run does show is that every stage ran end "
+        "to end on real photographs: synthetic degradation, Kontext buckets, the latent cache, LoRA "
+        "training with checkpoints and resume, restoration with ComfyUI's own sampler starting from the "
+        "degraded latent, PSNR/SSIM scoring, the loss plot and this report.\n\n"
+        "The same command with FLUX.1 Kontext [dev] weights, ComfyUI's text encoders and the Flux VAE "
+        "does the real job (real-run defaults: 3000 steps, rank 16, lr 1e-4, cosine with 100 warm-up "
+        "steps, ~1024 px buckets):\n\n"
+        f"```bash\n{real_command}\n```\n"
+    )
+
+
+def real_command(prog: str = "kontext-train") -> str:
+    return (
+        f"HR_ROOT=/path/to/clean_photos OUTPUT_DIR=/path/to/run \\\n"
+        f"{prog} train \\\n"
+        "  --unet models/diffusion_models/flux1-kontext-dev.safetensors \\\n"
+        "  --clip-l models/text_encoders/clip_l.safetensors \\\n"
+        "  --t5xxl models/text_encoders/t5xxl_fp16.safetensors \\\n"
+        "  --vae models/vae/ae.safetensors"
+    )

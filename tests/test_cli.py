@@ -1,0 +1,336 @@
+"""The headless command: settings precedence, the demo end to end on the tiny model (shrunk by
+flags), resume, Ctrl-C, restore/evaluate, and one-line errors (exit code 2) for bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from kontext_train import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The demo shrunk to seconds: 3 photos (2 train, 1 held out) at ~128 px buckets.
+TINY = [
+    "--demo-images", "3",
+    "--val-count", "1",
+    "--bucket-scale", "0.125",
+    "--validation-steps", "2",
+    "--restore-steps", "2",
+    "--checkpoint-every", "2",
+    "--validate-every-epochs", "2",
+    "--log-every", "1",
+]  # fmt: skip
+
+
+def _photos(folder: Path, n: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        small = (rng.random((8, 12, 3)) * 255).astype(np.uint8)
+        Image.fromarray(small).resize((96, 64), Image.BICUBIC).save(folder / f"p{i}.png")
+    return folder
+
+
+def _fake_weights(folder: Path) -> list[str]:
+    """Weight flags whose files exist (never loaded: the tests stop before)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    args = []
+    for key in cli.WEIGHT_KEYS:
+        f = folder / f"{key}.safetensors"
+        f.write_bytes(b"not really weights")
+        args += [cli.BY_NAME[key].flag, str(f)]
+    return args
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for opt in cli.OPTIONS:
+        if opt.env and opt.env != "COMFYUI_PATH":
+            monkeypatch.delenv(opt.env, raising=False)
+    return monkeypatch
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert err.startswith("kontext-train: error: "), err
+    return err
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def test_precedence_flags_over_config_over_env_over_defaults(tmp_path, clean_env, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('steps = 111\nrank = 4\n[data]\nhr_root = "photos"\nbucket_scale = 0.5\n')
+    clean_env.setenv("HR_ROOT", "/env/photos")
+    clean_env.setenv("OUTPUT_DIR", "/env/out")
+    clean_env.setenv("KONTEXT_UNET", "/env/unet.safetensors")
+    argv = ["train", "--config", str(config), "--rank", "32", "--no-resume", "--print-config"]
+    assert cli.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    s = printed["settings"]
+    assert not printed["demo"]  # a model was given (through the environment)
+    assert s["rank"] == {"value": 32, "source": "flag"}
+    assert s["resume"] == {"value": False, "source": "flag"}
+    assert s["steps"] == {"value": 111, "source": "config"}
+    # Relative paths in a config file are relative to the file.
+    assert s["hr_root"] == {"value": str(tmp_path / "photos"), "source": "config"}
+    assert s["output_dir"] == {"value": "/env/out", "source": "env OUTPUT_DIR"}
+    assert s["unet"]["source"] == "env KONTEXT_UNET"
+    # The original script's defaults.
+    assert s["learning_rate"]["value"] == 1e-4 and s["batch_size"]["value"] == 1
+    assert (s["lr_schedule"]["value"], s["warmup_steps"]["value"]) == ("cosine", 100)
+    assert (s["guidance"]["value"], s["checkpoint_every"]["value"], s["validate_every_epochs"]["value"]) == (
+        1.5,
+        500,
+        5,
+    )
+    assert (s["noise_sigma"]["value"], s["blur_radius"]["value"], s["jpeg_quality"]["value"]) == (
+        0.02,
+        1.5,
+        85,
+    )
+
+
+def test_without_a_model_train_is_the_demo_with_its_own_defaults(clean_env, capsys):
+    assert cli.main(["train", "--steps", "7", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["demo"]
+    assert printed["settings"]["steps"] == {"value": 7, "source": "flag"}
+    assert printed["settings"]["bucket_scale"]["source"] == "demo default"
+    assert printed["settings"]["output_dir"]["value"] == "kontext-restore-demo"
+
+
+def test_json_config_and_bad_config_values(tmp_path, clean_env, capsys):
+    good = tmp_path / "c.json"
+    good.write_text(json.dumps({"learning-rate": 3e-4, "gradient_checkpointing": False}))
+    assert cli.main(["train", "--config", str(good), "--print-config"]) == 0
+    s = json.loads(capsys.readouterr().out)["settings"]
+    assert s["learning_rate"]["value"] == 3e-4 and s["gradient_checkpointing"]["value"] is False
+
+    typo = tmp_path / "typo.toml"
+    typo.write_text("learnig_rate = 1e-4\n")
+    assert cli.main(["train", "--config", str(typo)]) == 2
+    assert "did you mean 'learning_rate'" in _error_line(capsys)
+
+    wrong_type = tmp_path / "wrong.json"
+    wrong_type.write_text(json.dumps({"steps": "many"}))
+    assert cli.main(["train", "--config", str(wrong_type)]) == 2
+    assert "steps" in _error_line(capsys)
+
+    assert cli.main(["train", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in _error_line(capsys)
+
+
+# -- the demo end to end, resume, Ctrl-C, restore, evaluate ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_run(comfy_root, tmp_path_factory):
+    """One tiny demo run through ``train`` without a model (the demo, with a notice)."""
+    out = tmp_path_factory.mktemp("demo_run")
+    env = {
+        o.env: os.environ.pop(o.env)
+        for o in cli.OPTIONS
+        if o.env and o.env in os.environ and o.env != "COMFYUI_PATH"
+    }
+    try:
+        rc = cli.main(["train", "--output-dir", str(out), "--steps", "4", *TINY])
+    finally:
+        os.environ.update(env)
+    return out, rc
+
+
+def test_demo_runs_end_to_end_and_writes_everything(demo_run):
+    out, rc = demo_run
+    assert rc == 0
+    lora = out / "kontext_restore_demo.safetensors"
+    state = load_file(str(lora))
+    assert any(k.endswith("lora_up.weight") for k in state)
+    assert any(float(v.abs().max()) > 0 for k, v in state.items() if k.endswith("lora_up.weight"))
+    assert sorted(p.name for p in (out / "demo_images").iterdir()) == [
+        "astronaut.png",
+        "chelsea.png",
+        "coffee.png",
+    ]
+    assert (out / "checkpoints" / "step_000004" / "lora.safetensors").is_file()
+    rows = json.loads((out / "kontext_restore_demo.validation.json").read_text())
+    assert rows[-1]["step"] == 4 and "psnr_restored" in rows[-1]
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["n_images"] == 1 and "psnr_gain" in evaluation["mean"]
+    assert evaluation["per_image"][0]["image"].endswith(".png")
+    for png in ("loss.png", "samples.png"):
+        with Image.open(out / png) as im:
+            assert im.width > 100 and im.height > 100
+    report = (out / "report.md").read_text()
+    assert "offline demo" in report and "What these numbers mean" in report
+    assert "kontext-train train" in report and "--unet" in report  # the real command
+    assert "| PSNR dB |" in report and "![samples](samples.png)" in report
+    assert len(json.loads((out / "loss_history.json").read_text())) == 4
+
+
+def test_resume_continues_and_no_resume_refuses(demo_run, capsys):
+    out, _ = demo_run
+    before = json.loads((out / "loss_history.json").read_text())
+    assert cli.main(["demo", "--output-dir", str(out), "--steps", "6", *TINY]) == 0
+    assert "resumed from step 4" in capsys.readouterr().out
+    after = json.loads((out / "loss_history.json").read_text())
+    assert len(after) == 6 and after[:4] == before
+    assert "(resumed from step 4)" in (out / "report.md").read_text()
+
+    lora_bytes = (out / "kontext_restore_demo.safetensors").read_bytes()
+    assert cli.main(["demo", "--output-dir", str(out), "--steps", "8", "--no-resume", *TINY]) == 2
+    err = _error_line(capsys)
+    assert "already holds a run" in err and "--no-resume" in err
+    assert (out / "kontext_restore_demo.safetensors").read_bytes() == lora_bytes  # nothing overwritten
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(comfy_root, tmp_path, clean_env, capsys):
+    original = cli.ConsoleProgress.update
+
+    def interrupt_at_step_3(self, info):
+        original(self, info)
+        if info.step == 3:
+            raise KeyboardInterrupt
+
+    clean_env.setattr(cli.ConsoleProgress, "update", interrupt_at_step_3)
+    out = tmp_path / "interrupted"
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--output-dir",
+                str(out),
+                "--steps",
+                "10",
+                *TINY,
+                "--checkpoint-every",
+                "0",
+                "--val-count",
+                "0",
+                "--demo-images",
+                "2",
+            ]
+        )
+        == 130
+    )
+    err = capsys.readouterr().err
+    assert "interrupted at step 3" in err and "resume" in err
+    assert (out / "checkpoints" / "step_000003" / "state.pt").is_file()
+
+
+def test_restore_and_evaluate_use_the_trained_demo_lora(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    photo = tmp_path / "in" / "small.png"
+    photo.parent.mkdir()
+    Image.fromarray((np.random.default_rng(1).random((72, 100, 3)) * 255).astype(np.uint8)).save(photo)
+    assert (
+        cli.main(
+            [
+                "restore",
+                "--output-dir",
+                str(out),
+                "--input",
+                str(photo.parent),
+                "--bucket-scale",
+                "0.125",
+                "--restore-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    with Image.open(out / "restored" / "small.png") as im:
+        assert im.size == (100, 72)  # restored at the input's size
+
+    # Same split as training (seed, val count); the bucket scale comes from the LoRA's metadata.
+    assert cli.main(["evaluate", "--output-dir", str(out), *TINY[:4], "--restore-steps", "2"]) == 0
+    data = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert data["n_images"] == 1 and data["per_image"][0]["psnr_restored"] is not None
+    assert (out / "evaluation" / "samples.png").is_file()
+    assert "PSNR" in capsys.readouterr().out
+
+
+# -- bad configurations: exit code 2, one line, no traceback ----------------------------------
+
+
+def test_missing_or_empty_hr_root(comfy_root, tmp_path, clean_env, capsys):
+    weights = _fake_weights(tmp_path / "w")
+    base = ["train", "--output-dir", str(tmp_path / "out"), *weights]
+    assert cli.main(base) == 2
+    assert "HR_ROOT is not set" in _error_line(capsys)
+
+    clean_env.setenv("HR_ROOT", str(tmp_path / "nope"))
+    assert cli.main(base) == 2
+    assert "does not exist" in _error_line(capsys)
+
+    (tmp_path / "empty").mkdir()
+    assert cli.main([*base, "--hr-root", str(tmp_path / "empty")]) == 2
+    assert "no image files" in _error_line(capsys)
+
+
+def test_missing_weights(comfy_root, tmp_path, clean_env, capsys):
+    photos = _photos(tmp_path / "hq")
+    weights = _fake_weights(tmp_path / "w")
+    weights[weights.index("--vae") + 1] = str(tmp_path / "w" / "missing_ae.safetensors")
+    base = ["train", "--output-dir", str(tmp_path / "out"), "--hr-root", str(photos)]
+    assert cli.main([*base, *weights]) == 2
+    err = _error_line(capsys)
+    assert "VAE weights file not found" in err and "missing_ae.safetensors" in err
+
+    assert cli.main([*base, "--unet", weights[1]]) == 2  # only the transformer given
+    assert "clip_l weights not given" in _error_line(capsys)
+
+
+def test_unwritable_output_dir(tmp_path, clean_env, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    assert cli.main(["demo", "--output-dir", str(blocker / "out")]) == 2
+    assert "is a file" in _error_line(capsys)
+    assert cli.main(["demo", "--output-dir", str(blocker)]) == 2
+    assert "is a file" in _error_line(capsys)
+
+
+def test_output_dir_under_a_read_only_folder(tmp_path, clean_env, capsys):
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root writes through permission bits; sysfs refuses new folders even to root.
+        target = Path("/sys") / f"kontext_restore_{tmp_path.name}" / "out"
+        assert cli.main(["demo", "--output-dir", str(target)]) == 2
+        assert "not writable" in _error_line(capsys)
+        return
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert cli.main(["demo", "--output-dir", str(locked / "out")]) == 2
+        assert "not writable" in _error_line(capsys)
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_comfyui_not_found_in_a_subprocess(tmp_path, how):
+    bogus = tmp_path / "no_comfyui_here"
+    bogus.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("HR_ROOT", "OUTPUT_DIR", "COMFYUI_PATH")}
+    env["PYTHONPATH"] = str(ROOT)
+    args = [sys.executable, "-m", "kontext_train", "demo", "--output-dir", str(tmp_path / "out")]
+    if how == "env":
+        env["COMFYUI_PATH"] = str(bogus)
+    else:
+        args += ["--comfyui", str(bogus)]
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    assert "not a ComfyUI folder" in err and str(bogus) in err
