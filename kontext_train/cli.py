@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .atomic import atomic_write_bytes, atomic_write_text
 from .demo import DEMO_BASE_MODEL, DEMO_DEFAULTS, SAMPLE_PHOTOS
 
 log = logging.getLogger("kontext_restore")
@@ -291,8 +292,6 @@ TRAIN_CONFIG_KEYS = (
     "logit_mean logit_std loss_weighting weight_decay max_grad_norm lora_targets gradient_checkpointing "
     "lora_dtype"
 ).split()
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -502,28 +501,10 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; reports are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _save_png(image, path: Path) -> None:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def prepare_output_dir(value: str | os.PathLike | None) -> Path:
@@ -551,22 +532,13 @@ def prepare_output_dir(value: str | os.PathLike | None) -> Path:
 
 
 def locate_comfyui(settings: Settings) -> Path:
-    """The ComfyUI folder. An explicitly given one (--comfyui / COMFYUI_PATH / config) must be a
-    ComfyUI install: no silent fallback to another one."""
+    """The ComfyUI folder; an explicitly given one must be a ComfyUI install (find_comfyui checks)."""
     from .comfy_adapter import ComfyUINotFound, find_comfyui
 
-    explicit = settings.comfyui
     try:
-        found = find_comfyui(explicit)
+        return find_comfyui(settings.comfyui)
     except ComfyUINotFound as e:
-        raise UsageError(str(e)) from None
-    if explicit and found != Path(explicit).expanduser().resolve():
-        src = settings.sources["comfyui"]
-        raise UsageError(
-            f"{explicit} ({src}) is not a ComfyUI folder (no comfy/model_management.py and folder_paths.py). "
-            "Give the folder that holds ComfyUI's main.py."
-        )
-    return found
+        raise UsageError(f"{e} ({settings.sources['comfyui']})") from None
 
 
 def resolve_weights(settings: Settings) -> dict[str, Path]:
@@ -864,7 +836,7 @@ def write_evaluation(ev: Evaluation, folder: Path, stem: str = "evaluation") -> 
 
     data = ev.to_dict()
     paths = {"json": folder / f"{stem}.json", "csv": folder / f"{stem}.csv", "grid": folder / "samples.png"}
-    _atomic_write_text(paths["json"], json.dumps(data, indent=2))
+    atomic_write_text(paths["json"], json.dumps(data, indent=2))
     rows = data["per_image"]
     columns: list[str] = []
     for row in rows:
@@ -873,7 +845,7 @@ def write_evaluation(ev: Evaluation, folder: Path, stem: str = "evaluation") -> 
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_text(paths["csv"], buf.getvalue())
     _save_png(image_grid([list(t) for t in ev.triples], ["degraded", "restored", "clean"]), paths["grid"])
     return paths
 
@@ -1133,7 +1105,7 @@ def cmd_train(settings: Settings, ctx) -> int:
         train_seconds,
         time.perf_counter() - wall_start,
     )
-    _atomic_write_text(out / "report.md", report)
+    atomic_write_text(out / "report.md", report)
     _say(f"report: {out / 'report.md'}  (total {time.perf_counter() - wall_start:.1f} s)")
     return 0
 

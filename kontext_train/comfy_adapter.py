@@ -41,25 +41,31 @@ def _looks_like_comfyui(path: Path) -> bool:
 
 
 def find_comfyui(explicit: str | os.PathLike | None = None) -> Path:
-    """The ComfyUI folder to use: explicit, $COMFYUI_PATH, the install this pack sits in
-    (``ComfyUI/custom_nodes/<pack>``), or the test host the project's setup script builds."""
-    tried: list[str] = []
-    candidates: list[Path] = []
-    if explicit:
-        candidates.append(Path(explicit))
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]))
+    """The ComfyUI folder to use: ``explicit``, else $COMFYUI_PATH, else the install this pack sits
+    in (``ComfyUI/custom_nodes/<pack>``), else the test host the project's setup script builds.
+
+    A folder the user named (argument or $COMFYUI_PATH) must be a ComfyUI: no silent fallback to
+    another install.
+    """
+    named = explicit or os.environ.get("COMFYUI_PATH")
+    if named:
+        path = Path(named).expanduser().resolve()
+        if _looks_like_comfyui(path):
+            return path
+        source = "given" if explicit else "in COMFYUI_PATH"
+        raise ComfyUINotFound(
+            f"The ComfyUI folder {source} ({path}) is not a ComfyUI install (no comfy/model_management.py "
+            "or folder_paths.py). Point it at the folder that holds ComfyUI's main.py."
+        )
     pack = Path(__file__).resolve().parent.parent
-    candidates += [pack.parent.parent, pack / ".host" / "ComfyUI"]
+    candidates = [pack.parent.parent, pack / ".host" / "ComfyUI"]
     for c in candidates:
-        c = c.expanduser().resolve()
-        if _looks_like_comfyui(c):
-            return c
-        tried.append(str(c))
+        if _looks_like_comfyui(c.resolve()):
+            return c.resolve()
     raise ComfyUINotFound(
-        "ComfyUI could not be found (looked in: " + ", ".join(tried) + "). Set COMFYUI_PATH to your "
-        "ComfyUI folder (the one with main.py), pass --comfyui, or run scripts/setup_test_env.sh "
-        "to build a local one."
+        "ComfyUI could not be found (looked in: " + ", ".join(str(c) for c in candidates) + "). Set "
+        "COMFYUI_PATH to your ComfyUI folder (the one with main.py), pass --comfyui, or run "
+        "scripts/setup_test_env.sh to build a local one."
     )
 
 

@@ -10,11 +10,11 @@ metrics, plots, report - runs end to end, and the same command with real weights
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_path
 
 # skimage.data functions that read a bundled colour photograph (checked in scikit-image 0.19-0.26:
 # these files ship inside the wheel; other datasets need pooch and a download).
@@ -76,14 +76,8 @@ def export_sample_photos(folder: Path, count: int = len(SAMPLE_PHOTOS)) -> list[
         path = folder / f"{name}.png"
         if not path.is_file():
             array = getattr(data, name)()
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=folder)
-            os.close(fd)
-            try:
+            with atomic_path(path, suffix=".png") as tmp:
                 Image.fromarray(array).convert("RGB").save(tmp, format="PNG")
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         written.append(path)
     return written
 

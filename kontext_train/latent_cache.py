@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
 from .dataset import RestorationDataset, Sample
 
 __all__ = ["CACHE_FORMAT_VERSION", "CONTROL_MODES", "LatentCache", "file_sha256"]
@@ -194,10 +194,5 @@ class LatentCache:
 
     def _write(self, path: Path, z: torch.Tensor, key_json: str) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
+        with atomic_path(path, suffix=".safetensors.tmp") as tmp:
             save_file({"latent": z}, str(tmp), metadata={"key": key_json})
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .atomic import atomic_path
 
 # Linear layers of the Flux transformer blocks that get an adapter. Modulation layers are optional:
 # they are large (6 x width^2 per double block) and rarely worth training for restoration.
@@ -168,20 +168,11 @@ def load_kohya_into(adapters: Mapping[str, LoraAdapter], state: Mapping[str, tor
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping) -> Path:
-    """Writes to a temporary file in the same folder, then renames: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Saves under a temporary name, then renames: a crash never leaves half a file."""
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path, suffix=".safetensors.tmp") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    return Path(path)
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -18,8 +18,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .atomic import atomic_write_text
 from .batches import LatentBatch, LatentBatches
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .flow import (
@@ -174,21 +173,9 @@ def lora_metadata(config: TrainConfig, step: int, extra: Mapping[str, str] | Non
         "modelspec.architecture": "flux-1-dev/lora",
     }
     for k, v in (extra or {}).items():
-        meta[k if "." in k or k.startswith("ss_") else METADATA_PREFIX + k] = str(v)
+        key = k if "." in k or k.startswith("ss_") else METADATA_PREFIX + k
+        meta[key] = v if isinstance(v, str) else json.dumps(v)
     return meta
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_validation_report(rows: list[dict], lora_path: Path) -> tuple[Path, Path]:
@@ -198,7 +185,7 @@ def write_validation_report(rows: list[dict], lora_path: Path) -> tuple[Path, Pa
         base.with_name(base.name + ".validation.json"),
         base.with_name(base.name + ".validation.csv"),
     )
-    _atomic_write_text(json_path, json.dumps(rows, indent=2, default=str))
+    atomic_write_text(json_path, json.dumps(rows, indent=2, default=str))
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns and not isinstance(row[k], (list, dict))]
@@ -206,7 +193,7 @@ def write_validation_report(rows: list[dict], lora_path: Path) -> tuple[Path, Pa
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(csv_path, buf.getvalue())
     return json_path, csv_path
 
 
@@ -444,7 +431,7 @@ class Trainer:
                 lora_path = atomic_save_safetensors(
                     to_kohya_state_dict(self.model.adapters), self.lora_path, self._metadata()
                 )
-            _atomic_write_text(self.run_dir / "loss_history.json", json.dumps(self.losses))
+            atomic_write_text(self.run_dir / "loss_history.json", json.dumps(self.losses))
         return TrainResult(
             step=self.step,
             losses=self.losses,

@@ -333,4 +333,4 @@ def test_comfyui_not_found_in_a_subprocess(tmp_path, how):
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert "Traceback" not in err and err.count("\n") == 0, err
-    assert "not a ComfyUI folder" in err and str(bogus) in err
+    assert "is not a ComfyUI install" in err and str(bogus) in err
