@@ -12,6 +12,7 @@ ComfyUI is imported lazily inside functions so that ``import kontext_train`` wor
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -257,27 +258,17 @@ class _BlockPatch:
         self.block = block
         self.double = double
         self.owner = owner
+        # Older ComfyUI blocks take no transformer_options; pass it only where the block has it.
+        self.takes_options = "transformer_options" in inspect.signature(block.forward).parameters
 
     def _call(self, args: dict) -> dict:
-        options = args.get("transformer_options")
+        kwargs = {"vec": args["vec"], "pe": args["pe"], "attn_mask": args.get("attn_mask")}
+        if self.takes_options:
+            kwargs["transformer_options"] = args.get("transformer_options")
         if self.double:
-            img, txt = self.block(
-                img=args["img"],
-                txt=args["txt"],
-                vec=args["vec"],
-                pe=args["pe"],
-                attn_mask=args.get("attn_mask"),
-                transformer_options=options,
-            )
+            img, txt = self.block(img=args["img"], txt=args["txt"], **kwargs)
             return {"img": img, "txt": txt}
-        img = self.block(
-            args["img"],
-            vec=args["vec"],
-            pe=args["pe"],
-            attn_mask=args.get("attn_mask"),
-            transformer_options=options,
-        )
-        return {"img": img}
+        return {"img": self.block(args["img"], **kwargs)}
 
     def __call__(self, args: dict, extra: dict) -> dict:
         # A snapshot of the options: ComfyUI mutates the dict (block_index) as the loop goes on.

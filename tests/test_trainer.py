@@ -349,3 +349,21 @@ def test_only_lora_parameters_receive_gradients(comfy_root, tmp_path):
     base = model.base.diffusion_model
     assert not [n for n, p in base.named_parameters() if p.requires_grad or p.grad is not None]
     assert all(p.grad is not None for p in model.parameters())
+
+
+class _OOMAt(_NaNAfter):
+    def velocity(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls >= self.bad_call:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.inner.velocity(*args, **kwargs)
+
+
+def test_out_of_memory_ends_with_advice_and_keeps_checkpoint(comfy_root, tmp_path):
+    cfg = TrainConfig(steps=10, **{**TOY, "batch_size": 2, "checkpoint_every": 2})
+    model = _OOMAt(_model(cfg), bad_call=3)
+    with pytest.raises(RuntimeError, match="Out of memory at step 3") as err:
+        _trainer(cfg, tmp_path, model=model, n=8).run()
+    assert "batch size 1" in str(err.value) and "bucket scale" in str(err.value)
+    assert "step_000002" in str(err.value)
+    assert latest_checkpoint(tmp_path).name == "step_000002"
