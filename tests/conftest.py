@@ -19,6 +19,24 @@ if str(ROOT) not in sys.path:
 TINY_CONTEXT_DIM = 64
 
 
+class _RootIsAPlainFolder:
+    """The repository root holds the pack's __init__.py (ComfyUI's entry point), so pytest would
+    collect it as a Python package and import it by the folder's name, which fails for clones named
+    like "ComfyUI-Kontext-Restore". Collect it as a plain folder; the tests load the pack the way
+    ComfyUI does (``pack_nodes``)."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if Path(path) == ROOT:
+            return pytest.Dir.from_parent(parent, path=Path(path))
+        return None
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.has_plugin("kontext-restore-root"):
+        config.pluginmanager.register(_RootIsAPlainFolder(), "kontext-restore-root")
+
+
 @pytest.fixture(scope="session")
 def comfy_root(tmp_path_factory) -> Path:
     """ComfyUI imported once per session, with its input/output/temp and loras in a temp folder."""
