@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from kontext_train import cli
+from kontext_train import cli, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,16 +44,16 @@ def _fake_weights(folder: Path) -> list[str]:
     """Weight flags whose files exist (never loaded: the tests stop before)."""
     folder.mkdir(parents=True, exist_ok=True)
     args = []
-    for key in cli.WEIGHT_KEYS:
+    for key in settings.WEIGHT_KEYS:
         f = folder / f"{key}.safetensors"
         f.write_bytes(b"not really weights")
-        args += [cli.BY_NAME[key].flag, str(f)]
+        args += [settings.BY_NAME[key].flag, str(f)]
     return args
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for opt in cli.OPTIONS:
+    for opt in settings.OPTIONS:
         if opt.env and opt.env != "COMFYUI_PATH":
             monkeypatch.delenv(opt.env, raising=False)
     return monkeypatch
@@ -141,7 +141,7 @@ def demo_run(comfy_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_run")
     env = {
         o.env: os.environ.pop(o.env)
-        for o in cli.OPTIONS
+        for o in settings.OPTIONS
         if o.env and o.env in os.environ and o.env != "COMFYUI_PATH"
     }
     try:
