@@ -163,3 +163,18 @@ def tensors_to_comfy_image(t: torch.Tensor) -> torch.Tensor:
     if t.ndim != 4:
         raise ValueError(f"expected (B,C,H,W) or (C,H,W), got {tuple(t.shape)}")
     return t.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()
+
+
+def folder_signature(root: Path) -> str:
+    """A cheap fingerprint of an image folder (names, sizes, modification times), so a host can
+    tell that images were added, removed or edited without decoding anything."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(root)
+    if not root.is_dir():
+        return f"missing:{root}"
+    for path in scan_image_folder(root):
+        st = path.stat()
+        h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -13,6 +13,7 @@ from ..kontext_train.dataset import RestorationDataset, build_dataset, resolve_d
 from ..kontext_train.degradations import DegradationConfig, degrade, describe
 from ..kontext_train.images import (
     comfy_image_to_tensors,
+    folder_signature,
     pil_to_tensor,
     tensor_to_pil,
     tensors_to_comfy_image,
@@ -151,6 +152,17 @@ class KontextRestoreDataset:
     FUNCTION = "load"
     CATEGORY = CATEGORY + "/dataset"
     OUTPUT_NODE = True
+
+    @classmethod
+    def IS_CHANGED(
+        cls, hq_folder, bucket_scale, val_count, seed, lq_folder="", degradation=None, min_size=64
+    ):
+        # ComfyUI re-runs a node only when this changes: follow the folders' contents, not just their names.
+        base = str(comfy_adapter.input_folder())
+        parts = [folder_signature(resolve_dataset_path(hq_folder, base))]
+        if lq_folder and lq_folder.strip():
+            parts.append(folder_signature(resolve_dataset_path(lq_folder, base)))
+        return "|".join(parts)
 
     def load(self, hq_folder, bucket_scale, val_count, seed, lq_folder="", degradation=None, min_size=64):
         base = str(comfy_adapter.input_folder())

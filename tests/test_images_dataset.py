@@ -266,3 +266,19 @@ def test_exif_rotated_sample_gets_portrait_bucket(tmp_path):
     write_exif_rotated_jpeg(tmp_path / "r.jpg")
     ds = build_dataset(tmp_path, bucket_scale=1.0)
     assert ds.train[0].bucket[0] < ds.train[0].bucket[1]
+
+
+def test_folder_signature_follows_contents(tmp_path):
+    from PIL import Image
+
+    from kontext_train.images import folder_signature
+
+    Image.new("RGB", (80, 80), "red").save(tmp_path / "a.png")
+    first = folder_signature(tmp_path)
+    assert folder_signature(tmp_path) == first
+    Image.new("RGB", (80, 80), "blue").save(tmp_path / "b.png")
+    assert folder_signature(tmp_path) != first
+    (tmp_path / "notes.txt").write_text("not an image")
+    second = folder_signature(tmp_path)
+    (tmp_path / "b.png").unlink()
+    assert folder_signature(tmp_path) not in (second,)

@@ -94,3 +94,11 @@ def test_existing_run_without_resume_is_refused(pack_nodes, image_folder, tiny_v
     _train(pack_nodes, model, latents, tiny_vae, f"again_{image_folder.name}", steps=2)
     with pytest.raises(ValueError, match="resume"):
         _train(pack_nodes, model, latents, tiny_vae, f"again_{image_folder.name}", steps=2, resume=False)
+
+
+def test_dataset_node_reruns_when_the_folder_changes(pack_nodes, image_folder):
+    cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreDataset"]
+    before = cls.IS_CHANGED(image_folder.name, 1.0, 2, 0)
+    assert cls.IS_CHANGED(image_folder.name, 1.0, 2, 0) == before
+    _photo_like(99).save(image_folder / "new.png")
+    assert cls.IS_CHANGED(image_folder.name, 1.0, 2, 0) != before
