@@ -94,22 +94,9 @@ def tiny_flux(comfy_root):
 
 def make_tiny_vae(seed: int = 0):
     """A 16-channel TAESD-format VAE (~2.5M params) loaded through comfy.sd.VAE."""
-    import comfy.sd
-    import comfy.taesd.taesd
+    from kontext_train.comfy_adapter import build_tiny_vae
 
-    g = torch.Generator().manual_seed(seed)
-    model = comfy.taesd.taesd.TAESD(latent_channels=16)
-    # ComfyUI's ops skip initialisation (weights start as uninitialised memory): do it here.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                fan_in = p[0].numel()
-                p.copy_(torch.empty(p.shape).uniform_(-1, 1, generator=g) * (3.0 / fan_in) ** 0.5)
-            elif name == "vae_scale":
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return comfy.sd.VAE(sd=model.state_dict())
+    return build_tiny_vae(seed)
 
 
 @pytest.fixture(scope="session")

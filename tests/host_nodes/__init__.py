@@ -54,24 +54,9 @@ class TinyClip:
 
 
 def tiny_vae(seed: int = 0):
-    import comfy.sd
-    import comfy.taesd.taesd
+    from kontext_train.comfy_adapter import build_tiny_vae
 
-    g = torch.Generator().manual_seed(seed)
-    with torch.inference_mode(False):
-        model = comfy.taesd.taesd.TAESD(latent_channels=16)
-        # ComfyUI's ops leave weights uninitialised: a scaled uniform init keeps activations sane.
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.ndim > 1:
-                    fan_in = p[0].numel()
-                    p.copy_(torch.empty(p.shape).uniform_(-1, 1, generator=g) * (3.0 / fan_in) ** 0.5)
-                elif name == "vae_scale":
-                    p.fill_(1.0)
-                else:
-                    p.zero_()
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return comfy.sd.VAE(sd=state)
+    return build_tiny_vae(seed)
 
 
 _SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF})
