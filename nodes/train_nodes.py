@@ -43,6 +43,12 @@ def format_validation(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def validation_preview(triples: list, max_rows: int = 4):
+    """Up to ``max_rows`` held-out images as a grid: degraded | restored | clean."""
+    rows = [[tensor_to_pil(t) for t in triple] for triple in triples[:max_rows]]
+    return image_grid(rows, ["degraded", "restored", "clean"], cell=192)
+
+
 class KontextRestoreTrainLoRA:
     @classmethod
     def INPUT_TYPES(cls):
@@ -161,17 +167,19 @@ class KontextRestoreTrainLoRA:
             )
         dataset, cache = latents.dataset, latents.cache
         progress = comfy_adapter.NodeProgress(config.steps, unique_id)
-        preview = {}
+        running = {}
 
         def on_step(info):
             progress.update(
-                info.step,
-                f"step {info.step}/{info.total}  loss {info.loss:.4f}  lr {info.lr:.2e}",
-                preview.pop("image", None),
+                info.step, f"step {info.step}/{info.total}  loss {info.loss:.4f}  lr {info.lr:.2e}"
             )
 
         def on_validation(row):
             log.info("Kontext Restore validation: %s", row)
+            # The held-out images (degraded | restored | clean) as the node's preview.
+            images = running["trainer"].last_restored
+            text = f"validation at step {row['step']}: " + format_validation([row]).splitlines()[-1].strip()
+            progress.update(row["step"], text, validation_preview(images) if images else None)
 
         hooks = TrainerHooks(
             on_step=on_step,
@@ -215,10 +223,8 @@ class KontextRestoreTrainLoRA:
                     validator=validator,
                     hooks=hooks,
                 )
+                running["trainer"] = trainer
                 result = trainer.run(resume=resume)
-                if result.last_restored:
-                    row = [tensor_to_pil(t) for t in result.last_restored[0]]
-                    preview["image"] = image_grid([row], ["degraded", "restored", "clean"])
                 lora_state = to_kohya_state_dict(lora_model.adapters)
             finally:
                 lora_model.release()

@@ -102,3 +102,27 @@ def test_dataset_node_reruns_when_the_folder_changes(pack_nodes, image_folder):
     assert cls.IS_CHANGED(image_folder.name, 1.0, 2, 0) == before
     _photo_like(99).save(image_folder / "new.png")
     assert cls.IS_CHANGED(image_folder.name, 1.0, 2, 0) != before
+
+
+def test_validation_shows_a_preview_grid_on_the_node(pack_nodes, image_folder, tiny_vae, monkeypatch):
+    import sys
+
+    updates = []
+
+    class RecordingProgress:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update(self, value, text=None, preview=None):
+            updates.append((value, text, preview))
+
+    node_module = sys.modules[type(_node(pack_nodes, "KontextRestoreTrainLoRA")).__module__]
+    monkeypatch.setattr(node_module.comfy_adapter, "NodeProgress", RecordingProgress)
+    _, latents, _ = _cached_latents(pack_nodes, image_folder, tiny_vae)
+    _train(pack_nodes, make_tiny_flux(), latents, tiny_vae, f"preview_{image_folder.name}", steps=3)
+    previews = [(v, t, p) for v, t, p in updates if p is not None]
+    assert previews, "validation should push a preview image to the node"
+    value, text, image = previews[-1]
+    assert value == 3 and text.startswith("validation at step 3")
+    assert image.size[0] >= 3 * 192  # degraded | restored | clean
+    assert [v for v, t, p in updates if t and t.startswith("step ")] == [1, 2, 3]
