@@ -57,30 +57,12 @@ def build_flux(
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
-    from comfy.ldm.flux.model import FluxParams
 
-    head_dim = shape["hidden"] // shape["heads"]
-    axes = [head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16]
-    axes[0] += head_dim - sum(axes)  # 128 -> [16, 56, 56] as in Flux
-    unet_config = {
-        "image_model": "flux",
-        "in_channels": 16,
-        "out_channels": 16,
-        "vec_in_dim": 768,
-        "context_in_dim": shape["context"],
-        "hidden_size": shape["hidden"],
-        "mlp_ratio": 4.0,
-        "num_heads": shape["heads"],
-        "depth": shape["double"],
-        "depth_single_blocks": shape["single"],
-        "axes_dim": axes,
-        "theta": 10000,
-        "patch_size": 2,
-        "qkv_bias": True,
-        "guidance_embed": True,
-    }
-    if "txt_ids_dims" in getattr(FluxParams, "__dataclass_fields__", {}):
-        unet_config["txt_ids_dims"] = []
+    from kontext_train.comfy_adapter import flux_unet_config
+
+    unet_config = flux_unet_config(
+        shape["hidden"], shape["heads"], shape["double"], shape["single"], shape["context"]
+    )
     cfg = comfy.supported_models.Flux(unet_config)
     cfg.set_inference_dtype(weight_dtype, compute_dtype)
     g = torch.Generator(device=device).manual_seed(seed)

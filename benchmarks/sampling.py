@@ -34,20 +34,9 @@ def train(formulation: str, args, clean_train: torch.Tensor, tmp: Path):
     from kontext_train.trainer import TrainConfig, Trainer
 
     model = build_tiny_flux(hidden_size=128, context_in_dim=CONTEXT_DIM, seed=0)
-    cfg = TrainConfig(
-        steps=args.train_steps,
-        learning_rate=2e-3,
-        rank=8,
-        batch_size=4,
-        lr_schedule="constant_with_warmup",
-        warmup_steps=0,
-        checkpoint_every=0,
-        validate_every_epochs=0,
-        formulation=formulation,
-        lora_targets="all_linear",
-        gradient_checkpointing=False,
-        seed=0,
-    )
+    from toy import TOY_TRAIN_SETTINGS
+
+    cfg = TrainConfig(steps=args.train_steps, formulation=formulation, seed=0, **TOY_TRAIN_SETTINGS)
     with torch.inference_mode(False):
         lm = FluxLoraModel(model, rank=8, alpha=8.0, targets="all_linear", gradient_checkpointing=False)
         cond = lm.prepare_conditioning(make_conditioning(CONTEXT_DIM, 8))

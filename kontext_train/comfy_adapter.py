@@ -682,29 +682,17 @@ class NodeProgress:
                 server.PromptServer.instance.send_progress_text(text, self.node_id)
 
 
-def build_tiny_flux(
-    hidden_size: int = 128,
-    num_heads: int = 1,
-    depth: int = 1,
-    depth_single_blocks: int = 1,
-    context_in_dim: int = 64,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-):
-    """A small random Flux Kontext MODEL built through ComfyUI's own model classes.
-
-    For tests and the offline demo. ComfyUI's ops skip weight initialisation to load faster, so the
-    weights are initialised here (PyTorch's default Linear init, norm scales at one).
-    """
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
+def flux_unet_config(
+    hidden_size: int, num_heads: int, depth: int, depth_single_blocks: int, context_in_dim: int = 4096
+) -> dict:
+    """ComfyUI's unet_config for a FLUX.1-dev-style (Kontext) transformer of the given size;
+    19/38 blocks at width 3072 with 24 heads is the real model."""
     from comfy.ldm.flux.model import FluxParams
 
     head_dim = hidden_size // num_heads
     axes = [head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16]
-    axes[0] += head_dim - sum(axes)
-    unet_config = {
+    axes[0] += head_dim - sum(axes)  # 128 -> [16, 56, 56], as in Flux
+    config = {
         "image_model": "flux",
         "in_channels": 16,
         "out_channels": 16,
@@ -722,7 +710,29 @@ def build_tiny_flux(
         "guidance_embed": True,
     }
     if "txt_ids_dims" in getattr(FluxParams, "__dataclass_fields__", {}):
-        unet_config["txt_ids_dims"] = []
+        config["txt_ids_dims"] = []  # newer ComfyUI versions have this field
+    return config
+
+
+def build_tiny_flux(
+    hidden_size: int = 128,
+    num_heads: int = 1,
+    depth: int = 1,
+    depth_single_blocks: int = 1,
+    context_in_dim: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A small random Flux Kontext MODEL built through ComfyUI's own model classes.
+
+    For tests and the offline demo. ComfyUI's ops skip weight initialisation to load faster, so the
+    weights are initialised here (PyTorch's default Linear init, norm scales at one).
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = flux_unet_config(hidden_size, num_heads, depth, depth_single_blocks, context_in_dim)
     cfg = comfy.supported_models.Flux(unet_config)
     cfg.set_inference_dtype(dtype, None)
     with torch.inference_mode(False):

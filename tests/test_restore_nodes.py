@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_conditioning, make_tiny_flux
-from toy import ToyBatches, degrade_latent, toy_latents
+from toy import TOY_TRAIN_SETTINGS, ToyBatches, degrade_latent, toy_latents
 
 from kontext_train import comfy_adapter
 from kontext_train.buckets import bucket_resolutions
@@ -170,19 +170,7 @@ def test_trained_lora_restores_toy_latents_through_comfy_sampler(comfy_root, tmp
     torch.manual_seed(0)
     model = make_tiny_flux()
     cond = make_conditioning()
-    config = TrainConfig(
-        steps=300,
-        learning_rate=2e-3,
-        rank=8,
-        batch_size=4,
-        lr_schedule="constant_with_warmup",
-        warmup_steps=0,
-        checkpoint_every=0,
-        validate_every_epochs=0,
-        formulation="bridge_ref",
-        lora_targets="all_linear",
-        gradient_checkpointing=False,
-    )
+    config = TrainConfig(steps=300, formulation="bridge_ref", **TOY_TRAIN_SETTINGS)
     lora_model = comfy_adapter.FluxLoraModel(
         model, rank=8, alpha=8.0, targets="all_linear", gradient_checkpointing=False
     )

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_conditioning, make_tiny_flux
 from safetensors.torch import load_file
-from toy import ToyBatches, degrade_latent, toy_latents
+from toy import TOY_TRAIN_SETTINGS, ToyBatches, degrade_latent, toy_latents
 
 from kontext_train import comfy_adapter
 from kontext_train.checkpoints import latest_checkpoint, list_checkpoints
@@ -21,17 +21,7 @@ from kontext_train.lora import sanitize_lora_name, to_kohya_state_dict
 from kontext_train.trainer import NonFiniteLossError, TrainConfig, Trainer, TrainerHooks
 from kontext_train.validation import ValidationItem, Validator
 
-TOY = dict(
-    learning_rate=2e-3,
-    rank=8,
-    batch_size=4,
-    lr_schedule="constant_with_warmup",
-    warmup_steps=0,
-    checkpoint_every=0,
-    validate_every_epochs=0,
-    lora_targets="all_linear",
-    gradient_checkpointing=False,
-)
+TOY = TOY_TRAIN_SETTINGS
 
 
 def _model(cfg: TrainConfig, seed: int = 0):

@@ -13,6 +13,20 @@ import torch
 
 from kontext_train.batches import LatentBatch
 
+# Training settings the toy is learned with (rank-8 LoRA on every Linear layer: a tiny random
+# model needs its input/output projections to express the map; constant learning rate).
+TOY_TRAIN_SETTINGS = dict(
+    learning_rate=2e-3,
+    rank=8,
+    batch_size=4,
+    lr_schedule="constant_with_warmup",
+    warmup_steps=0,
+    checkpoint_every=0,
+    validate_every_epochs=0,
+    lora_targets="all_linear",
+    gradient_checkpointing=False,
+)
+
 
 def degrade_latent(z: torch.Tensor) -> torch.Tensor:
     return 0.5 * z + 0.3
