@@ -30,9 +30,9 @@ def bootstrap(cpu: bool | None = None, quiet: bool = True) -> Path:
     import logging
     import tempfile
 
-    from kontext_train import comfy_adapter
+    from kontext_train import comfyui
 
-    root = comfy_adapter.bootstrap_comfyui(cpu=cpu)
+    root = comfyui.bootstrap_comfyui(cpu=cpu)
     import folder_paths
 
     base = Path(tempfile.mkdtemp(prefix="kr_bench_"))

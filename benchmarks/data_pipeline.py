@@ -80,7 +80,7 @@ def main() -> None:
     bootstrap(cpu=True)
     from conftest import make_tiny_vae
 
-    from kontext_train import comfy_adapter
+    from kontext_train import comfyui
     from kontext_train.dataset import build_dataset
     from kontext_train.degradations import DegradationConfig
     from kontext_train.latent_cache import LatentCache
@@ -91,7 +91,7 @@ def main() -> None:
     vae = make_tiny_vae()
 
     def encode(images):
-        return comfy_adapter.vae_encode(vae, images)
+        return comfyui.vae_encode(vae, images)
 
     configs = {"fixed": DegradationConfig(), "realesrgan": DegradationConfig(kind="realesrgan")}
     datasets = {k: build_dataset(tmp / "hq", val_count=0, degradation=c) for k, c in configs.items()}

@@ -58,7 +58,7 @@ def build_flux(
     import comfy.model_patcher
     import comfy.supported_models
 
-    from kontext_train.comfy_adapter import flux_unet_config
+    from kontext_train.comfyui import flux_unet_config
 
     unet_config = flux_unet_config(
         shape["hidden"], shape["heads"], shape["double"], shape["single"], shape["context"]
@@ -131,7 +131,7 @@ class Runner:
         self.n = 0
 
     def ours(self, formulation: str, side: int, steps: int, shape: dict) -> None:
-        from kontext_train.comfy_adapter import FluxLoraModel
+        from kontext_train.comfyui import FluxLoraModel
         from kontext_train.trainer import TrainConfig, Trainer
 
         cfg = TrainConfig(

@@ -30,7 +30,7 @@ CONTEXT_DIM = 64
 def train(formulation: str, args, clean_train: torch.Tensor, tmp: Path):
     from toy import ToyBatches
 
-    from kontext_train.comfy_adapter import FluxLoraModel, build_tiny_flux
+    from kontext_train.comfyui import FluxLoraModel, build_tiny_flux
     from kontext_train.trainer import TrainConfig, Trainer
 
     model = build_tiny_flux(hidden_size=128, context_in_dim=CONTEXT_DIM, seed=0)

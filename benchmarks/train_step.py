@@ -48,7 +48,7 @@ CONTEXT_DIM = 64
 
 
 def build(args):
-    from kontext_train.comfy_adapter import build_tiny_flux
+    from kontext_train.comfyui import build_tiny_flux
 
     return build_tiny_flux(
         hidden_size=args.width,
@@ -81,7 +81,7 @@ class MemoryBatches:
 
 class Bench:
     def __init__(self, args) -> None:
-        from kontext_train.comfy_adapter import FluxLoraModel
+        from kontext_train.comfyui import FluxLoraModel
 
         self.args = args
         self.model = build(args)

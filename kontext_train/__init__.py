@@ -1,7 +1,8 @@
 """Library behind the Kontext Restore node pack.
 
-Small modules, one idea each. Only ``comfy_adapter`` imports ComfyUI; everything else is plain
-torch / Pillow / numpy so it can be tested and reused on its own.
+Small modules, one idea each, plain torch / Pillow / numpy so they can be tested and reused on
+their own. ComfyUI is imported only in the ``comfyui`` package; the headless command lives in
+``app`` above the library, which never imports it.
 """
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ accumulation, checkpoints, resume, validation, cancel, NaN and out-of-memory han
 bookkeeping that a user of a serious trainer expects.
 
 The model is anything with ``adapters``, ``parameters()``, ``load()``, ``training()``,
-``to_model_space()`` and ``velocity()``: ``comfy_adapter.FluxLoraModel`` in real use, small torch
+``to_model_space()`` and ``velocity()``: ``comfyui.FluxLoraModel`` in real use, small torch
 modules in tests.
 """
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kontext_train import comfy_adapter
+from ..kontext_train import comfyui
 from ..kontext_train.buckets import bucket_resolutions, fit_to_bucket, nearest_bucket
 from ..kontext_train.dataset import RestorationDataset, build_dataset, resolve_dataset_path
 from ..kontext_train.degradations import DegradationConfig, degrade, describe
@@ -158,14 +158,14 @@ class KontextRestoreDataset:
         cls, hq_folder, bucket_scale, val_count, seed, lq_folder="", degradation=None, min_size=64
     ):
         # ComfyUI re-runs a node only when this changes: follow the folders' contents, not just their names.
-        base = str(comfy_adapter.input_folder())
+        base = str(comfyui.input_folder())
         parts = [folder_signature(resolve_dataset_path(hq_folder, base))]
         if lq_folder and lq_folder.strip():
             parts.append(folder_signature(resolve_dataset_path(lq_folder, base)))
         return "|".join(parts)
 
     def load(self, hq_folder, bucket_scale, val_count, seed, lq_folder="", degradation=None, min_size=64):
-        base = str(comfy_adapter.input_folder())
+        base = str(comfyui.input_folder())
         hq = resolve_dataset_path(hq_folder, base)
         lq = resolve_dataset_path(lq_folder, base) if lq_folder and lq_folder.strip() else None
         dataset = build_dataset(
@@ -229,21 +229,19 @@ class KontextRestoreCacheLatents:
     CATEGORY = CATEGORY + "/dataset"
 
     def cache(self, dataset, vae, control_mode, pool_size, seed, cache_folder="kontext_restore_cache"):
-        folder = resolve_dataset_path(
-            cache_folder or "kontext_restore_cache", str(comfy_adapter.output_folder())
-        )
+        folder = resolve_dataset_path(cache_folder or "kontext_restore_cache", str(comfyui.output_folder()))
         cache = LatentCache(
             folder,
-            vae_id=comfy_adapter.vae_identity(vae),
-            encode=lambda images: comfy_adapter.vae_encode(vae, images),
+            vae_id=comfyui.vae_identity(vae),
+            encode=lambda images: comfyui.vae_encode(vae, images),
             control_mode=control_mode,
             pool_size=pool_size,
         )
         samples = dataset.train + dataset.val
-        progress = comfy_adapter.NodeProgress(len(samples))
+        progress = comfyui.NodeProgress(len(samples))
         # Warm the cache: targets and the epoch-0 controls (the rest of a pool fills during training).
         for i, sample in enumerate(samples):
-            comfy_adapter.check_interrupted()
+            comfyui.check_interrupted()
             cache.target(dataset, sample)
             if control_mode == "pool" or not dataset.degradation.is_random:
                 cache.control(dataset, sample, 0, seed)

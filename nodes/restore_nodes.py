@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..kontext_train import comfy_adapter
+from ..kontext_train import comfyui
 from ..kontext_train.buckets import bucket_resolutions
 from ..kontext_train.images import comfy_image_to_tensors, tensors_to_comfy_image
 from ..kontext_train.restore import (
@@ -81,9 +81,9 @@ class KontextRestoreRestore:
                     {"default": 0, "min": 0, "max": 200, "tooltip": "0: 8 for bridge modes, 28 for kontext"},
                 ),
                 "guidance": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 100.0, "step": 0.1}),
-                "sampler_name": (comfy_adapter.sampler_names(), {"default": "euler"}),
+                "sampler_name": (comfyui.sampler_names(), {"default": "euler"}),
                 "scheduler": (
-                    [AS_TRAINED] + comfy_adapter.scheduler_names(),
+                    [AS_TRAINED] + comfyui.scheduler_names(),
                     {
                         "default": AS_TRAINED,
                         "tooltip": "as_trained: 1 -> 0 with the time shift training used",
@@ -143,7 +143,7 @@ class KontextRestoreRestore:
         lora_name="",
         unique_id=None,
     ):
-        comfy_adapter.require_flux(model)
+        comfyui.require_flux(model)
         lora = read_lora_settings(find_lora_file(lora_name)) if lora_name and lora_name.strip() else None
         formulation = resolve_formulation(mode, lora)
         if lora is not None and lora.formulation and lora.formulation != formulation:
@@ -167,7 +167,7 @@ class KontextRestoreRestore:
         batch, _, h, w = pixels.shape
         plan = plan_restoration(w, h, buckets)  # every image of an IMAGE batch has the same size
         total = batch * len(plan.tiles) * n_steps
-        progress = comfy_adapter.NodeProgress(total, unique_id)
+        progress = comfyui.NodeProgress(total, unique_id)
         log.info(
             "Kontext Restore: %d image(s) %dx%d, %s, %d steps, %d region(s) of %dx%d each",
             batch,
@@ -181,11 +181,11 @@ class KontextRestoreRestore:
         outputs = []
         for i in range(batch):
             # Between images (and tiles): a cancel stops here rather than after the whole batch.
-            comfy_adapter.check_interrupted()
+            comfyui.check_interrupted()
             done_before = i * len(plan.tiles) * n_steps
 
             def restore_bucket(region, tile, i=i, done_before=done_before):
-                comfy_adapter.check_interrupted()
+                comfyui.check_interrupted()
                 done = done_before + tile * n_steps
 
                 def callback(step, x0, x, total_steps):
@@ -196,7 +196,7 @@ class KontextRestoreRestore:
                         + f", step {step + 1}/{total_steps}",
                     )
 
-                return comfy_adapter.restore_pixels(
+                return comfyui.restore_pixels(
                     model,
                     vae,
                     conditioning,
@@ -252,7 +252,7 @@ class KontextRestoreDegradedNoise:
 
     def make(self, model, latent, bridge_noise, seed):
         return (
-            comfy_adapter.degraded_start_noise(
+            comfyui.degraded_start_noise(
                 model, _latent_samples(latent), seed=seed, bridge_noise=bridge_noise
             ),
         )

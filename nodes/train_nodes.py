@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..kontext_train import comfy_adapter
+from ..kontext_train import comfyui
 from ..kontext_train.batches import LatentBatches
 from ..kontext_train.checkpoints import list_checkpoints
 from ..kontext_train.flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING
@@ -24,8 +24,8 @@ DEFAULTS = TrainConfig()
 def run_paths(lora_name: str):
     """(file name inside loras, path of the LoRA file, run folder for checkpoints)."""
     name = sanitize_lora_name(lora_name)
-    lora_path = comfy_adapter.lora_folder() / name
-    run_dir = comfy_adapter.output_folder() / "kontext_restore" / name[: -len(".safetensors")]
+    lora_path = comfyui.lora_folder() / name
+    run_dir = comfyui.output_folder() / "kontext_restore" / name[: -len(".safetensors")]
     return name, lora_path, run_dir
 
 
@@ -136,7 +136,7 @@ class KontextRestoreTrainLoRA:
         validation_steps=DEFAULTS.validation_steps,
         unique_id=None,
     ):
-        comfy_adapter.require_flux(model)
+        comfyui.require_flux(model)
         config = TrainConfig(
             steps=steps,
             learning_rate=learning_rate,
@@ -166,7 +166,7 @@ class KontextRestoreTrainLoRA:
                 "or choose another lora_name (nothing was overwritten)."
             )
         dataset, cache = latents.dataset, latents.cache
-        progress = comfy_adapter.NodeProgress(config.steps, unique_id)
+        progress = comfyui.NodeProgress(config.steps, unique_id)
         running = {}
 
         def on_step(info):
@@ -183,13 +183,13 @@ class KontextRestoreTrainLoRA:
 
         hooks = TrainerHooks(
             on_step=on_step,
-            check_cancel=comfy_adapter.check_interrupted,
-            cancel_exceptions=comfy_adapter.interrupt_exception_types(),
-            oom_exceptions=comfy_adapter.oom_exception_types(),
+            check_cancel=comfyui.check_interrupted,
+            cancel_exceptions=comfyui.interrupt_exception_types(),
+            oom_exceptions=comfyui.oom_exception_types(),
             on_validation=on_validation,
         )
         with torch.inference_mode(False):
-            lora_model = comfy_adapter.FluxLoraModel(
+            lora_model = comfyui.FluxLoraModel(
                 model,
                 rank=config.rank,
                 alpha=config.lora_alpha,
@@ -203,7 +203,7 @@ class KontextRestoreTrainLoRA:
                 if dataset.val and config.validate_every_epochs:
                     validator = Validator(
                         items_from_dataset(dataset, cache, latents.seed),
-                        decode=lambda z: comfy_adapter.vae_decode(vae, z),
+                        decode=lambda z: comfyui.vae_decode(vae, z),
                         seed=seed,
                     )
                 trainer = Trainer(
@@ -214,7 +214,7 @@ class KontextRestoreTrainLoRA:
                     run_dir,
                     lora_path,
                     metadata={
-                        "base_model": comfy_adapter.model_name(model),
+                        "base_model": comfyui.model_name(model),
                         "dataset_size": len(dataset.train),
                         "validation_size": len(dataset.val),
                         "degradation": dataset.degradation.to_dict(),
@@ -228,7 +228,7 @@ class KontextRestoreTrainLoRA:
                 lora_state = to_kohya_state_dict(lora_model.adapters)
             finally:
                 lora_model.release()
-        trained = comfy_adapter.apply_lora(model, lora_state)
+        trained = comfyui.apply_lora(model, lora_state)
         report = format_validation(result.validation)
         loss = {"loss": result.losses, "validation": result.validation, "lora": name}
         return {"ui": {"text": [report]}, "result": (trained, name, loss, report)}

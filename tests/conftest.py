@@ -40,9 +40,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def comfy_root(tmp_path_factory) -> Path:
     """ComfyUI imported once per session, with its input/output/temp and loras in a temp folder."""
-    from kontext_train import comfy_adapter
+    from kontext_train import comfyui
 
-    root = comfy_adapter.bootstrap_comfyui(cpu=True)
+    root = comfyui.bootstrap_comfyui(cpu=True)
     import folder_paths
 
     base = tmp_path_factory.mktemp("comfy_base")
@@ -82,7 +82,7 @@ def pack_nodes(comfy_root):
 
 
 def make_tiny_flux(seed: int = 0, **kwargs):
-    from kontext_train.comfy_adapter import build_tiny_flux
+    from kontext_train.comfyui import build_tiny_flux
 
     return build_tiny_flux(context_in_dim=TINY_CONTEXT_DIM, seed=seed, **kwargs)
 
@@ -94,7 +94,7 @@ def tiny_flux(comfy_root):
 
 def make_tiny_vae(seed: int = 0):
     """A 16-channel TAESD-format VAE (~2.5M params) loaded through comfy.sd.VAE."""
-    from kontext_train.comfy_adapter import build_tiny_vae
+    from kontext_train.comfyui import build_tiny_vae
 
     return build_tiny_vae(seed)
 

@@ -46,7 +46,7 @@ def comfyui_path() -> Path:
     """ComfyUI to run: $COMFYUI_PATH, the install this pack sits in, or the setup script's tree."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from kontext_train.comfy_adapter import find_comfyui
+    from kontext_train.comfyui import find_comfyui
 
     return find_comfyui()
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from kontext_train import cli, settings
+from kontext_train.app import cli, settings, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,14 +196,14 @@ def test_resume_continues_and_no_resume_refuses(demo_run, capsys):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(comfy_root, tmp_path, clean_env, capsys):
-    original = cli.ConsoleProgress.update
+    original = train_command.ConsoleProgress.update
 
     def interrupt_at_step_3(self, info):
         original(self, info)
         if info.step == 3:
             raise KeyboardInterrupt
 
-    clean_env.setattr(cli.ConsoleProgress, "update", interrupt_at_step_3)
+    clean_env.setattr(train_command.ConsoleProgress, "update", interrupt_at_step_3)
     out = tmp_path / "interrupted"
     assert (
         cli.main(

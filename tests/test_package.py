@@ -78,19 +78,59 @@ def test_every_node_is_prefixed_and_categorised(pack_nodes):
         assert name in pack_nodes.NODE_DISPLAY_NAME_MAPPINGS
 
 
-def test_library_imports_comfyui_only_in_the_adapter():
+HOST_IMPORT = (
+    r"^\s*(import|from)\s+(comfy|comfy_extras|comfy_api|comfy_execution|folder_paths|nodes|node_helpers"
+    r"|server|execution|latent_preview)\b"
+)
+
+
+def test_comfyui_is_imported_only_in_the_comfyui_package():
+    """ComfyUI's modules are imported in kontext_train/comfyui/ alone: not by the rest of the library,
+    not by the headless app and not by the nodes (which go through the package too)."""
     import re
 
-    host_modules = re.compile(
-        r"^\s*(import|from)\s+(comfy|comfy_extras|comfy_api|folder_paths|nodes|node_helpers|server|execution)\b",
-        re.MULTILINE,
-    )
+    host_modules = re.compile(HOST_IMPORT, re.MULTILINE)
+    adapter = ROOT / "kontext_train" / "comfyui"
+    checked = [p for p in (ROOT / "kontext_train").rglob("*.py") if adapter not in p.parents]
+    checked += list((ROOT / "nodes").rglob("*.py"))
+    assert len(checked) > 20
     offenders = [
-        f"{path.name}: {m.group(0).strip()}"
-        for path in (ROOT / "kontext_train").glob("*.py")
-        if path.name != "comfy_adapter.py"
+        f"{path.relative_to(ROOT)}: {m.group(0).strip()}"
+        for path in checked
         for m in host_modules.finditer(path.read_text())
     ]
+    assert not offenders, offenders
+    assert any(host_modules.search(p.read_text()) for p in adapter.glob("*.py"))
+
+
+def test_library_never_imports_the_headless_app():
+    import re
+
+    app_import = re.compile(r"^\s*from\s+(\.+app\b|kontext_train\.app\b)", re.MULTILINE)
+    library = [
+        p
+        for p in (ROOT / "kontext_train").rglob("*.py")
+        if (ROOT / "kontext_train" / "app") not in p.parents and p.name != "__main__.py"
+    ]
+    offenders = [str(p.relative_to(ROOT)) for p in library if app_import.search(p.read_text())]
+    assert not offenders, offenders
+
+
+def test_imports_inside_the_pack_are_relative():
+    """ComfyUI imports the pack by its folder path under any name, and its own top-level ``nodes``
+    module shares a name with the pack's ``nodes/``: absolute imports of the pack's packages could
+    pick up the wrong one whatever the sys.path order."""
+    import re
+
+    absolute = re.compile(r"^\s*(import|from)\s+(kontext_train|nodes)\b(?!\s*#)", re.MULTILINE)
+    offenders = []
+    for path in list((ROOT / "kontext_train").rglob("*.py")) + list((ROOT / "nodes").rglob("*.py")):
+        for m in absolute.finditer(path.read_text()):
+            offenders.append(f"{path.relative_to(ROOT)}: {m.group(0).strip()}")
+    init = (ROOT / "__init__.py").read_text()
+    assert not re.search(r"^\s*(import|from)\s+(kontext_train|nodes)\b", init, re.MULTILINE)
+    # ComfyUI's own ``import nodes`` inside the adapter is the host's module, on purpose.
+    offenders = [o for o in offenders if not o.startswith("kontext_train/comfyui/")]
     assert not offenders, offenders
 
 
@@ -137,22 +177,22 @@ def test_real_width_checkpoint_loads_through_stock_unetloader_and_trains(comfy_r
     import folder_paths
 
     import nodes
-    from kontext_train import comfy_adapter
+    from kontext_train import comfyui
 
     models = tmp_path / "diffusion_models"
     models.mkdir()
     _write_flux_checkpoint(models / "kontext_tiny_depth.safetensors")
     folder_paths.add_model_folder_path("diffusion_models", str(models))
     (model,) = nodes.UNETLoader().load_unet("kontext_tiny_depth.safetensors", "default")
-    comfy_adapter.require_flux(model)
+    comfyui.require_flux(model)
     assert (
         model.model.diffusion_model.hidden_size == 3072
         if hasattr(model.model.diffusion_model, "hidden_size")
         else True
     )
-    lora = comfy_adapter.FluxLoraModel(model, rank=2, alpha=2, targets="blocks")
+    lora = comfyui.FluxLoraModel(model, rank=2, alpha=2, targets="blocks")
     lora.load()
-    cond = comfy_adapter.PreparedConditioning(
+    cond = comfyui.PreparedConditioning(
         torch.randn(1, 4, 4096, dtype=lora.dtype), torch.randn(1, 768, dtype=lora.dtype)
     )
     x = torch.randn(1, 16, 4, 4)

@@ -11,7 +11,7 @@ import torch
 from conftest import make_conditioning, make_tiny_flux
 from toy import TOY_TRAIN_SETTINGS, ToyBatches, degrade_latent, toy_latents
 
-from kontext_train import comfy_adapter
+from kontext_train import comfyui
 from kontext_train.buckets import bucket_resolutions
 from kontext_train.flow import flux_shift_mu, image_tokens, sampling_sigmas
 from kontext_train.lora import atomic_save_safetensors, create_adapters, to_kohya_state_dict
@@ -121,7 +121,7 @@ def test_restore_node_first_model_call_is_the_degraded_latent(pack_nodes, tiny_v
     model, calls = _recording(make_tiny_flux())
     images = _images(1, 64, 64)  # exactly the 64x64 bucket: no resize, no padding
     out = _restore(pack_nodes, model, tiny_vae, images, mode="bridge_ref")
-    raw = comfy_adapter.vae_encode(tiny_vae, images.permute(0, 3, 1, 2))
+    raw = comfyui.vae_encode(tiny_vae, images.permute(0, 3, 1, 2))
     expected = _model_space(model, raw)
     assert torch.equal(calls[0]["input"], expected)
     assert torch.all(calls[0]["sigma"] == 1.0)
@@ -136,7 +136,7 @@ def test_sampler_custom_advanced_with_degraded_noise_and_bridge_sigmas(pack_node
     from comfy_extras import nodes_custom_sampler as ncs
 
     model, calls = _recording(make_tiny_flux())
-    raw = comfy_adapter.vae_encode(tiny_vae, _images(1, 64, 96, seed=3).permute(0, 3, 1, 2))
+    raw = comfyui.vae_encode(tiny_vae, _images(1, 64, 96, seed=3).permute(0, 3, 1, 2))
     latent = {"samples": raw}
     with torch.inference_mode():
         (noise,) = _node(pack_nodes, "KontextRestoreDegradedNoise").make(model, latent, 0.0, 5)
@@ -155,7 +155,7 @@ def test_sampler_custom_advanced_with_degraded_noise_and_bridge_sigmas(pack_node
 
 
 def test_degraded_noise_refuses_a_latent_of_another_size(comfy_root):
-    noise = comfy_adapter.DegradedStartNoise(torch.zeros(1, 16, 8, 8))
+    noise = comfyui.DegradedStartNoise(torch.zeros(1, 16, 8, 8))
     with pytest.raises(ValueError, match="same degraded LATENT"):
         noise.generate_noise({"samples": torch.zeros(1, 16, 8, 10)})
 
@@ -171,7 +171,7 @@ def test_trained_lora_restores_toy_latents_through_comfy_sampler(comfy_root, tmp
     model = make_tiny_flux()
     cond = make_conditioning()
     config = TrainConfig(steps=300, formulation="bridge_ref", **TOY_TRAIN_SETTINGS)
-    lora_model = comfy_adapter.FluxLoraModel(
+    lora_model = comfyui.FluxLoraModel(
         model, rank=8, alpha=8.0, targets="all_linear", gradient_checkpointing=False
     )
     prepared = lora_model.prepare_conditioning(cond)
@@ -194,8 +194,8 @@ def test_trained_lora_restores_toy_latents_through_comfy_sampler(comfy_root, tmp
         pure = lora_model.from_model_space(restore_latents(velocity, start, "bridge_ref", steps, mu)).cpu()
     lora_model.release()
 
-    restored_model = comfy_adapter.apply_lora(model, to_kohya_state_dict(lora_model.adapters))
-    comfy = comfy_adapter.sample_from(
+    restored_model = comfyui.apply_lora(model, to_kohya_state_dict(lora_model.adapters))
+    comfy = comfyui.sample_from(
         restored_model, cond, degraded, sigmas, formulation="bridge_ref", sampler_name="euler", guidance=1.5
     )
     mse_degraded = torch.mean((degraded - clean) ** 2).item()
@@ -233,7 +233,7 @@ def test_auto_mode_reads_formulation_and_bridge_noise_from_lora(pack_nodes, tiny
     _write_lora(loras, "meta_kontext.safetensors", formulation="kontext")
     _write_lora(loras, "sub/meta_noisy.safetensors", formulation="bridge_ref", bridge_noise=0.1)
     images = _images(1, 64, 64, seed=2)
-    raw = comfy_adapter.vae_encode(tiny_vae, images.permute(0, 3, 1, 2))
+    raw = comfyui.vae_encode(tiny_vae, images.permute(0, 3, 1, 2))
 
     model, calls = _recording(make_tiny_flux())
     degraded = _model_space(model, raw)
@@ -382,10 +382,10 @@ def test_existing_reference_latents_are_replaced_not_appended(comfy_root):
     cond = make_conditioning()
     cond[0][1]["reference_latents"] = [torch.ones(1, 16, 4, 4)]
     degraded = torch.zeros(1, 16, 4, 4)
-    with_ref = comfy_adapter.with_reference_and_guidance(cond, degraded, 2.5)
+    with_ref = comfyui.with_reference_and_guidance(cond, degraded, 2.5)
     assert len(with_ref[0][1]["reference_latents"]) == 1
     assert torch.equal(with_ref[0][1]["reference_latents"][0], degraded)
     assert with_ref[0][1]["guidance"] == 2.5
-    without = comfy_adapter.with_reference_and_guidance(cond, None, 1.5)
+    without = comfyui.with_reference_and_guidance(cond, None, 1.5)
     assert without[0][1]["reference_latents"] is None
     assert len(cond[0][1]["reference_latents"]) == 1  # the input conditioning is not modified

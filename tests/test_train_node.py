@@ -117,7 +117,7 @@ def test_validation_shows_a_preview_grid_on_the_node(pack_nodes, image_folder, t
             updates.append((value, text, preview))
 
     node_module = sys.modules[type(_node(pack_nodes, "KontextRestoreTrainLoRA")).__module__]
-    monkeypatch.setattr(node_module.comfy_adapter, "NodeProgress", RecordingProgress)
+    monkeypatch.setattr(node_module.comfyui, "NodeProgress", RecordingProgress)
     _, latents, _ = _cached_latents(pack_nodes, image_folder, tiny_vae)
     _train(pack_nodes, make_tiny_flux(), latents, tiny_vae, f"preview_{image_folder.name}", steps=3)
     previews = [(v, t, p) for v, t, p in updates if p is not None]

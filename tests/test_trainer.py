@@ -15,7 +15,7 @@ from conftest import make_conditioning, make_tiny_flux
 from safetensors.torch import load_file
 from toy import TOY_TRAIN_SETTINGS, ToyBatches, degrade_latent, toy_latents
 
-from kontext_train import comfy_adapter
+from kontext_train import comfyui
 from kontext_train.checkpoints import latest_checkpoint, list_checkpoints
 from kontext_train.lora import sanitize_lora_name, to_kohya_state_dict
 from kontext_train.trainer import NonFiniteLossError, TrainConfig, Trainer, TrainerHooks
@@ -25,7 +25,7 @@ TOY = TOY_TRAIN_SETTINGS
 
 
 def _model(cfg: TrainConfig, seed: int = 0):
-    return comfy_adapter.FluxLoraModel(
+    return comfyui.FluxLoraModel(
         make_tiny_flux(seed),
         rank=cfg.rank,
         alpha=cfg.lora_alpha,
@@ -149,11 +149,9 @@ def test_comfy_cancel_saves_checkpoint_and_leaves_no_lora(comfy_root, tmp_path):
         hits["n"] += 1
         if hits["n"] == 4:
             mm.interrupt_current_processing(True)
-        comfy_adapter.check_interrupted()
+        comfyui.check_interrupted()
 
-    hooks = TrainerHooks(
-        check_cancel=cancel_on_fourth, cancel_exceptions=comfy_adapter.interrupt_exception_types()
-    )
+    hooks = TrainerHooks(check_cancel=cancel_on_fourth, cancel_exceptions=comfyui.interrupt_exception_types())
     lora = tmp_path / "x.safetensors"
     try:
         with pytest.raises(mm.InterruptProcessingException):
@@ -188,13 +186,13 @@ def test_saved_lora_loads_in_stock_loader_and_input_model_is_unchanged(pack_node
 
     cfg = TrainConfig(steps=8, **{**TOY, "batch_size": 2, "lora_targets": "blocks"})
     base = make_tiny_flux(3)
-    cond = comfy_adapter.prepare_conditioning(make_conditioning(), torch.device("cpu"), torch.float32)
+    cond = comfyui.prepare_conditioning(make_conditioning(), torch.device("cpu"), torch.float32)
     x, ref = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
     sigma = torch.tensor([0.7, 0.3])
     before = _direct_velocity(base, x, sigma, cond, reference=ref)
 
     name = sanitize_lora_name(f"stock_{tmp_path.name}")
-    model = comfy_adapter.FluxLoraModel(base, rank=4, alpha=4, targets="blocks")
+    model = comfyui.FluxLoraModel(base, rank=4, alpha=4, targets="blocks")
     _trainer(cfg, tmp_path, model=model, lora_path=comfy_dirs["loras"] / name, n=8).run()
     model.release()
     trained_direct = _direct_velocity(model.patcher, x, sigma, cond, reference=ref)
@@ -238,7 +236,7 @@ def test_lora_keys_accepted_by_diffusers_at_real_width(comfy_root):
 
 def _lora_gradients(checkpointing: bool):
     torch.manual_seed(0)
-    model = comfy_adapter.FluxLoraModel(
+    model = comfyui.FluxLoraModel(
         make_tiny_flux(5, dtype=torch.float64),
         rank=2,
         alpha=2,
@@ -308,14 +306,14 @@ def test_good_lora_names_are_normalised():
 
 def test_non_flux_model_is_a_clear_error(comfy_root):
     with pytest.raises(ValueError, match="MODEL"):
-        comfy_adapter.FluxLoraModel(object(), rank=4, alpha=4)
+        comfyui.FluxLoraModel(object(), rank=4, alpha=4)
     schnell = make_tiny_flux()
     schnell.model.model_config.unet_config = {
         **schnell.model.model_config.unet_config,
         "guidance_embed": False,
     }
     with pytest.raises(ValueError, match="Schnell"):
-        comfy_adapter.FluxLoraModel(schnell, rank=4, alpha=4)
+        comfyui.FluxLoraModel(schnell, rank=4, alpha=4)
 
 
 def test_crash_while_saving_lora_leaves_no_partial_file(tmp_path, monkeypatch):

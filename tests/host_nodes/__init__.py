@@ -54,7 +54,7 @@ class TinyClip:
 
 
 def tiny_vae(seed: int = 0):
-    from kontext_train.comfy_adapter import build_tiny_vae
+    from kontext_train.comfyui import build_tiny_vae
 
     return build_tiny_vae(seed)
 
@@ -72,7 +72,7 @@ class KontextRestoreTestTinyFlux:
     CATEGORY = CATEGORY
 
     def load(self, seed):
-        from kontext_train.comfy_adapter import build_tiny_flux
+        from kontext_train.comfyui import build_tiny_flux
 
         return (build_tiny_flux(context_in_dim=TINY_CONTEXT_DIM, seed=seed),)
 

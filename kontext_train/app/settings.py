@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
 from .demo import DEMO_DEFAULTS, SAMPLE_PHOTOS
 
 log = logging.getLogger("kontext_restore")
@@ -49,10 +49,10 @@ class Option:
 
 
 def _options() -> list[Option]:
-    from .flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING
-    from .latent_cache import CONTROL_MODES
-    from .lora import TARGET_SETS
-    from .trainer import LORA_DTYPES, LR_SCHEDULES, TrainConfig
+    from ..flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING
+    from ..latent_cache import CONTROL_MODES
+    from ..lora import TARGET_SETS
+    from ..trainer import LORA_DTYPES, LR_SCHEDULES, TrainConfig
 
     d = TrainConfig()
     train = ("train", "demo")

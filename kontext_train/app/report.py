@@ -36,7 +36,7 @@ def fmt_value(v: Any, spec: str = "{:.4f}") -> str:
 def render_report(
     settings, ctx, pipe, dataset, config, result, ev, out, lora_path, train_seconds, total_seconds
 ) -> str:
-    from .degradations import describe
+    from ..degradations import describe
     from .demo import honest_paragraph, real_command
 
     trained_now = len(result.losses) - result.resumed_from

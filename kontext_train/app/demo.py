@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
+from ..comfyui.tiny_models import TINY_CONTEXT_DIM
 
 # skimage.data functions that read a bundled colour photograph (checked in scikit-image 0.19-0.26:
 # these files ship inside the wheel; other datasets need pooch and a download).
@@ -27,8 +28,7 @@ SAMPLE_PHOTOS: tuple[str, ...] = (
     "immunohistochemistry",
 )
 
-# The tiny model (see comfy_adapter.build_tiny_flux); context width of the random conditioning.
-TINY_CONTEXT_DIM = 64
+# Width of the demo's tiny model (see comfyui.build_tiny_flux).
 TINY_HIDDEN = 128
 DEMO_BASE_MODEL = "demo:tiny-random-flux"
 
@@ -93,10 +93,10 @@ def random_conditioning(seed: int = 0, tokens: int = 8, width: int = TINY_CONTEX
 
 def build_demo_models(seed: int = 0):
     """(MODEL, VAE, CONDITIONING) of the demo: tiny random Flux, tiny random VAE, random text."""
-    from . import comfy_adapter
+    from .. import comfyui
 
-    model = comfy_adapter.build_tiny_flux(hidden_size=TINY_HIDDEN, context_in_dim=TINY_CONTEXT_DIM, seed=seed)
-    vae = comfy_adapter.build_tiny_vae(seed=seed)
+    model = comfyui.build_tiny_flux(hidden_size=TINY_HIDDEN, context_in_dim=TINY_CONTEXT_DIM, seed=seed)
+    vae = comfyui.build_tiny_vae(seed=seed)
     return model, vae, random_conditioning(seed)
 
 

@@ -1,0 +1,273 @@
+"""`kontext-train restore` and `evaluate`: the Restore node's code path from the command line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_write_text
+from .demo import DEMO_BASE_MODEL
+from .report import fmt_value
+from .runtime import (
+    Pipeline,
+    _save_png,
+    _say,
+    build_run_dataset,
+    load_pipeline,
+    prepare_output_dir,
+)
+from .settings import (
+    Settings,
+    UsageError,
+)
+
+log = logging.getLogger("kontext_restore")
+
+
+@dataclass
+class RestoreSettings:
+    formulation: str
+    guidance: float
+    bridge_noise: float
+    steps: int
+
+
+def lora_restore_settings(lora_path: Path | None, settings: Settings) -> RestoreSettings:
+    from ..restore import read_lora_settings, resolve_formulation, resolve_steps
+
+    lora = read_lora_settings(lora_path) if lora_path is not None else None
+    formulation = resolve_formulation("auto", lora)
+    guidance = lora.guidance if lora is not None and lora.guidance is not None else settings.guidance
+    steps = resolve_steps(settings.restore_steps, formulation)
+    return RestoreSettings(formulation, float(guidance), lora.bridge_noise if lora else 0.0, steps)
+
+
+def restore_tensor(
+    pipe: Pipeline, patched_model, image: torch.Tensor, rs: RestoreSettings, settings: Settings, index: int
+) -> torch.Tensor:
+    """(3, H, W) degraded image -> restored image of the same size (buckets or tiles)."""
+    from .. import comfyui
+    from ..buckets import bucket_resolutions
+    from ..restore import plan_restoration, restore_image, tile_seed
+
+    h, w = image.shape[-2:]
+    plan = plan_restoration(w, h, bucket_resolutions(settings.bucket_scale))
+
+    def restore_bucket(pixels: torch.Tensor, tile: int) -> torch.Tensor:
+        return comfyui.restore_pixels(
+            patched_model,
+            pipe.vae,
+            pipe.conditioning,
+            pixels,
+            formulation=rs.formulation,
+            steps=rs.steps,
+            sampler_name=settings.sampler,
+            seed=tile_seed(settings.seed, index, tile),
+            guidance=rs.guidance,
+            bridge_noise=rs.bridge_noise,
+        )
+
+    with torch.no_grad():
+        return restore_image(image.float(), plan, restore_bucket)
+
+
+def patched_with_lora(pipe: Pipeline, lora_state: Mapping[str, torch.Tensor] | None):
+    from .. import comfyui
+
+    return comfyui.apply_lora(pipe.model, lora_state) if lora_state else pipe.model
+
+
+def _merge_scores(parts: list):
+    """One RestorationScores from per-image ones (images of different sizes are scored apart)."""
+    from ..metrics import RestorationScores
+
+    merged: dict[str, Any] = {}
+    for f in fields(RestorationScores):
+        lists = [getattr(s, f.name) for s in parts]
+        merged[f.name] = None if any(v is None for v in lists) else [x for v in lists for x in v]
+    return RestorationScores(**merged)
+
+
+@dataclass
+class Evaluation:
+    scores: Any  # RestorationScores
+    keys: list[str]
+    triples: list[tuple]  # (degraded, restored, clean) PIL images
+    vae_roundtrip_psnr: float | None
+
+    def to_dict(self) -> dict:
+        data = self.scores.to_dict()
+        for row, key in zip(data["per_image"], self.keys):
+            row["image"] = key
+        data["vae_roundtrip_psnr"] = self.vae_roundtrip_psnr
+        return data
+
+
+def evaluate_samples(
+    pipe: Pipeline,
+    patched_model,
+    dataset,
+    samples: list,
+    rs: RestoreSettings,
+    settings: Settings,
+    progress: Callable[[int, int], None] | None = None,
+) -> Evaluation:
+    """Degrade (epoch 0, the run's seed), restore with ``patched_model``, score against the clean
+    image; also the VAE round trip of the clean image (the ceiling any latent restoration has)."""
+    from .. import comfyui
+    from ..images import tensor_to_pil
+    from ..metrics import evaluate_restoration, psnr
+
+    parts, triples, keys, roundtrip = [], [], [], []
+    for i, sample in enumerate(samples):
+        if progress:
+            progress(i, len(samples))
+        clean, degraded = dataset.load_pair(sample, 0, settings.seed)
+        restored = restore_tensor(pipe, patched_model, degraded, rs, settings, i)
+        parts.append(evaluate_restoration(restored[None], degraded[None], clean[None]))
+        with torch.no_grad():
+            rt = comfyui.vae_decode(pipe.vae, comfyui.vae_encode(pipe.vae, clean[None]))
+        roundtrip.append(float(psnr(rt.clamp(0, 1), clean[None]).mean()))
+        triples.append((tensor_to_pil(degraded), tensor_to_pil(restored), tensor_to_pil(clean)))
+        keys.append(sample.key)
+    finite = [v for v in roundtrip if math.isfinite(v)]
+    return Evaluation(_merge_scores(parts), keys, triples, sum(finite) / len(finite) if finite else None)
+
+
+def write_evaluation(ev: Evaluation, folder: Path, stem: str = "evaluation") -> dict[str, Path]:
+    from ..plots import image_grid
+
+    data = ev.to_dict()
+    paths = {"json": folder / f"{stem}.json", "csv": folder / f"{stem}.csv", "grid": folder / "samples.png"}
+    atomic_write_text(paths["json"], json.dumps(data, indent=2))
+    rows = data["per_image"]
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(paths["csv"], buf.getvalue())
+    _save_png(image_grid([list(t) for t in ev.triples], ["degraded", "restored", "clean"]), paths["grid"])
+    return paths
+
+
+def _lora_or_default(settings: Settings) -> Path:
+    from ..lora import sanitize_lora_name
+
+    if settings.lora:
+        p = Path(settings.lora).expanduser()
+    else:
+        p = Path(settings.output_dir).expanduser() / sanitize_lora_name(settings.name)
+    if not p.is_file():
+        raise UsageError(
+            f"LoRA file {p} not found: pass --lora, or the --output-dir / --name of a finished training run"
+        )
+    return p
+
+
+def _bucket_scale_from_lora(lora_path: Path, settings: Settings) -> None:
+    """Restore and evaluate at the bucket scale the LoRA was trained at, unless told otherwise."""
+    from ..lora import read_metadata
+
+    if settings.given("bucket_scale"):
+        return
+    value = read_metadata(lora_path).get("kontext_restore.bucket_scale")
+    try:
+        scale = float(value) if value is not None else None
+    except ValueError:
+        scale = None
+    if scale is not None and math.isfinite(scale) and scale > 0:
+        settings.values["bucket_scale"], settings.sources["bucket_scale"] = scale, "LoRA metadata"
+
+
+def _check_lora_matches(lora_path: Path, pipe: Pipeline) -> None:
+    from ..lora import read_metadata
+
+    base = read_metadata(lora_path).get("kontext_restore.base_model")
+    if base == DEMO_BASE_MODEL and not pipe.demo:
+        raise UsageError(
+            f"{lora_path} was trained by the demo on the tiny random model; it does not fit {pipe.base_model}"
+        )
+    if pipe.demo and base is not None and base != DEMO_BASE_MODEL:
+        raise UsageError(
+            f"{lora_path} was trained on {base}; give the same weights (--unet, --clip-l, --t5xxl, --vae) to use it"
+        )
+
+
+def _load_lora_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"cannot read LoRA {path} ({e})") from None
+
+
+def cmd_restore(settings: Settings, ctx) -> int:
+    from ..images import ImageLoadError, load_rgb, pil_to_tensor, scan_image_folder, tensor_to_pil
+
+    if not settings.input:
+        raise UsageError("nothing to restore: pass --input with an image file or a folder of images")
+    src = Path(settings.input).expanduser()
+    if src.is_dir():
+        files = scan_image_folder(src)
+    elif src.is_file():
+        files = [src]
+    else:
+        raise UsageError(f"--input {src} does not exist")
+    if not files:
+        raise UsageError(f"--input {src} holds no image files")
+    lora_path = _lora_or_default(settings)
+    _bucket_scale_from_lora(lora_path, settings)
+    out = prepare_output_dir(Path(settings.output_dir).expanduser() / "restored")
+    pipe = load_pipeline(settings)
+    _check_lora_matches(lora_path, pipe)
+    rs = lora_restore_settings(lora_path, settings)
+    patched = patched_with_lora(pipe, _load_lora_state(lora_path))
+    for i, f in enumerate(files):
+        try:
+            image = pil_to_tensor(load_rgb(f, min_size=8))
+        except ImageLoadError as e:
+            _say(f"skipping {e}")
+            continue
+        t = time.perf_counter()
+        restored = restore_tensor(pipe, patched, image, rs, settings, i)
+        target = out / (f.stem + ".png")
+        _save_png(tensor_to_pil(restored), target)
+        _say(f"{f} -> {target} ({time.perf_counter() - t:.1f} s)")
+    return 0
+
+
+def cmd_evaluate(settings: Settings, ctx) -> int:
+    lora_path = _lora_or_default(settings)
+    _bucket_scale_from_lora(lora_path, settings)
+    out = prepare_output_dir(Path(settings.output_dir).expanduser() / "evaluation")
+    dataset = build_run_dataset(settings, Path(settings.output_dir).expanduser(), ctx)
+    samples = dataset.val if settings.eval_split == "val" else dataset.train + dataset.val
+    if not samples:
+        raise UsageError("no images to evaluate: raise --val-count or use --eval-split all")
+    samples = samples[: settings.eval_count]
+    pipe = load_pipeline(settings)
+    _check_lora_matches(lora_path, pipe)
+    rs = lora_restore_settings(lora_path, settings)
+    patched = patched_with_lora(pipe, _load_lora_state(lora_path))
+    ev = evaluate_samples(
+        pipe, patched, dataset, samples, rs, settings, lambda i, n: _say(f"image {i + 1}/{n}")
+    )
+    paths = write_evaluation(ev, out)
+    _say(ev.scores.table())
+    _say(f"VAE round trip PSNR (ceiling): {fmt_value(ev.vae_roundtrip_psnr, '{:.2f}')} dB")
+    _say(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0

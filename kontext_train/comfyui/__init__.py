@@ -1,0 +1,91 @@
+"""The one package that talks to ComfyUI.
+
+Everything ComfyUI-specific lives here; the rest of the library sees plain tensors and callables,
+and ``nodes/`` and the headless app call ComfyUI only through this package (a test checks it).
+ComfyUI's modules are imported inside functions, so ``import kontext_train`` works without it.
+
+- ``bootstrap``: find a ComfyUI install and import it in this process; load weights headless.
+- ``host``: model checks, folders, VAE, applying a LoRA, progress, cancel, out-of-memory.
+- ``training_model``: LoRA adapters on a clone of the MODEL, velocity calls for training.
+- ``sampling``: restoring from the degraded latent with ComfyUI's samplers.
+- ``tiny_models``: small random Flux and VAE models for tests and the demo.
+"""
+
+from .bootstrap import (
+    ComfyUINotFound,
+    bootstrap_comfyui,
+    comfyui_loaded,
+    encode_prompt,
+    find_comfyui,
+    load_models_headless,
+    resolve_model_file,
+)
+from .host import (
+    NodeProgress,
+    apply_lora,
+    check_interrupted,
+    input_folder,
+    interrupt_exception_types,
+    lora_folder,
+    model_name,
+    oom_exception_types,
+    output_folder,
+    require_flux,
+    sampler_names,
+    scheduler_names,
+    soft_empty_cache,
+    vae_decode,
+    vae_encode,
+    vae_identity,
+)
+from .sampling import (
+    DegradedStartNoise,
+    comfy_sigmas,
+    degraded_start_noise,
+    restore_pixels,
+    restore_sigmas,
+    sample_from,
+    with_reference_and_guidance,
+)
+from .tiny_models import TINY_CONTEXT_DIM, build_tiny_flux, build_tiny_vae, flux_unet_config
+from .training_model import FluxLoraModel, PreparedConditioning, prepare_conditioning
+
+__all__ = [
+    "ComfyUINotFound",
+    "DegradedStartNoise",
+    "FluxLoraModel",
+    "NodeProgress",
+    "PreparedConditioning",
+    "TINY_CONTEXT_DIM",
+    "apply_lora",
+    "bootstrap_comfyui",
+    "build_tiny_flux",
+    "build_tiny_vae",
+    "check_interrupted",
+    "comfy_sigmas",
+    "comfyui_loaded",
+    "degraded_start_noise",
+    "encode_prompt",
+    "find_comfyui",
+    "flux_unet_config",
+    "input_folder",
+    "interrupt_exception_types",
+    "load_models_headless",
+    "lora_folder",
+    "model_name",
+    "oom_exception_types",
+    "output_folder",
+    "prepare_conditioning",
+    "require_flux",
+    "resolve_model_file",
+    "restore_pixels",
+    "restore_sigmas",
+    "sample_from",
+    "sampler_names",
+    "scheduler_names",
+    "soft_empty_cache",
+    "vae_decode",
+    "vae_encode",
+    "vae_identity",
+    "with_reference_and_guidance",
+]

@@ -1,0 +1,191 @@
+"""Sampling from the degraded latent with ComfyUI's own samplers, schedulers and guiders."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..flow import starts_from_degraded, uses_reference
+from ..restore import AS_TRAINED, as_trained_sigmas
+from .host import sampler_names, scheduler_names, vae_decode, vae_encode
+
+log = logging.getLogger("kontext_restore")
+
+
+class DegradedStartNoise:
+    """A ComfyUI NOISE (``.seed`` + ``.generate_noise``) whose sample *is* the degraded latent.
+
+    ComfyUI starts sampling at ``sigma0 * noise + (1 - sigma0) * process_in(latent_image)`` and
+    does not pass the noise through ``process_in``; so with sigma0 = 1 the first model input is
+    exactly the model-space latent held here, the start the bridge was trained from. With
+    ``bridge_noise`` s > 0 it is ``z_LQ + s * eps`` with eps drawn from ``seed`` on the CPU, the
+    same draw as ``sampler.restore_latents``.
+    """
+
+    def __init__(self, degraded_model_space: torch.Tensor, seed: int = 0, bridge_noise: float = 0.0) -> None:
+        if not isinstance(degraded_model_space, torch.Tensor) or degraded_model_space.ndim != 4:
+            shape = tuple(getattr(degraded_model_space, "shape", ()))
+            raise ValueError(
+                f"The degraded latent must be a (batch, channels, h, w) tensor, got shape {shape}."
+            )
+        if not (bridge_noise >= 0 and math.isfinite(bridge_noise)):
+            raise ValueError(f"bridge_noise must be a finite number >= 0, got {bridge_noise}")
+        self.degraded = degraded_model_space.detach().to(device="cpu", dtype=torch.float32)
+        self.seed = int(seed)
+        self.bridge_noise = float(bridge_noise)
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        samples = input_latent.get("samples") if isinstance(input_latent, dict) else None
+        if isinstance(samples, torch.Tensor) and not samples.is_nested:
+            if samples.shape[0] != self.degraded.shape[0] or samples.shape[-2:] != self.degraded.shape[-2:]:
+                raise ValueError(
+                    f"The sampler's latent_image is {tuple(samples.shape)} but the degraded start is "
+                    f"{tuple(self.degraded.shape)}. Connect the same degraded LATENT (VAE Encode of the degraded "
+                    "image) to both 'Degraded Image as Start' and the sampler's latent_image."
+                )
+        start = self.degraded.clone()
+        if self.bridge_noise > 0:
+            g = torch.Generator().manual_seed(self.seed)
+            start = start + self.bridge_noise * torch.randn(start.shape, generator=g)
+        return start
+
+
+def degraded_start_noise(model, degraded_raw: torch.Tensor, seed: int = 0, bridge_noise: float = 0.0):
+    """The NOISE for a raw (VAE-space) degraded latent, in this MODEL's latent space."""
+    process_in = model.get_model_object("latent_format").process_in
+    return DegradedStartNoise(
+        process_in(degraded_raw.detach().float().cpu()), seed=seed, bridge_noise=bridge_noise
+    )
+
+
+def comfy_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
+    """Sigmas from one of ComfyUI's schedulers with the MODEL's own model sampling (its shift)."""
+    import comfy.samplers
+
+    names = scheduler_names()
+    if scheduler not in names:
+        raise ValueError(f"Unknown scheduler {scheduler!r}; ComfyUI has: {', '.join(names)}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+
+
+def restore_sigmas(model, scheduler: str, steps: int, latent_height: int, latent_width: int) -> torch.Tensor:
+    """``as_trained`` (the training time shift for this latent size) or a ComfyUI scheduler."""
+    if scheduler == AS_TRAINED:
+        return as_trained_sigmas(steps, latent_height, latent_width)
+    return comfy_sigmas(model, scheduler, steps)
+
+
+def with_reference_and_guidance(conditioning, reference_raw: torch.Tensor | None, guidance: float):
+    """The conditioning as training saw it: Flux guidance set, and exactly one reference (the
+    degraded latent) or none. References already on the conditioning (e.g. from a ReferenceLatent
+    node) are replaced, not appended: a second reference was never part of training."""
+    import node_helpers
+
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError("CONDITIONING is empty: connect a CLIPTextEncode with the restoration prompt.")
+    had_refs = any(len(c) > 1 and c[1].get("reference_latents") for c in conditioning)
+    refs = [reference_raw] if reference_raw is not None else None
+    if had_refs:
+        log.warning(
+            "Kontext Restore: reference latents already on the conditioning were dropped; %s",
+            "the degraded image is the reference." if refs else "a 'bridge' LoRA was trained without one.",
+        )
+    return node_helpers.conditioning_set_values(
+        conditioning, {"guidance": float(guidance), "reference_latents": refs}
+    )
+
+
+def sample_from(
+    model,
+    conditioning,
+    degraded_raw: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    formulation: str,
+    sampler_name: str = "euler",
+    seed: int = 0,
+    guidance: float = 1.5,
+    bridge_noise: float = 0.0,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """Restores one batch of raw degraded latents with ComfyUI's sampler; returns raw latents.
+
+    Bridge formulations start at the degraded latent through ``DegradedStartNoise`` (exactly, when
+    ``sigmas[0]`` is 1); ``kontext`` starts from seeded Gaussian noise like a stock sampler.
+    """
+    import comfy.samplers
+
+    if sampler_name not in sampler_names():
+        raise ValueError(f"Unknown sampler {sampler_name!r}; ComfyUI has: {', '.join(sampler_names())}")
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
+    if sigmas.numel() < 2:
+        raise ValueError(f"Need at least 2 sigmas (one step), got {sigmas.tolist()}")
+    degraded_raw = degraded_raw.detach().float().cpu()
+    reference = degraded_raw if uses_reference(formulation) else None
+    cond = with_reference_and_guidance(conditioning, reference, guidance)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.inner_set_conds({"positive": cond})
+    guider.set_cfg(1.0)
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    if starts_from_degraded(formulation):
+        noise = degraded_start_noise(model, degraded_raw, seed=seed, bridge_noise=bridge_noise)
+        # The degraded latent as latent_image too keeps the start exact when sigmas[0] < 1.
+        latent_image = degraded_raw
+    else:
+        latent_image = torch.zeros_like(degraded_raw)
+        noise = _SeededNoise(seed)
+    noise_tensor = noise.generate_noise({"samples": latent_image})
+    out = guider.sample(
+        noise_tensor, latent_image, sampler, sigmas, callback=callback, disable_pbar=True, seed=seed
+    )
+    return out.float().cpu()
+
+
+class _SeededNoise:
+    """ComfyUI's own seeded noise (what RandomNoise / KSampler draw for this seed)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        import comfy.sample
+
+        return comfy.sample.prepare_noise(input_latent["samples"], self.seed, None)
+
+
+def restore_pixels(
+    model,
+    vae,
+    conditioning,
+    pixels: torch.Tensor,
+    *,
+    formulation: str,
+    steps: int,
+    scheduler: str = "as_trained",
+    sampler_name: str = "euler",
+    seed: int = 0,
+    guidance: float = 1.5,
+    bridge_noise: float = 0.0,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """(B, 3, H, W) degraded pixels at a bucket size -> restored pixels: encode, sample, decode."""
+    raw = vae_encode(vae, pixels)
+    sigmas = restore_sigmas(model, scheduler, steps, raw.shape[-2], raw.shape[-1])
+    restored = sample_from(
+        model,
+        conditioning,
+        raw,
+        sigmas,
+        formulation=formulation,
+        sampler_name=sampler_name,
+        seed=seed,
+        guidance=guidance,
+        bridge_noise=bridge_noise,
+        callback=callback,
+    )
+    return vae_decode(vae, restored)

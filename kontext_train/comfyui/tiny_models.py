@@ -1,0 +1,107 @@
+"""Tiny random Flux Kontext and VAE models built through ComfyUI's own classes: for the tests,
+the offline demo and the benchmarks' dry runs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+
+# Text-conditioning width of the tiny models (the real T5-XXL's is 4096).
+TINY_CONTEXT_DIM = 64
+
+
+def flux_unet_config(
+    hidden_size: int, num_heads: int, depth: int, depth_single_blocks: int, context_in_dim: int = 4096
+) -> dict:
+    """ComfyUI's unet_config for a FLUX.1-dev-style (Kontext) transformer of the given size;
+    19/38 blocks at width 3072 with 24 heads is the real model."""
+    from comfy.ldm.flux.model import FluxParams
+
+    head_dim = hidden_size // num_heads
+    axes = [head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16]
+    axes[0] += head_dim - sum(axes)  # 128 -> [16, 56, 56], as in Flux
+    config = {
+        "image_model": "flux",
+        "in_channels": 16,
+        "out_channels": 16,
+        "vec_in_dim": 768,
+        "context_in_dim": context_in_dim,
+        "hidden_size": hidden_size,
+        "mlp_ratio": 4.0,
+        "num_heads": num_heads,
+        "depth": depth,
+        "depth_single_blocks": depth_single_blocks,
+        "axes_dim": axes,
+        "theta": 10000,
+        "patch_size": 2,
+        "qkv_bias": True,
+        "guidance_embed": True,
+    }
+    if "txt_ids_dims" in getattr(FluxParams, "__dataclass_fields__", {}):
+        config["txt_ids_dims"] = []  # newer ComfyUI versions have this field
+    return config
+
+
+def build_tiny_flux(
+    hidden_size: int = 128,
+    num_heads: int = 1,
+    depth: int = 1,
+    depth_single_blocks: int = 1,
+    context_in_dim: int = TINY_CONTEXT_DIM,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A small random Flux Kontext MODEL built through ComfyUI's own model classes.
+
+    For tests and the offline demo. ComfyUI's ops skip weight initialisation to load faster, so the
+    weights are initialised here (PyTorch's default Linear init, norm scales at one).
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = flux_unet_config(hidden_size, num_heads, depth, depth_single_blocks, context_in_dim)
+    cfg = comfy.supported_models.Flux(unet_config)
+    cfg.set_inference_dtype(dtype, None)
+    with torch.inference_mode(False):
+        base = cfg.get_model({})
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in base.diffusion_model.named_parameters():
+                if p.ndim >= 2:
+                    bound = 1.0 / (p.shape[1] ** 0.5)
+                    p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
+                elif name.endswith("scale"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.empty(p.shape).uniform_(-0.02, 0.02, generator=g))
+    base.diffusion_model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+
+
+def build_tiny_vae(seed: int = 0, latent_channels: int = 16):
+    """A small random 16-channel VAE in TAESD format (~2.5M parameters), loaded through
+    ``comfy.sd.VAE`` like any VAE file. For the offline demo and tests; it does not reconstruct
+    images faithfully (random weights).
+
+    ComfyUI's ops skip weight initialisation, so the weights are set here: uniform with a
+    fan-in scale for kernels, zero biases, ``vae_scale`` one.
+    """
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(False):
+        taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+        with torch.no_grad():
+            for name, p in taesd.named_parameters():
+                if p.ndim > 1:
+                    bound = (3.0 / p[0].numel()) ** 0.5
+                    p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
+                elif name == "vae_scale":
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+        state = {k: v.detach().clone() for k, v in taesd.state_dict().items()}
+    return comfy.sd.VAE(sd=state)

@@ -1,0 +1,213 @@
+"""The training model: trainable LoRA adapters on a clone of a ComfyUI Flux MODEL, and direct
+velocity calls into the transformer (one forward and one backward a step, no sampler)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..grad_checkpoint import run_block
+from ..lora import LoraAdapter, create_adapters, select_targets
+from .host import require_flux
+
+
+@dataclass
+class PreparedConditioning:
+    """Text conditioning on the device once, expanded to a batch on demand (no per-step work)."""
+
+    context: torch.Tensor  # (1, seq, 4096)
+    pooled: torch.Tensor | None  # (1, 768)
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pooled = self.pooled.expand(n, -1) if self.pooled is not None else None
+        return self.context.expand(n, -1, -1), pooled
+
+
+def prepare_conditioning(conditioning, device: torch.device, dtype: torch.dtype) -> PreparedConditioning:
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError("CONDITIONING is empty: connect a CLIPTextEncode with the restoration prompt.")
+    first = conditioning[0]
+    context, extras = first[0], (first[1] if len(first) > 1 else {})
+    if not isinstance(context, torch.Tensor) or context.ndim != 3:
+        raise ValueError("CONDITIONING is not text conditioning (expected a (batch, tokens, width) tensor).")
+    pooled = extras.get("pooled_output")
+    # Clone so tensors made under inference mode can take part in autograd graphs.
+    context = context[:1].detach().clone().to(device=device, dtype=dtype)
+    if pooled is not None:
+        pooled = pooled[:1].detach().clone().to(device=device, dtype=dtype)
+    return PreparedConditioning(context=context, pooled=pooled)
+
+
+def _fix_inference_tensors(module: torch.nn.Module) -> None:
+    """Parameters created under ``torch.inference_mode`` (everything a node loads) cannot be saved
+    for backward. ComfyUI's cast ops copy their weights anyway, but a few plain parameters (Flux's
+    RMSNorm scales) are used directly; replace those by ordinary tensors with the same values.
+    The values do not change, so the shared model behaves exactly as before."""
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+
+
+class _BlockPatch:
+    """A ComfyUI "dit" block replacement that runs one block with safe adds, optionally checkpointed.
+
+    It calls the block module it was made for rather than ``extra["original_block"]``: ComfyUI's
+    wrapper closes over the loop variable, so when checkpointing recomputes a block during backward
+    that closure already points at the *last* block of the model.
+    """
+
+    def __init__(self, block: torch.nn.Module, double: bool, owner: FluxLoraModel) -> None:
+        self.block = block
+        self.double = double
+        self.owner = owner
+        # Older ComfyUI blocks take no transformer_options; pass it only where the block has it.
+        self.takes_options = "transformer_options" in inspect.signature(block.forward).parameters
+
+    def _call(self, args: dict) -> dict:
+        kwargs = {"vec": args["vec"], "pe": args["pe"], "attn_mask": args.get("attn_mask")}
+        if self.takes_options:
+            kwargs["transformer_options"] = args.get("transformer_options")
+        if self.double:
+            img, txt = self.block(img=args["img"], txt=args["txt"], **kwargs)
+            return {"img": img, "txt": txt}
+        return {"img": self.block(args["img"], **kwargs)}
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        # A snapshot of the options: ComfyUI mutates the dict (block_index) as the loop goes on.
+        args = dict(args)
+        if isinstance(args.get("transformer_options"), dict):
+            args["transformer_options"] = dict(args["transformer_options"])
+        return run_block(self._call, args, checkpoint=self.owner.gradient_checkpointing)
+
+
+class FluxLoraModel:
+    """A clone of a ComfyUI Flux MODEL with trainable LoRA adapters attached as weight wrappers.
+
+    The input MODEL is untouched: adapters and block patches live on the clone, and ComfyUI applies
+    them only while the clone is the loaded copy. ``velocity`` calls the transformer directly, so
+    a step costs one forward and one backward, without the sampler machinery.
+    """
+
+    def __init__(
+        self,
+        model,
+        rank: int,
+        alpha: float,
+        lora_dtype: torch.dtype = torch.float32,
+        targets: str = "blocks",
+        gradient_checkpointing: bool = True,
+        seed: int = 0,
+        adapters: Mapping[str, LoraAdapter] | None = None,
+    ) -> None:
+        require_flux(model)
+        self.patcher = model.clone()
+        self.base = self.patcher.model
+        diffusion = self.base.diffusion_model
+        if adapters is None:
+            modules = dict(diffusion.named_modules())
+            targets = select_targets(modules, targets=targets)
+            if not targets:
+                raise ValueError("No LoRA target layers found in the Flux model.")
+            shapes = {p: tuple(modules[p].weight.shape) for p in targets}
+            adapters = create_adapters(shapes, rank=rank, alpha=alpha, dtype=lora_dtype, seed=seed)
+        self.adapters: dict[str, LoraAdapter] = dict(adapters)
+        for path, adapter in self.adapters.items():
+            self.patcher.add_weight_wrapper(f"diffusion_model.{path}.weight", adapter)
+        self.gradient_checkpointing = gradient_checkpointing
+        for i, block in enumerate(diffusion.double_blocks):
+            self.patcher.set_model_patch_replace(_BlockPatch(block, True, self), "dit", "double_block", i)
+        for i, block in enumerate(diffusion.single_blocks):
+            self.patcher.set_model_patch_replace(_BlockPatch(block, False, self), "dit", "single_block", i)
+        self.device = torch.device(self.patcher.load_device)
+        self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+
+    def prepare_conditioning(self, conditioning) -> PreparedConditioning:
+        return prepare_conditioning(conditioning, self.device, self.dtype)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for a in self.adapters.values() for p in a.parameters()]
+
+    def load(self) -> torch.device:
+        """Loads the clone under ComfyUI's memory manager (which also moves the adapters)."""
+        import comfy.model_management as mm
+
+        _fix_inference_tensors(self.base.diffusion_model)
+        # Only the adapters train. A model loaded outside inference mode (headless command, tests)
+        # has base weights with requires_grad=True: backward would then build a full-size gradient
+        # for every base weight (and fail on fp8 weights). ComfyUI's own trainer does the same.
+        self.base.diffusion_model.requires_grad_(False)
+        mm.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)
+        self.device = self.patcher.load_device
+        self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+        for a in self.adapters.values():
+            a.to(self.device)
+            a.requires_grad_(True)
+        return self.device
+
+    def to_model_space(self, raw_latent: torch.Tensor) -> torch.Tensor:
+        return self.base.process_latent_in(raw_latent)
+
+    def from_model_space(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.base.process_latent_out(latent)
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: PreparedConditioning,
+        guidance: float,
+        reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The model's velocity at (x, sigma), latents in model space."""
+        n = x.shape[0]
+        context, pooled = cond.batch(n)
+        g = torch.full((n,), float(guidance), device=x.device, dtype=self.dtype)
+        refs = [reference.to(self.dtype)] if reference is not None else None
+        transformer_options = self.patcher.model_options.get("transformer_options", {}).copy()
+        out = self.base.diffusion_model(
+            x.to(self.dtype),
+            sigma.to(self.dtype),
+            context,
+            y=pooled,
+            guidance=g,
+            ref_latents=refs,
+            transformer_options=transformer_options,
+        )
+        # At least fp32 for the loss; float64 stays float64 (gradient checks need it).
+        return out.to(torch.promote_types(out.dtype, torch.float32))
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Autograd on inside ComfyUI's inference mode, and the version-specific training flag."""
+        import comfy.model_management as mm
+
+        had_flag = hasattr(mm, "in_training")
+        previous = getattr(mm, "in_training", None)
+        with torch.inference_mode(False), torch.enable_grad():
+            if had_flag:
+                mm.in_training = True
+            try:
+                yield
+            finally:
+                if had_flag:
+                    mm.in_training = previous
+
+    def release(self) -> None:
+        """Unloads the clone so ComfyUI can reload the plain model; adapters stay as trained."""
+        import comfy.model_management as mm
+
+        for a in self.adapters.values():
+            a.requires_grad_(False)
+        with contextlib.suppress(Exception):
+            self.patcher.detach()
+        with contextlib.suppress(Exception):
+            mm.soft_empty_cache()
