@@ -5,7 +5,9 @@ ComfyUI accepts as a *weight wrapper* (``ModelPatcher.add_weight_wrapper``), so 
 are never modified and any dtype ComfyUI stores them in (fp8 included) is cast first and only the
 low-rank delta is trained. The file format is kohya's (``lora_unet_<path>.lora_down.weight``),
 which both ComfyUI's ``LoraLoader`` and diffusers' ``load_lora_weights`` read; fused ``qkv`` and
-``linear1`` are kept fused because both loaders expect them that way for Flux.
+``linear1`` are kept fused because both loaders expect them that way for Flux. diffusers loads
+the ``blocks`` and ``blocks+modulation`` sets whole and skips the outer layers of ``all_linear``
+(see ``diffusers_dropped_layers``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ TARGET_SETS = {
     "all_linear": BLOCK_TARGETS + MODULATION_TARGETS + OUTER_TARGETS,
 }
 KOHYA_PREFIX = "lora_unet_"
+# diffusers' kohya converter for Flux (FluxLoraLoaderMixin.lora_state_dict, diffusers 0.42.1) names
+# every outer layer without the ``transformer.`` prefix, and ``load_lora_weights`` keeps only
+# prefixed keys: these layers are skipped without a warning. Block and modulation layers convert
+# with the delta the trainer trained (tests/test_lora.py rebuilds them at full Flux size).
+DIFFUSERS_DROPPED = re.compile("^(" + "|".join(OUTER_TARGETS) + ")$")
 
 
 def select_targets(module_paths: Iterable[str], targets: str = "blocks") -> list[str]:
@@ -118,6 +125,28 @@ def create_adapters(
         path: LoraAdapter(out_f, in_f, rank, alpha, dtype=dtype, generator=generator)
         for path, (out_f, in_f) in sorted(shapes.items())
     }
+
+
+def diffusers_dropped_layers(module_paths: Iterable[str]) -> list[str]:
+    """The adapted layers that diffusers' ``FluxKontextPipeline.load_lora_weights`` silently skips.
+
+    Empty for the ``blocks`` and ``blocks+modulation`` sets; for ``all_linear`` the input/output
+    projections and the time/guidance/vector embedders. Were they loaded anyway (by adding the
+    prefix by hand), final_layer's two layers would also lose their alpha: diffusers takes their
+    delta as ``up @ down``, not ``alpha / rank * up @ down``.
+    """
+    return sorted(p for p in module_paths if DIFFUSERS_DROPPED.match(p))
+
+
+def diffusers_support(module_paths: Iterable[str]) -> str:
+    """``"full"`` when diffusers loads every adapted layer, otherwise which layers it drops.
+
+    Meant for the LoRA file's metadata (``kontext_restore.diffusers``) and a training-time warning.
+    """
+    dropped = diffusers_dropped_layers(module_paths)
+    if not dropped:
+        return "full"
+    return f"drops {len(dropped)} layer{'s' if len(dropped) > 1 else ''}: " + ", ".join(dropped)
 
 
 def kohya_name(module_path: str) -> str:
