@@ -136,39 +136,29 @@ def test_imports_inside_the_pack_are_relative():
 
 def _write_flux_checkpoint(path: Path, hidden: int = 3072, depth: int = 1, single: int = 1) -> None:
     """A FLUX-dev-shaped transformer (1 double + 1 single block at real width) with random bf16
-    weights, saved the way ComfyUI's model folder holds them."""
+    weights, saved the way released checkpoints hold them: norm gains are ``<path>.scale`` (ones)
+    whatever this ComfyUI calls them, so newer versions exercise their key conversion on load."""
     import comfy.ops
     from comfy.ldm.flux.model import Flux
     from safetensors.torch import save_file
 
-    params = dict(
-        in_channels=16,
-        out_channels=16,
-        vec_in_dim=768,
-        context_in_dim=4096,
-        hidden_size=hidden,
-        mlp_ratio=4.0,
-        num_heads=hidden // 128,
-        depth=depth,
-        depth_single_blocks=single,
-        axes_dim=[16, 56, 56],
-        theta=10000,
-        patch_size=2,
-        qkv_bias=True,
-        guidance_embed=True,
-    )
+    from kontext_train.comfyui.tiny_models import flux_unet_config, is_norm_module
+
+    config = flux_unet_config(hidden, hidden // 128, depth, single)
     with torch.device("meta"):
-        skeleton = Flux(operations=comfy.ops.disable_weight_init, device="meta", **params)
+        skeleton = Flux(operations=comfy.ops.disable_weight_init, device="meta", **config)
     g = torch.Generator().manual_seed(0)
     sd = {}
-    for key, t in skeleton.state_dict().items():
-        if key.endswith("scale"):
-            sd[key] = torch.ones(t.shape, dtype=torch.bfloat16)
-        else:
+    for module_path, module in skeleton.named_modules():
+        for name, t in module.named_parameters(recurse=False):
+            key = f"{module_path}.{name}"
+            if is_norm_module(module):
+                sd[f"{module_path}.scale"] = torch.ones(t.shape, dtype=torch.bfloat16)
+                continue
             fan_in = t.shape[1] if t.ndim > 1 else 1
-            sd[key] = (torch.randn(t.shape, generator=g) * fan_in**-0.5 * (0.02 if t.ndim == 1 else 1)).to(
-                torch.bfloat16
-            )
+            scale = fan_in**-0.5 * (0.02 if t.ndim == 1 else 1)
+            sd[key] = (torch.randn(t.shape, generator=g) * scale).to(torch.bfloat16)
+    assert any(k.endswith("key_norm.scale") for k in sd), "no Flux RMSNorm found"
     save_file(sd, str(path))
 
 
@@ -178,6 +168,7 @@ def test_real_width_checkpoint_loads_through_stock_unetloader_and_trains(comfy_r
 
     import nodes
     from kontext_train import comfyui
+    from kontext_train.comfyui.tiny_models import is_norm_module
 
     models = tmp_path / "diffusion_models"
     models.mkdir()
@@ -185,11 +176,11 @@ def test_real_width_checkpoint_loads_through_stock_unetloader_and_trains(comfy_r
     folder_paths.add_model_folder_path("diffusion_models", str(models))
     (model,) = nodes.UNETLoader().load_unet("kontext_tiny_depth.safetensors", "default")
     comfyui.require_flux(model)
-    assert (
-        model.model.diffusion_model.hidden_size == 3072
-        if hasattr(model.model.diffusion_model, "hidden_size")
-        else True
-    )
+    diffusion = model.model.diffusion_model
+    assert diffusion.img_in.weight.shape[0] == 3072
+    # The released-format ``.scale`` gains arrive as ones under this version's parameter name.
+    norms = [m for m in diffusion.modules() if is_norm_module(m) and list(m.parameters(recurse=False))]
+    assert norms and all(torch.all(p == 1) for m in norms for p in m.parameters(recurse=False))
     lora = comfyui.FluxLoraModel(model, rank=2, alpha=2, targets="blocks")
     lora.load()
     cond = comfyui.PreparedConditioning(

@@ -9,6 +9,22 @@ import torch
 TINY_CONTEXT_DIM = 64
 
 
+# Normalisation layers across versions: torch's own (ComfyUI's ops subclass them; Flux's RMSNorm is
+# torch.nn.RMSNorm with ``.weight`` in newer ComfyUI) and older ComfyUI's Flux RMSNorm, a plain Module
+# with ``.scale``.
+_TORCH_NORMS = (
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    torch.nn.RMSNorm,
+    torch.nn.modules.batchnorm._NormBase,
+)
+
+
+def is_norm_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer, whose gain must start at one (not random)."""
+    return isinstance(module, _TORCH_NORMS) or type(module).__name__.endswith("Norm")
+
+
 def flux_unet_config(
     hidden_size: int, num_heads: int, depth: int, depth_single_blocks: int, context_in_dim: int = 4096
 ) -> dict:
@@ -53,7 +69,9 @@ def build_tiny_flux(
     """A small random Flux Kontext MODEL built through ComfyUI's own model classes.
 
     For tests and the offline demo. ComfyUI's ops skip weight initialisation to load faster, so the
-    weights are initialised here (PyTorch's default Linear init, norm scales at one).
+    weights are initialised here: PyTorch's default Linear init, biases U(±0.02), normalisation gains
+    one and their biases zero (found by module type: the parameter is ``.scale`` in older ComfyUI,
+    ``.weight`` since Flux uses torch's RMSNorm).
     """
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -66,18 +84,37 @@ def build_tiny_flux(
         base = cfg.get_model({})
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for name, p in base.diffusion_model.named_parameters():
-                if p.ndim >= 2:
-                    bound = 1.0 / (p.shape[1] ** 0.5)
-                    p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
-                elif name.endswith("scale"):
-                    p.fill_(1.0)
-                else:
-                    p.copy_(torch.empty(p.shape).uniform_(-0.02, 0.02, generator=g))
+            # Module by module in named_parameters() order, so one seed gives the same weights on
+            # every ComfyUI version whatever the norm parameters are called.
+            for module in base.diffusion_model.modules():
+                norm = is_norm_module(module)
+                for name, p in module.named_parameters(recurse=False):
+                    if norm:
+                        p.fill_(0.0 if name == "bias" else 1.0)
+                    elif p.ndim >= 2:
+                        bound = 1.0 / (p.shape[1] ** 0.5)
+                        p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
+                    else:
+                        p.copy_(torch.empty(p.shape).uniform_(-0.02, 0.02, generator=g))
     base.diffusion_model.to(dtype)
-    return comfy.model_patcher.ModelPatcher(
+    patcher = comfy.model_patcher.ModelPatcher(
         base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
+    # ComfyUI's "load this model again" hook, which core loaders set (0.33+): the native trainer's
+    # clone(force_deepcopy=True), the non-dynamic delegate and multi-GPU clones call it. The same
+    # arguments rebuild the same weights, as reading the same file would.
+    patcher.cached_patcher_init = (
+        _rebuild_tiny_flux,
+        (dict(hidden_size=hidden_size, num_heads=num_heads, depth=depth,
+              depth_single_blocks=depth_single_blocks, context_in_dim=context_in_dim, seed=seed,
+              dtype=dtype),),
+    )  # fmt: skip
+    return patcher
+
+
+def _rebuild_tiny_flux(kwargs: dict, disable_dynamic: bool = False):
+    # Always a plain ModelPatcher: the tiny models never use dynamic VRAM.
+    return build_tiny_flux(**kwargs)
 
 
 def build_tiny_vae(seed: int = 0, latent_channels: int = 16):

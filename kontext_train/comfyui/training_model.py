@@ -57,6 +57,36 @@ def _fix_inference_tensors(module: torch.nn.Module) -> None:
                     sub._buffers[name] = b.clone()
 
 
+def training_clone(model):
+    """A clone of ``model`` for training, always a plain (non-dynamic) ModelPatcher.
+
+    ComfyUI 0.33+ on CUDA loads models as ``ModelPatcherDynamic`` (dynamic VRAM: comfy-aimdo streams
+    each weight to the GPU when a layer casts it). Training turns that off for its clone, because
+    that loader is built for ``apply_model`` inference and the trainer does not go through it:
+    - ``velocity`` calls the transformer directly, so ``BaseModel._apply_model``'s dynamic set-up
+      (``prefetch_dynamic_vbars``) never happens;
+    - the dynamic loader attaches weight wrappers (the LoRA adapters) only to the layers it
+      streams: layers of 16 KB or less are force-loaded without them, so they would not train;
+    - autograd through streamed weights, with blocks re-run during backward (checkpointing), could
+      not be checked here (it needs a GPU); the plain loader is what the exactness tests cover.
+    ComfyUI's sampler makes the same switch when a dynamic patcher cannot do something (hooks):
+    ``get_non_dynamic_delegate()`` loads the weights again from the model's file (a second copy in
+    RAM, which ComfyUI keeps on the input MODEL for later runs) into a plain ModelPatcher with the
+    same patches. The native TrainLoraNode also trains on a freshly loaded copy
+    (``clone(force_deepcopy=True)``).
+    """
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if not (callable(is_dynamic) and is_dynamic()):
+        return model.clone()
+    if getattr(model, "cached_patcher_init", None) is None:
+        raise ValueError(
+            "This MODEL uses ComfyUI's dynamic VRAM, and its loader cannot reload it as an ordinary "
+            "model for training. Load it with 'Load Diffusion Model' (UNETLoader) or 'Load Checkpoint', "
+            "or start ComfyUI with --disable-dynamic-vram."
+        )
+    return model.get_non_dynamic_delegate()
+
+
 class _BlockPatch:
     """A ComfyUI "dit" block replacement that runs one block with safe adds, optionally checkpointed.
 
@@ -109,7 +139,7 @@ class FluxLoraModel:
         adapters: Mapping[str, LoraAdapter] | None = None,
     ) -> None:
         require_flux(model)
-        self.patcher = model.clone()
+        self.patcher = training_clone(model)
         self.base = self.patcher.model
         diffusion = self.base.diffusion_model
         if adapters is None:
@@ -175,7 +205,9 @@ class FluxLoraModel:
         transformer_options = self.patcher.model_options.get("transformer_options", {}).copy()
         out = self.base.diffusion_model(
             x.to(self.dtype),
-            sigma.to(self.dtype),
+            # float32 like ComfyUI's sampler (BaseModel._apply_model): in bf16 the timestep would be
+            # rounded before the x1000 embedding, so training would see other times than sampling.
+            sigma.to(torch.float32),
             context,
             y=pooled,
             guidance=g,
