@@ -16,8 +16,11 @@ what the server and the web UI expect. Regenerate after changing a node's inputs
     .venv/bin/python workflows/build_workflows.py --url http://127.0.0.1:8188   # a running one
     .venv/bin/python workflows/build_workflows.py --check    # exit 1 if the files are stale
 
-tests/test_workflows.py checks that the committed files equal this script's output, that
-converting the UI files to API format gives the API files, and runs them on a tiny model.
+"Stale" and "equal" leave out what differs between ComfyUI versions on its own (display titles,
+outputs declared without links; see ``api_essence``/``ui_essence``), so the committed files are
+checked against every supported version. tests/test_workflows.py checks that the committed files
+equal this script's output, that converting the UI files to API format gives the API files, and
+runs them on a tiny model.
 """
 
 from __future__ import annotations
@@ -490,6 +493,46 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
+def api_essence(api: dict) -> dict:
+    """What an API-format workflow asks the server to do: each node's type and inputs (values and
+    links). The ``_meta`` titles are display names, which differ between ComfyUI versions ("Load
+    LoRA" for LoraLoaderModelOnly since 0.33) and change nothing."""
+    return {str(i): {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in api.items()}
+
+
+def ui_essence(ui: dict) -> dict:
+    """A UI-format workflow without what the running ComfyUI adds on its own: node outputs that
+    carry no link (newer versions declare outputs on output nodes such as SaveImage and
+    PreviewAny) and output names. Nodes, links, widget values and the layout remain."""
+    out = json.loads(json.dumps(ui))
+    for node in out["nodes"]:
+        node["outputs"] = [
+            {"slot_index": o.get("slot_index", k), "type": o["type"], "links": sorted(o["links"])}
+            for k, o in enumerate(node.get("outputs") or [])
+            if o.get("links")
+        ]
+    return out
+
+
+def essence(path: Path, content: dict) -> dict:
+    return api_essence(content) if path.name.endswith(".api.json") else ui_essence(content)
+
+
+def stale_files(files: dict[Path, dict]) -> list[Path]:
+    """Files whose committed content differs from ``files`` in more than the version-specific
+    details above, so one set of committed files serves every supported ComfyUI."""
+    stale = []
+    for path, content in files.items():
+        try:
+            current = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            stale.append(path)
+            continue
+        if essence(path, current) != essence(path, content):
+            stale.append(path)
+    return stale
+
+
 def build_all(object_info: dict) -> dict[Path, dict]:
     """{path: JSON content} for every workflow file."""
     files = {}
@@ -526,15 +569,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report stale files (exit 1)")
     args = parser.parse_args(argv)
     files = build_all(_object_info(args.url))
-    stale = [p for p, c in files.items() if not p.is_file() or p.read_text() != dump(c)]
+    stale = stale_files(files)
     if args.check:
         for p in stale:
             print(f"stale: {p.relative_to(HERE.parent)}")
         return 1 if stale else 0
+    # A workflow's two files are rewritten together, and only when one of them really changed:
+    # regenerating on another ComfyUI version leaves them alone.
+    rewrite = {p.name.removesuffix(".api.json").removesuffix(".json") for p in stale}
     for path, content in files.items():
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(dump(content))
-        print(("wrote " if path in stale else "unchanged ") + str(path.relative_to(HERE.parent)))
+        name = path.name.removesuffix(".api.json").removesuffix(".json")
+        if name in rewrite:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(dump(content))
+        print(("wrote " if name in rewrite else "unchanged ") + str(path.relative_to(HERE.parent)))
     return 0
 
 
