@@ -1,4 +1,4 @@
-"""Pure helpers for the Restore node: settings from a LoRA's metadata, and image geometry.
+"""Restoring images of any size: bucket geometry, tiles, and the per-image/per-tile loop.
 
 Restoration runs at Kontext's bucket resolutions, the sizes the LoRA was trained at. Images are
 handled in one of two ways, chosen by ``plan_restoration``:
@@ -16,134 +16,30 @@ handled in one of two ways, chosen by ``plan_restoration``:
 
 Images above ``MAX_MEGAPIXELS`` are refused with a clear error rather than run for hours.
 
+``restore_images`` is the loop the Restore node and ``kontext-train restore/evaluate`` share: it
+plans every image, runs each region through a ``RegionRestorer`` (``comfyui.region_restorer`` in
+real use), reports progress per sampling step and asks the host whether to stop before each step.
+
 Everything here is plain torch on ``(3, H, W)`` tensors in ``[0, 1]``; ComfyUI is not imported.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .buckets import nearest_bucket
-from .flow import (
-    FORMULATIONS,
-    check_choice,
-    flux_shift_mu,
-    image_tokens,
-    sampling_sigmas,
-    starts_from_degraded,
-)
+from .buckets import bucket_resolutions, nearest_bucket
+from .restore_settings import RestoreSettings
 
 Bucket = tuple[int, int]  # (width, height)
 
-MODES = ("auto",) + FORMULATIONS
-AS_TRAINED = "as_trained"
-BRIDGE_STEPS = 8
-KONTEXT_STEPS = 28
 TILE_BELOW_SCALE = 0.8
 MIN_TILE_OVERLAP = 1 / 8
 MAX_MEGAPIXELS = 64.0
-METADATA_PREFIX = "kontext_restore."  # the trainer's prefix (trainer.METADATA_PREFIX)
-
-
-# --------------------------------------------------------------------------------------------
-# Settings
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """What a LoRA file says about how it was trained (``None`` where it says nothing)."""
-
-    path: str
-    formulation: str | None
-    bridge_noise: float
-    guidance: float | None
-
-
-def _float_or(value: str | None, default: float | None, key: str, path: str) -> float | None:
-    if value is None or value == "":
-        return default
-    try:
-        out = float(value)
-    except ValueError:
-        raise ValueError(
-            f"LoRA {path}: metadata {key}={value!r} is not a number; the file is damaged."
-        ) from None
-    if not math.isfinite(out):
-        raise ValueError(f"LoRA {path}: metadata {key}={value!r} is not finite; the file is damaged.")
-    return out
-
-
-def lora_settings_from_metadata(metadata: Mapping[str, str], path: str = "<lora>") -> LoraSettings:
-    """Reads ``kontext_restore.formulation``, ``.bridge_noise`` and ``.guidance`` (see
-    ``trainer.lora_metadata``). A LoRA from another trainer has none of them."""
-    formulation = metadata.get(METADATA_PREFIX + "formulation") or None
-    if formulation is not None and formulation not in FORMULATIONS:
-        raise ValueError(
-            f"LoRA {path} records formulation {formulation!r}, which this version does not know "
-            f"({', '.join(FORMULATIONS)}). Update the pack, or choose the mode explicitly."
-        )
-    bridge_noise = _float_or(metadata.get(METADATA_PREFIX + "bridge_noise"), 0.0, "bridge_noise", path)
-    if bridge_noise is not None and bridge_noise < 0:
-        raise ValueError(
-            f"LoRA {path}: metadata bridge_noise={bridge_noise} is negative; the file is damaged."
-        )
-    guidance = _float_or(metadata.get(METADATA_PREFIX + "guidance"), None, "guidance", path)
-    return LoraSettings(
-        path=path, formulation=formulation, bridge_noise=float(bridge_noise or 0.0), guidance=guidance
-    )
-
-
-def read_lora_settings(path: str | Path) -> LoraSettings:
-    """The training settings stored in a LoRA file's safetensors header."""
-    from .lora import read_metadata
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {p}")
-    try:
-        metadata = read_metadata(p)
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise ValueError(
-            f"Cannot read {p} as a safetensors LoRA ({e}). Is it a complete .safetensors file?"
-        ) from e
-    return lora_settings_from_metadata(metadata, str(p))
-
-
-def resolve_formulation(mode: str, lora: LoraSettings | None) -> str:
-    """``auto``: the LoRA's recorded formulation when a LoRA file is given, else ``bridge_ref``."""
-    check_choice("mode", mode, MODES)
-    if mode != "auto":
-        return mode
-    if lora is None:
-        return "bridge_ref"
-    if lora.formulation is None:
-        raise ValueError(
-            f"mode is 'auto' but LoRA {lora.path} has no '{METADATA_PREFIX}formulation' metadata "
-            "(it was not trained by Kontext Restore). Choose the mode explicitly: bridge, bridge_ref or kontext."
-        )
-    return lora.formulation
-
-
-def resolve_steps(steps: int, formulation: str) -> int:
-    """0 means automatic: a bridge starts at the degraded image and needs few steps; Kontext
-    starts from noise and uses its usual 28."""
-    if steps < 0:
-        raise ValueError(f"steps must be 0 (automatic) or positive, got {steps}")
-    if steps:
-        return int(steps)
-    return BRIDGE_STEPS if starts_from_degraded(formulation) else KONTEXT_STEPS
-
-
-def as_trained_sigmas(steps: int, latent_height: int, latent_width: int) -> torch.Tensor:
-    """Sigmas 1 -> 0 with the time shift training used at this latent size."""
-    return sampling_sigmas(steps, flux_shift_mu(image_tokens(latent_height, latent_width)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,3 +227,87 @@ def tile_seed(seed: int, image_index: int, tile_index: int) -> int:
     """Seed for one tile: tiles of one image get different noise (a repeated noise pattern would
     show as a grid in ``kontext`` mode), and the result stays a function of the node's seed."""
     return (seed + image_index + 0x9E3779B1 * tile_index) % (2**64)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+StepCallback = Callable[[int], None]
+# (pixels (1, 3, bh, bw), seed, on_step) -> restored pixels of the same shape; calls
+# ``on_step(i)`` after sampling step i (0-based) so the loop can report progress and cancel.
+RegionRestorer = Callable[[torch.Tensor, int, StepCallback], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RestoreProgress:
+    """Where a ``restore_images`` call is; ``done``/``total`` count sampling steps over all regions."""
+
+    done: int
+    total: int
+    image: int  # 0-based, within this call
+    images: int
+    tile: int  # 0-based
+    tiles: int
+    step: int  # steps finished in this region
+    steps: int
+
+    @property
+    def text(self) -> str:
+        tile = f", tile {self.tile + 1}/{self.tiles}" if self.tiles > 1 else ""
+        return f"image {self.image + 1}/{self.images}{tile}, step {self.step}/{self.steps}"
+
+
+def restore_images(
+    images: torch.Tensor | Sequence[torch.Tensor],
+    settings: RestoreSettings,
+    restore_region: RegionRestorer,
+    *,
+    on_progress: Callable[[RestoreProgress], None] | None = None,
+    check_cancel: Callable[[], None] | None = None,
+    first_index: int = 0,
+) -> list[torch.Tensor]:
+    """Restores each (3, H, W) image at its own size, in one bucket pass or in tiles.
+
+    Every image is planned before any sampling, so a size that will be refused fails at once.
+    Region ``t`` of image ``i`` is sampled with ``tile_seed(settings.seed, first_index + i, t)``:
+    the same image restored alone (``first_index`` = its position) or in a batch gets the same
+    result. ``check_cancel`` runs before every region and after every step; it stops the loop by
+    raising.
+    """
+    buckets = bucket_resolutions(settings.bucket_scale)
+    plans = [plan_restoration(int(im.shape[-1]), int(im.shape[-2]), buckets) for im in images]
+    steps = settings.steps
+    total = sum(len(p.tiles) for p in plans) * steps
+    done = 0
+    outputs = []
+    for i, (image, plan) in enumerate(zip(images, plans)):
+        n_tiles = len(plan.tiles)
+
+        def report(tile: int, step: int, i=i, n_tiles=n_tiles) -> None:
+            if on_progress is not None:
+                on_progress(
+                    RestoreProgress(min(done, total), total, i, len(plans), tile, n_tiles, step, steps)
+                )
+
+        def restore_bucket(pixels: torch.Tensor, tile: int, i=i, report=report) -> torch.Tensor:
+            nonlocal done
+            if check_cancel is not None:
+                check_cancel()
+            region_start = done
+
+            def on_step(step: int) -> None:
+                nonlocal done
+                done = region_start + min(step + 1, steps)
+                report(tile, min(step + 1, steps))
+                if check_cancel is not None:
+                    check_cancel()
+
+            out = restore_region(pixels, tile_seed(settings.seed, first_index + i, tile), on_step)
+            done = region_start + steps
+            report(tile, steps)
+            return out
+
+        with torch.no_grad():
+            outputs.append(restore_image(image.float(), plan, restore_bucket))
+    return outputs

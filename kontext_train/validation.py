@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .flow import flux_shift_mu, image_tokens
 from .metrics import evaluate_restoration
+from .restore_settings import RestoreSettings
 from .sampler import restore_latents
 
 
@@ -56,24 +56,25 @@ class Validator:
 
     def run(self, model, cond, config) -> tuple[dict, list]:
         """Returns (row of mean scores, list of (degraded, restored, clean) images)."""
+        rs = RestoreSettings.from_train_config(config)  # restore as the Restore node would
         mse_restored, mse_degraded = [], []
         restored_images, degraded_images, clean_images, triples = [], [], [], []
         for i, item in enumerate(self.items):
             clean = model.to_model_space(item.clean_latent[None].to(model.device))
             degraded = model.to_model_space(item.degraded_latent[None].to(model.device))
-            mu = flux_shift_mu(image_tokens(*degraded.shape[-2:]))
+            mu = rs.mu(*degraded.shape[-2:])
 
             def velocity(x, sigma, reference):
-                return model.velocity(x, sigma, cond, config.guidance, reference)
+                return model.velocity(x, sigma, cond, rs.guidance, reference)
 
             restored = restore_latents(
                 velocity,
                 degraded,
-                config.formulation,
-                config.validation_steps,
+                rs.formulation,
+                rs.steps,
                 mu,
                 seed=self.seed + i,
-                bridge_noise=config.bridge_noise,
+                bridge_noise=rs.bridge_noise,
             )
             mse_restored.append(torch.mean((restored - clean) ** 2).item())
             mse_degraded.append(torch.mean((degraded - clean) ** 2).item())

@@ -7,42 +7,19 @@ import logging
 import torch
 
 from ..kontext_train import comfyui
-from ..kontext_train.buckets import bucket_resolutions
 from ..kontext_train.images import comfy_image_to_tensors, tensors_to_comfy_image
-from ..kontext_train.restore import (
+from ..kontext_train.restore import MAX_MEGAPIXELS, TILE_BELOW_SCALE, RestoreProgress, restore_images
+from ..kontext_train.restore_settings import (
     AS_TRAINED,
-    MAX_MEGAPIXELS,
     MODES,
-    TILE_BELOW_SCALE,
+    LoraRecord,
     as_trained_sigmas,
-    plan_restoration,
-    read_lora_settings,
-    resolve_formulation,
-    resolve_steps,
-    restore_image,
-    tile_seed,
+    read_lora_record,
+    resolve_restore_settings,
 )
 from .common import CATEGORY, SEED
 
 log = logging.getLogger("kontext_restore")
-
-
-def find_lora_file(name: str):
-    """A LoRA given as the trainer outputs it (a name inside ComfyUI's loras folder, the
-    ``.safetensors`` suffix optional)."""
-    import folder_paths
-
-    raw = (name or "").strip()
-    candidates = [raw] if raw.lower().endswith(".safetensors") else [raw + ".safetensors", raw]
-    for candidate in candidates:
-        found = folder_paths.get_full_path("loras", candidate)
-        if found:
-            return found
-    folders = ", ".join(folder_paths.get_folder_paths("loras"))
-    raise FileNotFoundError(
-        f"LoRA {raw!r} was not found in the loras folder(s) ({folders}). Give the file name the "
-        "trainer's lora_name output shows (e.g. 'kontext_restore.safetensors'), or leave lora_name empty."
-    )
 
 
 def _latent_samples(latent) -> torch.Tensor:
@@ -123,9 +100,24 @@ class KontextRestoreRestore:
         "from the degraded latent (bridge modes) or from noise (kontext), decoded and scaled back to the input "
         f"size. Images that would shrink below {TILE_BELOW_SCALE:.0%} of their size to fit (a side more than "
         "1.25x the bucket) are restored at their own scale in overlapping bucket-size tiles, blended across "
-        f"the overlaps. Images above {MAX_MEGAPIXELS:g} MP are refused. With lora_name, the LoRA's training "
-        "settings (formulation for mode auto, bridge noise) are used; guidance comes from this node."
+        f"the overlaps. Images above {MAX_MEGAPIXELS:g} MP are refused. With lora_name, mode auto takes the "
+        "LoRA's formulation, and guidance and bucket_scale left at their defaults take the values the LoRA was "
+        "trained with (a changed value overrides them, with a warning); bridge noise and the time shift always "
+        "come from the LoRA. Every scheduler runs on the training clock (the time shift for the image's size)."
     )
+
+    def _user_value(self, name: str, value, lora: LoraRecord | None):
+        """The node's value as an explicit override, or None to let the LoRA's metadata decide.
+
+        The node has no "from the LoRA" choice, so with a LoRA named an input left at its default
+        counts as unset; without a LoRA the node's value is simply used.
+        """
+        if lora is None:
+            return value
+        spec = type(self).INPUT_TYPES()
+        declared = {**spec.get("optional", {}), **spec.get("required", {})}[name]
+        default = declared[1].get("default") if len(declared) > 1 else None
+        return None if value == default else value
 
     def restore(
         self,
@@ -144,75 +136,46 @@ class KontextRestoreRestore:
         unique_id=None,
     ):
         comfyui.require_flux(model)
-        lora = read_lora_settings(find_lora_file(lora_name)) if lora_name and lora_name.strip() else None
-        formulation = resolve_formulation(mode, lora)
-        if lora is not None and lora.formulation and lora.formulation != formulation:
-            log.warning(
-                "Kontext Restore: sampling as %s, but %s was trained as %s.",
-                formulation,
-                lora.path,
-                lora.formulation,
-            )
-        if lora is not None and lora.guidance is not None and abs(lora.guidance - guidance) > 1e-6:
-            log.warning(
-                "Kontext Restore: guidance %.2f differs from the %.2f %s was trained with.",
-                guidance,
-                lora.guidance,
-                lora.path,
-            )
-        n_steps = resolve_steps(steps, formulation)
-        bridge_noise = lora.bridge_noise if lora is not None else 0.0
-        buckets = bucket_resolutions(bucket_scale)
-        pixels = comfy_image_to_tensors(images)
-        batch, _, h, w = pixels.shape
-        plan = plan_restoration(w, h, buckets)  # every image of an IMAGE batch has the same size
-        total = batch * len(plan.tiles) * n_steps
-        progress = comfyui.NodeProgress(total, unique_id)
-        log.info(
-            "Kontext Restore: %d image(s) %dx%d, %s, %d steps, %d region(s) of %dx%d each",
-            batch,
-            w,
-            h,
-            formulation,
-            n_steps,
-            len(plan.tiles),
-            *plan.bucket,
+        lora = (
+            read_lora_record(comfyui.find_lora_file(lora_name)) if lora_name and lora_name.strip() else None
         )
-        outputs = []
-        for i in range(batch):
-            # Between images (and tiles): a cancel stops here rather than after the whole batch.
-            comfyui.check_interrupted()
-            done_before = i * len(plan.tiles) * n_steps
+        settings = resolve_restore_settings(
+            lora,
+            mode=mode,
+            steps=steps,
+            sampler=sampler_name,
+            scheduler=scheduler,
+            seed=seed,
+            guidance=self._user_value("guidance", guidance, lora),
+            bucket_scale=self._user_value("bucket_scale", bucket_scale, lora),
+        )
+        pixels = comfy_image_to_tensors(images)
+        log.info(
+            "Kontext Restore: %d image(s) %dx%d, %s, %d steps, guidance %g, bucket scale %g (%s)",
+            pixels.shape[0],
+            pixels.shape[-1],
+            pixels.shape[-2],
+            settings.formulation,
+            settings.steps,
+            settings.guidance,
+            settings.bucket_scale,
+            ", ".join(f"{k}: {v}" for k, v in settings.sources.items() if v != "user"),
+        )
+        bar = None
 
-            def restore_bucket(region, tile, i=i, done_before=done_before):
-                comfyui.check_interrupted()
-                done = done_before + tile * n_steps
+        def on_progress(p: RestoreProgress) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = comfyui.NodeProgress(p.total, unique_id)
+            bar.update(p.done, p.text)
 
-                def callback(step, x0, x, total_steps):
-                    progress.update(
-                        min(total, done + step + 1),
-                        f"image {i + 1}/{batch}"
-                        + (f", tile {tile + 1}/{len(plan.tiles)}" if plan.tiled else "")
-                        + f", step {step + 1}/{total_steps}",
-                    )
-
-                return comfyui.restore_pixels(
-                    model,
-                    vae,
-                    conditioning,
-                    region,
-                    formulation=formulation,
-                    steps=n_steps,
-                    scheduler=scheduler,
-                    sampler_name=sampler_name,
-                    seed=tile_seed(seed, i, tile),
-                    guidance=guidance,
-                    bridge_noise=bridge_noise,
-                    callback=callback,
-                )
-
-            outputs.append(restore_image(pixels[i], plan, restore_bucket))
-            progress.update((i + 1) * len(plan.tiles) * n_steps)
+        outputs = restore_images(
+            pixels,
+            settings,
+            comfyui.region_restorer(model, vae, conditioning, settings),
+            on_progress=on_progress,
+            check_cancel=comfyui.check_interrupted,
+        )
         return (tensors_to_comfy_image(torch.stack(outputs)),)
 
 

@@ -16,18 +16,9 @@ from kontext_train.buckets import bucket_resolutions
 from kontext_train.flow import flux_shift_mu, image_tokens, sampling_sigmas
 from kontext_train.lora import atomic_save_safetensors, create_adapters, to_kohya_state_dict
 from kontext_train.restore import (
-    MAX_MEGAPIXELS,
-    Box,
-    RestorePlan,
-    axis_tiles,
-    check_size,
-    fit_inside,
     plan_restoration,
-    resolve_formulation,
-    resolve_steps,
-    restore_image,
-    unfit,
 )
+from kontext_train.restore_settings import RestoreSettings
 from kontext_train.sampler import restore_latents
 from kontext_train.trainer import TrainConfig, Trainer, lora_metadata
 
@@ -60,6 +51,7 @@ def _recording(model):
                 "input": args["input"].detach().clone(),
                 "sigma": args["timestep"].detach().clone(),
                 "refs": [r.detach().clone() for r in c["ref_latents"]] if c.get("ref_latents") else None,
+                "guidance": float(c["guidance"].flatten()[0]) if "guidance" in c else None,
             }
         )
         return apply_model(args["input"], args["timestep"], **c)
@@ -195,9 +187,8 @@ def test_trained_lora_restores_toy_latents_through_comfy_sampler(comfy_root, tmp
     lora_model.release()
 
     restored_model = comfyui.apply_lora(model, to_kohya_state_dict(lora_model.adapters))
-    comfy = comfyui.sample_from(
-        restored_model, cond, degraded, sigmas, formulation="bridge_ref", sampler_name="euler", guidance=1.5
-    )
+    settings = RestoreSettings(formulation="bridge_ref", sampler="euler", guidance=1.5)
+    comfy = comfyui.sample_from(restored_model, cond, degraded, sigmas, settings)
     mse_degraded = torch.mean((degraded - clean) ** 2).item()
     mse_restored = torch.mean((comfy - clean) ** 2).item()
     assert mse_restored < 0.5 * mse_degraded, (mse_restored, mse_degraded)
@@ -297,87 +288,6 @@ def test_node_defaults_are_valid_choices(pack_nodes):
     assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS["KontextRestoreSigmas"] == "Kontext Restore: Bridge Sigmas"
 
 
-# ------------------------------------------------------------------ pure helpers
-
-
-def test_resolve_mode_and_steps():
-    assert resolve_formulation("auto", None) == "bridge_ref"
-    assert resolve_formulation("kontext", None) == "kontext"
-    assert resolve_steps(0, "bridge") == 8 and resolve_steps(0, "bridge_ref") == 8
-    assert resolve_steps(0, "kontext") == 28 and resolve_steps(5, "kontext") == 5
-    with pytest.raises(ValueError, match="mode"):
-        resolve_formulation("sideways", None)
-
-
-def test_fit_inside_pads_without_cropping_and_unfit_inverts():
-    image = torch.rand(3, 30, 50)
-    padded, box = fit_inside(image, (64, 64))
-    assert padded.shape == (3, 64, 64)
-    assert (box.width, box.height) == (64, 38)  # uniform scale 64/50, nothing cut off
-    back = unfit(padded, box, 50, 30)
-    assert back.shape == image.shape
-    # Same-size content round-trips exactly.
-    region = image[:, :, :32]  # 32 wide, 30 high in a 32x32 bucket: scale 1, two rows of padding
-    exact, box2 = fit_inside(region, (32, 32))
-    assert box2 == Box(0, 1, 32, 30)
-    assert torch.equal(unfit(exact, box2, 32, 30), region)
-
-
-def test_axis_tiles_cover_with_overlap():
-    tiles = axis_tiles(1000, 256, 32)
-    assert tiles[0][0] == 0 and tiles[-1][0] + tiles[-1][1] == 1000
-    for (s0, n0), (s1, _) in zip(tiles, tiles[1:]):
-        assert s0 + n0 - s1 >= 32
-    assert axis_tiles(200, 256, 32) == [(0, 200)]
-
-
-def test_plan_uses_one_pass_for_bucket_sized_images_and_tiles_for_large_ones():
-    buckets = bucket_resolutions(1.0)
-    single = plan_restoration(1100, 1100, buckets)  # shrinks to 93%: one pass
-    assert not single.tiled and single.bucket == (1024, 1024)
-    large = plan_restoration(3000, 700, buckets)
-    assert large.tiled
-    bw, bh = large.bucket
-    covered = torch.zeros(700, 3000, dtype=torch.bool)
-    for t in large.tiles:
-        assert t.width <= bw and t.height <= bh
-        covered[t.top : t.top + t.height, t.left : t.left + t.width] = True
-    assert covered.all()
-    # The cheapest cover of a 3000x700 strip is one row of wide tiles.
-    assert len({t.top for t in large.tiles}) == 1
-
-
-def test_tiled_restore_with_identity_returns_the_image():
-    image = torch.rand(3, 70, 150)
-    plan = plan_restoration(150, 70, bucket_resolutions(SCALE))
-    seen = []
-
-    def identity(pixels, index):
-        seen.append((index, tuple(pixels.shape)))
-        return pixels.clone()
-
-    out = restore_image(image, plan, identity)
-    assert torch.allclose(out, image, atol=1e-6)
-    bw, bh = plan.bucket
-    assert [s for _, s in seen] == [(1, 3, bh, bw)] * len(plan.tiles)
-
-
-def test_tiles_blend_smoothly_across_overlaps():
-    image = torch.zeros(3, 64, 200)
-    plan = RestorePlan(200, 64, (64, 64), tuple(Box(x, 0, 64, 64) for x, _ in axis_tiles(200, 64, 8)))
-    out = restore_image(image, plan, lambda p, i: torch.full_like(p, float(i) / 4))
-    row = out[0, 32]
-    # Monotone ramp between tile values instead of a step at a seam.
-    assert torch.all(row[1:] - row[:-1] >= -1e-6)
-    assert (row[1:] - row[:-1]).max() < 0.1
-
-
-def test_too_large_images_are_refused_with_the_limit_named():
-    with pytest.raises(ValueError, match=f"{MAX_MEGAPIXELS:g} MP"):
-        check_size(10000, 8000)
-    check_size(8000, 8000)  # 64 MP exactly is allowed
-
-
 def test_existing_reference_latents_are_replaced_not_appended(comfy_root):
     cond = make_conditioning()
     cond[0][1]["reference_latents"] = [torch.ones(1, 16, 4, 4)]
@@ -389,3 +299,89 @@ def test_existing_reference_latents_are_replaced_not_appended(comfy_root):
     without = comfyui.with_reference_and_guidance(cond, None, 1.5)
     assert without[0][1]["reference_latents"] is None
     assert len(cond[0][1]["reference_latents"]) == 1  # the input conditioning is not modified
+
+
+# ------------------------------------------------------------------ settings from the LoRA, clock, progress
+
+
+def _write_run_lora(folder, name, bucket_scale, **config):
+    adapters = create_adapters({"double_blocks.0.img_attn.qkv": (384, 128)}, rank=2, alpha=2)
+    meta = lora_metadata(TrainConfig(**config), step=10, extra={"bucket_scale": bucket_scale})
+    return atomic_save_safetensors(to_kohya_state_dict(adapters), folder / name, meta)
+
+
+def test_named_lora_sets_guidance_and_bucket_scale_unless_the_node_overrides(
+    pack_nodes, tiny_vae, comfy_dirs
+):
+    _write_run_lora(comfy_dirs["loras"], "run_meta.safetensors", 0.125, formulation="bridge", guidance=2.5)
+    images = _images(1, 48, 80, seed=5)
+    # Node inputs at their defaults (guidance 1.5, bucket_scale 1.0): the LoRA's values are used.
+    model, calls = _recording(make_tiny_flux())
+    _restore(
+        pack_nodes,
+        model,
+        tiny_vae,
+        images,
+        mode="auto",
+        steps=1,
+        guidance=1.5,
+        bucket_scale=1.0,
+        lora_name="run_meta",
+    )
+    bw, bh = plan_restoration(80, 48, bucket_resolutions(0.125)).bucket
+    assert calls[0]["input"].shape[-2:] == (bh // 8, bw // 8)
+    assert calls[0]["guidance"] == 2.5 and calls[0]["refs"] is None  # bridge, as recorded
+    # Changed inputs override the LoRA.
+    model, calls = _recording(make_tiny_flux())
+    _restore(
+        pack_nodes,
+        model,
+        tiny_vae,
+        images,
+        mode="auto",
+        steps=1,
+        guidance=3.0,
+        bucket_scale=SCALE,
+        lora_name="run_meta",
+    )
+    bw, bh = plan_restoration(80, 48, bucket_resolutions(SCALE)).bucket
+    assert calls[0]["input"].shape[-2:] == (bh // 8, bw // 8) and calls[0]["guidance"] == 3.0
+    # Without a LoRA the node's own values are used, defaults included.
+    model, calls = _recording(make_tiny_flux())
+    _restore(pack_nodes, model, tiny_vae, _images(1, 64, 64), steps=1, guidance=1.5)
+    assert calls[0]["guidance"] == 1.5
+
+
+def test_restore_node_runs_comfy_schedulers_on_the_trained_clock(pack_nodes, tiny_vae):
+    model, calls = _recording(make_tiny_flux())
+    images = _images(1, 64, 64)  # the 64x64 bucket: an 8x8 latent
+    _restore(pack_nodes, model, tiny_vae, images, steps=4, scheduler="simple")
+    trained = sampling_sigmas(4, flux_shift_mu(image_tokens(8, 8)))[:-1]
+    got = torch.stack([c["sigma"].flatten()[0] for c in calls])
+    assert torch.allclose(got, trained, atol=1e-6)
+
+
+def test_restore_node_reports_progress_and_stops_on_cancel(pack_nodes, tiny_vae):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    updates = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: updates.append((value, total))
+    )
+    try:
+        _restore(pack_nodes, make_tiny_flux(), tiny_vae, _images(2, 64, 64), steps=3)
+        assert updates[-1] == (6, 6) and {t for _, t in updates} == {6}  # 2 images x 3 steps
+
+        def cancel_after_first(value, total, preview, node_id=None):
+            mm.interrupt_current_processing(True)
+
+        comfy.utils.set_progress_bar_global_hook(cancel_after_first)
+        model, calls = _recording(make_tiny_flux())
+        with pytest.raises(mm.InterruptProcessingException):
+            _restore(pack_nodes, model, tiny_vae, _images(2, 64, 64), steps=3)
+        assert len(calls) == 1  # stopped after the first sampling step, not after the batch
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        mm.interrupt_current_processing(False)

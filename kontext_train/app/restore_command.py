@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_text
+from ..restore_settings import AS_TRAINED, FROM_LORA, RestoreSettings, read_restore_settings
 from .demo import DEMO_BASE_MODEL
 from .report import fmt_value
 from .runtime import (
@@ -34,51 +35,45 @@ from .settings import (
 log = logging.getLogger("kontext_restore")
 
 
-@dataclass
-class RestoreSettings:
-    formulation: str
-    guidance: float
-    bridge_noise: float
-    steps: int
-
-
 def lora_restore_settings(lora_path: Path | None, settings: Settings) -> RestoreSettings:
-    from ..restore import read_lora_settings, resolve_formulation, resolve_steps
+    """What the LoRA's metadata records, with the flags the user gave winning over it."""
 
-    lora = read_lora_settings(lora_path) if lora_path is not None else None
-    formulation = resolve_formulation("auto", lora)
-    guidance = lora.guidance if lora is not None and lora.guidance is not None else settings.guidance
-    steps = resolve_steps(settings.restore_steps, formulation)
-    return RestoreSettings(formulation, float(guidance), lora.bridge_noise if lora else 0.0, steps)
+    def given(name: str):
+        return settings.values[name] if settings.given(name) else None
+
+    return read_restore_settings(
+        lora_path,
+        steps=settings.restore_steps,
+        sampler=settings.sampler,
+        scheduler=settings.values.get("scheduler", AS_TRAINED),  # the command has no flag for it yet
+        seed=settings.seed,
+        guidance=given("guidance"),
+        bucket_scale=given("bucket_scale"),
+        prompt=given("prompt"),
+    )
+
+
+def _adopt_lora_settings(rs: RestoreSettings, settings: Settings) -> None:
+    """Images are bucketed and the prompt encoded from ``settings``: take the LoRA's values there."""
+    for name in ("bucket_scale", "prompt"):
+        if rs.sources.get(name) == FROM_LORA:
+            settings.values[name], settings.sources[name] = getattr(rs, name), FROM_LORA
+    _say(
+        f"restoring as {rs.formulation}: {rs.steps} steps, guidance {rs.guidance:g}, "
+        f"bucket scale {rs.bucket_scale:g}, bridge noise {rs.bridge_noise:g}"
+    )
 
 
 def restore_tensor(
-    pipe: Pipeline, patched_model, image: torch.Tensor, rs: RestoreSettings, settings: Settings, index: int
+    pipe: Pipeline, patched_model, image: torch.Tensor, rs: RestoreSettings, index: int
 ) -> torch.Tensor:
-    """(3, H, W) degraded image -> restored image of the same size (buckets or tiles)."""
+    """(3, H, W) degraded image -> restored image of the same size (buckets or tiles); ``index``
+    seeds it as the Restore node seeds the image at that position of a batch."""
     from .. import comfyui
-    from ..buckets import bucket_resolutions
-    from ..restore import plan_restoration, restore_image, tile_seed
+    from ..restore import restore_images
 
-    h, w = image.shape[-2:]
-    plan = plan_restoration(w, h, bucket_resolutions(settings.bucket_scale))
-
-    def restore_bucket(pixels: torch.Tensor, tile: int) -> torch.Tensor:
-        return comfyui.restore_pixels(
-            patched_model,
-            pipe.vae,
-            pipe.conditioning,
-            pixels,
-            formulation=rs.formulation,
-            steps=rs.steps,
-            sampler_name=settings.sampler,
-            seed=tile_seed(settings.seed, index, tile),
-            guidance=rs.guidance,
-            bridge_noise=rs.bridge_noise,
-        )
-
-    with torch.no_grad():
-        return restore_image(image.float(), plan, restore_bucket)
+    restorer = comfyui.region_restorer(patched_model, pipe.vae, pipe.conditioning, rs)
+    return restore_images([image], rs, restorer, first_index=index)[0]
 
 
 def patched_with_lora(pipe: Pipeline, lora_state: Mapping[str, torch.Tensor] | None):
@@ -133,7 +128,7 @@ def evaluate_samples(
         if progress:
             progress(i, len(samples))
         clean, degraded = dataset.load_pair(sample, 0, settings.seed)
-        restored = restore_tensor(pipe, patched_model, degraded, rs, settings, i)
+        restored = restore_tensor(pipe, patched_model, degraded, rs, i)
         parts.append(evaluate_restoration(restored[None], degraded[None], clean[None]))
         with torch.no_grad():
             rt = comfyui.vae_decode(pipe.vae, comfyui.vae_encode(pipe.vae, clean[None]))
@@ -177,21 +172,6 @@ def _lora_or_default(settings: Settings) -> Path:
     return p
 
 
-def _bucket_scale_from_lora(lora_path: Path, settings: Settings) -> None:
-    """Restore and evaluate at the bucket scale the LoRA was trained at, unless told otherwise."""
-    from ..lora import read_metadata
-
-    if settings.given("bucket_scale"):
-        return
-    value = read_metadata(lora_path).get("kontext_restore.bucket_scale")
-    try:
-        scale = float(value) if value is not None else None
-    except ValueError:
-        scale = None
-    if scale is not None and math.isfinite(scale) and scale > 0:
-        settings.values["bucket_scale"], settings.sources["bucket_scale"] = scale, "LoRA metadata"
-
-
 def _check_lora_matches(lora_path: Path, pipe: Pipeline) -> None:
     from ..lora import read_metadata
 
@@ -230,11 +210,11 @@ def cmd_restore(settings: Settings, ctx) -> int:
     if not files:
         raise UsageError(f"--input {src} holds no image files")
     lora_path = _lora_or_default(settings)
-    _bucket_scale_from_lora(lora_path, settings)
+    rs = lora_restore_settings(lora_path, settings)
+    _adopt_lora_settings(rs, settings)
     out = prepare_output_dir(Path(settings.output_dir).expanduser() / "restored")
     pipe = load_pipeline(settings)
     _check_lora_matches(lora_path, pipe)
-    rs = lora_restore_settings(lora_path, settings)
     patched = patched_with_lora(pipe, _load_lora_state(lora_path))
     for i, f in enumerate(files):
         try:
@@ -243,7 +223,7 @@ def cmd_restore(settings: Settings, ctx) -> int:
             _say(f"skipping {e}")
             continue
         t = time.perf_counter()
-        restored = restore_tensor(pipe, patched, image, rs, settings, i)
+        restored = restore_tensor(pipe, patched, image, rs, i)
         target = out / (f.stem + ".png")
         _save_png(tensor_to_pil(restored), target)
         _say(f"{f} -> {target} ({time.perf_counter() - t:.1f} s)")
@@ -252,7 +232,8 @@ def cmd_restore(settings: Settings, ctx) -> int:
 
 def cmd_evaluate(settings: Settings, ctx) -> int:
     lora_path = _lora_or_default(settings)
-    _bucket_scale_from_lora(lora_path, settings)
+    rs = lora_restore_settings(lora_path, settings)
+    _adopt_lora_settings(rs, settings)
     out = prepare_output_dir(Path(settings.output_dir).expanduser() / "evaluation")
     dataset = build_run_dataset(settings, Path(settings.output_dir).expanduser(), ctx)
     samples = dataset.val if settings.eval_split == "val" else dataset.train + dataset.val
@@ -261,7 +242,6 @@ def cmd_evaluate(settings: Settings, ctx) -> int:
     samples = samples[: settings.eval_count]
     pipe = load_pipeline(settings)
     _check_lora_matches(lora_path, pipe)
-    rs = lora_restore_settings(lora_path, settings)
     patched = patched_with_lora(pipe, _load_lora_state(lora_path))
     ev = evaluate_samples(
         pipe, patched, dataset, samples, rs, settings, lambda i, n: _say(f"image {i + 1}/{n}")

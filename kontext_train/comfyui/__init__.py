@@ -7,7 +7,7 @@ ComfyUI's modules are imported inside functions, so ``import kontext_train`` wor
 - ``bootstrap``: find a ComfyUI install and import it in this process; load weights headless.
 - ``host``: model checks, folders, VAE, applying a LoRA, progress, cancel, out-of-memory.
 - ``training_model``: LoRA adapters on a clone of the MODEL, velocity calls for training.
-- ``sampling``: restoring from the degraded latent with ComfyUI's samplers.
+- ``sampling``: restoring from the degraded latent with ComfyUI's samplers, on the training clock.
 - ``tiny_models``: small random Flux and VAE models for tests and the demo.
 """
 
@@ -24,6 +24,7 @@ from .host import (
     NodeProgress,
     apply_lora,
     check_interrupted,
+    find_lora_file,
     input_folder,
     interrupt_exception_types,
     lora_folder,
@@ -42,6 +43,8 @@ from .sampling import (
     DegradedStartNoise,
     comfy_sigmas,
     degraded_start_noise,
+    on_trained_clock,
+    region_restorer,
     restore_pixels,
     restore_sigmas,
     sample_from,
@@ -66,6 +69,7 @@ __all__ = [
     "comfyui_loaded",
     "degraded_start_noise",
     "encode_prompt",
+    "find_lora_file",
     "find_comfyui",
     "flux_unet_config",
     "input_folder",
@@ -73,9 +77,11 @@ __all__ = [
     "load_models_headless",
     "lora_folder",
     "model_name",
+    "on_trained_clock",
     "oom_exception_types",
     "output_folder",
     "prepare_conditioning",
+    "region_restorer",
     "require_flux",
     "resolve_model_file",
     "restore_pixels",

@@ -42,6 +42,24 @@ def lora_folder() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
 
+def find_lora_file(name: str) -> Path:
+    """A LoRA named as the trainer outputs it: a name inside ComfyUI's loras folder(s), the
+    ``.safetensors`` suffix optional."""
+    import folder_paths
+
+    raw = (name or "").strip()
+    candidates = [raw] if raw.lower().endswith(".safetensors") else [raw + ".safetensors", raw]
+    for candidate in candidates:
+        found = folder_paths.get_full_path("loras", candidate)
+        if found:
+            return Path(found)
+    folders = ", ".join(folder_paths.get_folder_paths("loras"))
+    raise FileNotFoundError(
+        f"LoRA {raw!r} was not found in the loras folder(s) ({folders}). Give the file name the "
+        "trainer's lora_name output shows (e.g. 'kontext_restore.safetensors'), or leave lora_name empty."
+    )
+
+
 def output_folder() -> Path:
     import folder_paths
 

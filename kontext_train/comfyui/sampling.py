@@ -1,7 +1,9 @@
-"""Sampling from the degraded latent with ComfyUI's own samplers, schedulers and guiders."""
+"""Sampling from the degraded latent with ComfyUI's own samplers, schedulers and guiders, on the
+training clock (the time shift training used at the image's size)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -9,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ..flow import starts_from_degraded, uses_reference
-from ..restore import AS_TRAINED, as_trained_sigmas
+from ..restore_settings import AS_TRAINED, RestoreSettings
 from .host import sampler_names, scheduler_names, vae_decode, vae_encode
 
 log = logging.getLogger("kontext_restore")
@@ -73,11 +75,37 @@ def comfy_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
 
 
-def restore_sigmas(model, scheduler: str, steps: int, latent_height: int, latent_width: int) -> torch.Tensor:
-    """``as_trained`` (the training time shift for this latent size) or a ComfyUI scheduler."""
-    if scheduler == AS_TRAINED:
-        return as_trained_sigmas(steps, latent_height, latent_width)
-    return comfy_sigmas(model, scheduler, steps)
+@functools.cache
+def _flux_model_sampling_class():
+    # The class ComfyUI's ModelSamplingFlux node builds: Flux's shifted clock with CONST (velocity)
+    # prediction. Made once so every patched clone carries the same type.
+    import comfy.model_sampling
+
+    class KontextRestoreModelSampling(comfy.model_sampling.ModelSamplingFlux, comfy.model_sampling.CONST):
+        pass
+
+    return KontextRestoreModelSampling
+
+
+def on_trained_clock(model, mu: float):
+    """A clone of the MODEL whose model sampling uses the time shift ``mu``, the way ComfyUI's
+    ModelSamplingFlux node sets it (an object patch on ``model_sampling``); the input MODEL is
+    unchanged. Every ComfyUI scheduler then spaces its sigmas on this clock."""
+    if not math.isfinite(mu):
+        raise ValueError(f"The time shift must be finite, got {mu}")
+    patched = model.clone()
+    sampling = _flux_model_sampling_class()(model.model.model_config)
+    sampling.set_parameters(shift=float(mu))
+    patched.add_object_patch("model_sampling", sampling)
+    return patched
+
+
+def restore_sigmas(model, settings: RestoreSettings, latent_height: int, latent_width: int) -> torch.Tensor:
+    """``as_trained`` (the training time shift for this latent size, ``flow.sampling_sigmas``) or a
+    ComfyUI scheduler run on ``model``'s clock (``on_trained_clock`` it first)."""
+    if settings.scheduler == AS_TRAINED:
+        return settings.as_trained_sigmas(latent_height, latent_width)
+    return comfy_sigmas(model, settings.scheduler, settings.steps)
 
 
 def with_reference_and_guidance(conditioning, reference_raw: torch.Tensor | None, guidance: float):
@@ -105,35 +133,35 @@ def sample_from(
     conditioning,
     degraded_raw: torch.Tensor,
     sigmas: torch.Tensor,
+    settings: RestoreSettings,
     *,
-    formulation: str,
-    sampler_name: str = "euler",
-    seed: int = 0,
-    guidance: float = 1.5,
-    bridge_noise: float = 0.0,
+    seed: int | None = None,
     callback: Callable | None = None,
 ) -> torch.Tensor:
     """Restores one batch of raw degraded latents with ComfyUI's sampler; returns raw latents.
 
-    Bridge formulations start at the degraded latent through ``DegradedStartNoise`` (exactly, when
-    ``sigmas[0]`` is 1); ``kontext`` starts from seeded Gaussian noise like a stock sampler.
+    Uses the settings' formulation, sampler, guidance and bridge noise; ``seed`` (default
+    ``settings.seed``) seeds the noise. Bridge formulations start at the degraded latent through
+    ``DegradedStartNoise`` (exactly, when ``sigmas[0]`` is 1); ``kontext`` starts from seeded
+    Gaussian noise like a stock sampler.
     """
     import comfy.samplers
 
-    if sampler_name not in sampler_names():
-        raise ValueError(f"Unknown sampler {sampler_name!r}; ComfyUI has: {', '.join(sampler_names())}")
+    if settings.sampler not in sampler_names():
+        raise ValueError(f"Unknown sampler {settings.sampler!r}; ComfyUI has: {', '.join(sampler_names())}")
+    seed = settings.seed if seed is None else int(seed)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
     if sigmas.numel() < 2:
         raise ValueError(f"Need at least 2 sigmas (one step), got {sigmas.tolist()}")
     degraded_raw = degraded_raw.detach().float().cpu()
-    reference = degraded_raw if uses_reference(formulation) else None
-    cond = with_reference_and_guidance(conditioning, reference, guidance)
+    reference = degraded_raw if uses_reference(settings.formulation) else None
+    cond = with_reference_and_guidance(conditioning, reference, settings.guidance)
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": cond})
     guider.set_cfg(1.0)
-    sampler = comfy.samplers.sampler_object(sampler_name)
-    if starts_from_degraded(formulation):
-        noise = degraded_start_noise(model, degraded_raw, seed=seed, bridge_noise=bridge_noise)
+    sampler = comfy.samplers.sampler_object(settings.sampler)
+    if starts_from_degraded(settings.formulation):
+        noise = degraded_start_noise(model, degraded_raw, seed=seed, bridge_noise=settings.bridge_noise)
         # The degraded latent as latent_image too keeps the start exact when sigmas[0] < 1.
         latent_image = degraded_raw
     else:
@@ -163,29 +191,29 @@ def restore_pixels(
     vae,
     conditioning,
     pixels: torch.Tensor,
+    settings: RestoreSettings,
     *,
-    formulation: str,
-    steps: int,
-    scheduler: str = "as_trained",
-    sampler_name: str = "euler",
-    seed: int = 0,
-    guidance: float = 1.5,
-    bridge_noise: float = 0.0,
+    seed: int | None = None,
     callback: Callable | None = None,
 ) -> torch.Tensor:
-    """(B, 3, H, W) degraded pixels at a bucket size -> restored pixels: encode, sample, decode."""
+    """(B, 3, H, W) degraded pixels at a bucket size -> restored pixels: encode, sample, decode.
+
+    Sampling runs on a clone of ``model`` set to the training time shift for this latent size, so
+    any ComfyUI scheduler (and anything else that reads the model's clock) matches training.
+    """
     raw = vae_encode(vae, pixels)
-    sigmas = restore_sigmas(model, scheduler, steps, raw.shape[-2], raw.shape[-1])
-    restored = sample_from(
-        model,
-        conditioning,
-        raw,
-        sigmas,
-        formulation=formulation,
-        sampler_name=sampler_name,
-        seed=seed,
-        guidance=guidance,
-        bridge_noise=bridge_noise,
-        callback=callback,
-    )
+    clocked = on_trained_clock(model, settings.mu(raw.shape[-2], raw.shape[-1]))
+    sigmas = restore_sigmas(clocked, settings, raw.shape[-2], raw.shape[-1])
+    restored = sample_from(clocked, conditioning, raw, sigmas, settings, seed=seed, callback=callback)
     return vae_decode(vae, restored)
+
+
+def region_restorer(model, vae, conditioning, settings: RestoreSettings):
+    """``restore.restore_images``' ``RegionRestorer`` for this MODEL, VAE and prompt."""
+
+    def restore_region(pixels: torch.Tensor, seed: int, on_step: Callable[[int], None]) -> torch.Tensor:
+        return restore_pixels(
+            model, vae, conditioning, pixels, settings, seed=seed, callback=lambda step, *_: on_step(step)
+        )
+
+    return restore_region

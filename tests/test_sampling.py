@@ -1,0 +1,130 @@
+"""Restoring with ComfyUI's samplers on the training clock (kontext_train/comfyui/sampling.py).
+
+Training samples sigmas with the time shift for the image's size (``flow.flux_shift_mu`` of its
+token count); a Flux MODEL's own clock is a fixed shift of 1.15. Restore patches a clone of the
+MODEL the way ComfyUI's ModelSamplingFlux node does, so every ComfyUI scheduler spaces its sigmas
+on the trained clock. Checked at 512 and 1024 px (64x64 and 128x128 latents).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_conditioning, make_tiny_flux
+
+from kontext_train import comfyui
+from kontext_train.flow import flux_shift_mu, image_tokens, sampling_sigmas, time_shift
+from kontext_train.restore_settings import RestoreSettings
+
+SIZES = [(512, 512), (1024, 1024)]
+SCHEDULERS = ("simple", "normal", "sgm_uniform", "beta")
+
+
+def _latent_size(width: int, height: int) -> tuple[int, int]:
+    return height // 8, width // 8
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_the_patched_clock_is_the_trainers_shift(comfy_root, width, height):
+    model = make_tiny_flux()
+    lh, lw = _latent_size(width, height)
+    mu = flux_shift_mu(image_tokens(lh, lw))
+    clocked = comfyui.on_trained_clock(model, RestoreSettings().mu(lh, lw))
+    t = torch.linspace(0.0, 1.0, 101)[1:]
+    sampling = clocked.get_model_object("model_sampling")
+    assert torch.allclose(sampling.sigma(t), time_shift(mu, t), atol=1e-6)
+    # The MODEL given to the node keeps its own clock for the rest of the graph.
+    assert model.get_model_object("model_sampling").shift == 1.15
+    # With 'simple', ComfyUI's schedule is the trainer's own (as_trained) sigmas.
+    settings = RestoreSettings(steps=8, scheduler="simple")
+    sigmas = comfyui.restore_sigmas(clocked, settings, lh, lw)
+    assert torch.allclose(sigmas, sampling_sigmas(8, mu), atol=1e-6)
+    assert torch.allclose(sigmas, settings.as_trained_sigmas(lh, lw), atol=1e-6)
+
+
+def test_without_the_patch_512_would_run_on_another_clock(comfy_root):
+    """What the patch fixes: the MODEL's fixed 1.15 shift is far from the trained clock at 512."""
+    model = make_tiny_flux()
+    lh, lw = _latent_size(512, 512)
+    settings = RestoreSettings(steps=8, scheduler="simple")
+    fixed = comfyui.restore_sigmas(model, settings, lh, lw)
+    trained = settings.as_trained_sigmas(lh, lw)
+    assert (fixed - trained).abs().max() > 0.05
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_every_scheduler_matches_the_stock_model_sampling_flux_node(comfy_root, width, height):
+    """Our clone is what ComfyUI's own ModelSamplingFlux node makes for this size (its defaults are
+    the trainer's shift line, 0.5 at 256 tokens to 1.15 at 4096)."""
+    import comfy.samplers
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    model = make_tiny_flux()
+    lh, lw = _latent_size(width, height)
+    (stock,) = ModelSamplingFlux().patch(model, 1.15, 0.5, width, height)
+    ours = comfyui.on_trained_clock(model, RestoreSettings().mu(lh, lw))
+    names = [s for s in SCHEDULERS if s in comfyui.scheduler_names()]
+    assert "simple" in names and "normal" in names
+    for name in names:
+        expected = comfy.samplers.calculate_sigmas(stock.get_model_object("model_sampling"), name, 6)
+        got = comfyui.restore_sigmas(ours, RestoreSettings(steps=6, scheduler=name), lh, lw)
+        assert torch.allclose(got, expected.cpu(), atol=1e-6), name
+
+
+def _recording(model):
+    calls = []
+    patched = model.clone()
+
+    def wrapper(apply_model, args):
+        c = args["c"]
+        calls.append(
+            {
+                "input": args["input"].detach().clone(),
+                "sigma": float(args["timestep"].flatten()[0]),
+                "guidance": float(c["guidance"].flatten()[0]) if "guidance" in c else None,
+                "refs": c.get("ref_latents"),
+            }
+        )
+        return apply_model(args["input"], args["timestep"], **c)
+
+    patched.set_model_unet_function_wrapper(wrapper)
+    return patched, calls
+
+
+def test_restore_pixels_with_a_comfy_scheduler_samples_at_the_trained_sigmas(comfy_root, tiny_vae):
+    model, calls = _recording(make_tiny_flux())
+    pixels = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    settings = RestoreSettings(steps=4, scheduler="simple", formulation="bridge_ref")
+    with torch.inference_mode():
+        out = comfyui.restore_pixels(model, tiny_vae, make_conditioning(), pixels, settings)
+    assert out.shape == pixels.shape
+    expected = settings.as_trained_sigmas(8, 12)[:-1]
+    assert torch.allclose(torch.tensor([c["sigma"] for c in calls]), expected, atol=1e-6)
+
+
+def test_sample_from_reads_formulation_guidance_and_bridge_noise_from_the_settings(comfy_root):
+    model, calls = _recording(make_tiny_flux())
+    degraded = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    settings = RestoreSettings(formulation="bridge", bridge_noise=0.1, guidance=2.5, steps=2, seed=3)
+    sigmas = settings.as_trained_sigmas(8, 8)
+    with torch.inference_mode():
+        comfyui.sample_from(model, make_conditioning(), degraded, sigmas, settings, seed=11)
+    start = model.get_model_object("latent_format").process_in(degraded)
+    eps = torch.randn(start.shape, generator=torch.Generator().manual_seed(11))  # the seed argument wins
+    assert torch.allclose(calls[0]["input"], start + 0.1 * eps, atol=1e-6)
+    assert calls[0]["refs"] is None  # bridge: no reference tokens
+    assert calls[0]["guidance"] == 2.5 and len(calls) == 2
+
+
+def test_unknown_sampler_or_scheduler_is_named(comfy_root):
+    model = make_tiny_flux()
+    with pytest.raises(ValueError, match="no_such_sampler"):
+        comfyui.sample_from(
+            model,
+            make_conditioning(),
+            torch.zeros(1, 16, 4, 4),
+            torch.tensor([1.0, 0.0]),
+            RestoreSettings(sampler="no_such_sampler"),
+        )
+    with pytest.raises(ValueError, match="no_such_scheduler"):
+        comfyui.restore_sigmas(model, RestoreSettings(scheduler="no_such_scheduler"), 4, 4)
