@@ -9,9 +9,10 @@ build one ``RestoreSettings`` here instead of each reading (or asking for) the v
 Each value comes from, in this order: an explicit user setting, the LoRA's metadata, the default.
 Metadata that is missing or unusable (not a number, out of range, broken JSON) never stops a
 restore: the value is ignored with a warning that names the file, the key and what was found,
-and the default is used. Only ``mode`` ``auto`` on a LoRA whose formulation is unknown is an
-error, because no default can be right there (sampling a noise-start LoRA from the degraded image,
-or the reverse, gives garbage).
+and the default is used. Two cases are errors: a file whose safetensors header cannot be read at
+all (its weights cannot be loaded either), and ``mode`` ``auto`` on a LoRA whose formulation is
+missing or unknown, because no default can be right there (sampling a noise-start LoRA from the
+degraded image, or the reverse, gives garbage).
 """
 
 from __future__ import annotations
