@@ -3,27 +3,48 @@ name: write beside the target under a temporary name, then rename (atomic on one
 
 from __future__ import annotations
 
+import csv
+import io
 import os
-import tempfile
-from collections.abc import Iterator
+import secrets
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+# Length of the random part of a temporary name (hex digits).
+_RANDOM_CHARS = 8
+
+
+def temporary_name(name: str, suffix: str = ".tmp", token: str | None = None) -> str:
+    """The name ``atomic_path`` gives the temporary file of ``name``; with no ``token``, one of
+    the same length as the real ones (for checking name lengths before any work)."""
+    return f".{name}.{token or 'x' * _RANDOM_CHARS}{suffix}"
+
+
+def _create_temporary(path: Path, suffix: str) -> Path:
+    # Created with mode 0o666 so the kernel applies the process's umask (and a folder's default
+    # ACL) itself: mkstemp's 0600 would need a chmod, and reading the umask means setting it,
+    # which races with other threads (ComfyUI's server is threaded).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(temporary_name(path.name, suffix, secrets.token_hex(_RANDOM_CHARS // 2)))
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yields a temporary path in the target's folder; it replaces ``path`` if the block succeeds
-    and is removed if it raises. The result gets ordinary permissions (mkstemp's are 0600)."""
+    and is removed if it raises. The result gets the permissions of any new file (umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = _create_temporary(path, suffix)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -38,3 +59,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_csv(
+    path: str | os.PathLike, rows: Iterable[Mapping], columns: Sequence[str] | None = None
+) -> Path:
+    """Rows as CSV with a header. Without ``columns``: every scalar key, in order of first
+    appearance (lists and dicts are left to the JSON beside it)."""
+    rows = list(rows)
+    if columns is None:
+        found: list[str] = []
+        for row in rows:
+            found += [k for k in row if k not in found and not isinstance(row[k], (list, dict))]
+        columns = found
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

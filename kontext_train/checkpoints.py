@@ -1,9 +1,12 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
 A checkpoint is a folder ``step_000500`` holding the LoRA (``lora.safetensors``, loadable by
-ComfyUI like the final file) and ``state.pt`` (optimizer, schedule, RNG, data position, loss
-history). It is written under a temporary name and renamed when complete, so a crash or a cancel
-mid-write leaves the previous checkpoint as the latest one.
+ComfyUI like the final file) and ``state.pt`` (optimizer, schedule, data position, loss and
+validation history, settings, and what the run was trained on). No random-generator state is
+stored: the trainer draws every sample's randomness from a generator keyed on the step and the
+sample's position, so the position is enough to continue exactly. A checkpoint is written under a
+temporary name and renamed when complete, so a crash or a cancel mid-write leaves the previous
+checkpoint as the latest one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder (``step_000500`` -> 500)."""
+    m = _STEP_DIR.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint folder (expected a name like step_000500)")
+    return int(m.group(1))
+
+
+def partial_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where a checkpoint is assembled before it is renamed into place."""
+    final = checkpoint_dir(run_dir, step)
+    return final.with_name(f".{final.name}.partial")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -51,7 +68,7 @@ def save_checkpoint(
     keep: int = 3,
 ) -> Path:
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(f".{final.name}.partial")
+    tmp = partial_checkpoint_dir(run_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -67,6 +84,17 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_state(path: Path) -> dict:
+    """The training state of one checkpoint folder, without its LoRA."""
+    path = Path(path)
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(
+            f"Checkpoint {path} cannot be read ({e}); delete it to resume from the one before."
+        ) from e
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,7 @@ __all__ = [
     "barrier",
     "broadcast_error",
     "init_from_env",
+    "on_main_process",
     "shutdown",
     "sync_gradients",
 ]
@@ -148,6 +151,32 @@ def broadcast_error(ctx: DistContext, error: str | None) -> str | None:
         return error
     payload = [error]
     dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def on_main_process(ctx: DistContext | None, fn: Callable[[], Any]) -> Any:
+    """Runs ``fn`` on rank 0 alone while the other ranks wait, and gives its (picklable) result
+    to every rank. If it raises on rank 0, the same error is raised on every rank (instead of
+    leaving them waiting in the next collective)."""
+    if ctx is None or not ctx.enabled:
+        return fn()
+    payload: list = [None, None]
+    failure: BaseException | None = None
+    if ctx.is_main:
+        try:
+            payload[0] = fn()
+        except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised
+            failure = e
+            try:
+                pickle.dumps(e)
+                payload[1] = e
+            except Exception:  # noqa: BLE001 - an exception that does not pickle goes as text
+                payload[1] = RuntimeError(f"rank 0 stopped the run: {e}")
+    dist.broadcast_object_list(payload, src=0)
+    if failure is not None:
+        raise failure
+    if payload[1] is not None:
+        raise payload[1]
     return payload[0]
 
 

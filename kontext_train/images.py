@@ -9,7 +9,6 @@ so a dataset build can skip it with a useful message instead of crashing mid-tra
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
-    "ScanResult",
     "comfy_image_to_tensors",
     "is_image_file",
     "load_rgb",
@@ -97,14 +95,6 @@ def load_rgb(path: str | os.PathLike, min_size: int = 64) -> Image.Image:
     if min(w, h) < min_size:
         raise ImageLoadError(path, f"too small ({w}x{h}, minimum side {min_size} px)")
     return rgb
-
-
-@dataclass
-class ScanResult:
-    """Usable image files and (file, reason) for the ones left out."""
-
-    files: list[Path] = field(default_factory=list)
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def scan_image_folder(root: Path, recursive: bool = True) -> list[Path]:

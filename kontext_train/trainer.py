@@ -14,8 +14,6 @@ modules in tests.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .atomic import atomic_write_text
+from .atomic import atomic_write_csv, atomic_write_text
 from .batches import LatentBatch, LatentBatches
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .flow import (
@@ -178,26 +176,22 @@ def lora_metadata(config: TrainConfig, step: int, extra: Mapping[str, str] | Non
     return meta
 
 
-def write_validation_report(rows: list[dict], lora_path: Path) -> tuple[Path, Path]:
+def validation_report_paths(lora_path: Path) -> tuple[Path, Path]:
     """``<lora>.validation.json`` and ``.csv`` beside the LoRA file."""
     base = Path(lora_path).with_suffix("")
-    json_path, csv_path = (
-        base.with_name(base.name + ".validation.json"),
-        base.with_name(base.name + ".validation.csv"),
-    )
+    return base.with_name(base.name + ".validation.json"), base.with_name(base.name + ".validation.csv")
+
+
+def write_validation_report(rows: list[dict], lora_path: Path) -> tuple[Path, Path]:
+    """The validation rows so far, as JSON and CSV beside the LoRA file."""
+    json_path, csv_path = validation_report_paths(lora_path)
     atomic_write_text(json_path, json.dumps(rows, indent=2, default=str))
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns and not isinstance(row[k], (list, dict))]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_csv(csv_path, rows)
     return json_path, csv_path
 
 
-def _check_resume_compatible(saved: Mapping, config: TrainConfig) -> None:
+def check_resume_compatible(saved: Mapping, config: TrainConfig) -> None:
+    """ValueError naming every setting that differs from a checkpoint's and may not change."""
     current = config.to_dict()
     differ = [
         k
@@ -208,7 +202,7 @@ def _check_resume_compatible(saved: Mapping, config: TrainConfig) -> None:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in differ)
         raise ValueError(
             f"Cannot resume: settings differ from the checkpoint ({detail}). "
-            "Use the original settings, or start a new run (another name or resume off)."
+            "Use the original settings, or choose another LoRA name for a new run."
         )
 
 
@@ -224,7 +218,10 @@ class Trainer:
         metadata: Mapping[str, str] | None = None,
         validator=None,
         hooks: TrainerHooks | None = None,
+        dataset_identity: Mapping | None = None,
     ) -> None:
+        """``dataset_identity`` (what the run trains on, see ``run.dataset_identity``) is stored in
+        every checkpoint, so a resume can be checked against it."""
         self.config = config
         self.model = model
         self.batches = batches
@@ -234,6 +231,7 @@ class Trainer:
         self.extra_metadata = dict(metadata or {})
         self.validator = validator
         self.hooks = hooks or TrainerHooks()
+        self.dataset_identity = dict(dataset_identity) if dataset_identity else None
         self.step = 0
         self.epoch = 0
         self.position = 0
@@ -298,6 +296,7 @@ class Trainer:
             "validation": list(self.validation),
             "config": self.config.to_dict(),
             "version": __version__,
+            "dataset": self.dataset_identity,
         }
 
     def _metadata(self) -> dict[str, str]:
@@ -322,7 +321,7 @@ class Trainer:
         if found is None:
             return 0
         lora, state = load_checkpoint(found)
-        _check_resume_compatible(state.get("config", {}), self.config)
+        check_resume_compatible(state.get("config", {}), self.config)
         load_kohya_into(self.model.adapters, lora)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -8,8 +8,9 @@ decoder and is what the tiny test models can be judged on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -104,3 +105,24 @@ def _image_scores(restored: list, degraded: list, clean: list) -> dict:
             if v is not None:
                 totals[k] = totals.get(k, 0.0) + v
     return {k: v / len(restored) for k, v in totals.items()}
+
+
+def format_validation_row(row: Mapping[str, Any]) -> str:
+    """One validation as a line: the step, then each score restored against degraded."""
+    parts = [f"step {row.get('step')}"]
+    if "latent_mse_restored" in row:
+        parts.append(
+            f"latent MSE {row['latent_mse_restored']:.5f} (degraded {row['latent_mse_degraded']:.5f})"
+        )
+    if "psnr_restored" in row:
+        parts.append(f"PSNR {row['psnr_restored']:.2f} dB (degraded {row['psnr_degraded']:.2f})")
+    if "ssim_restored" in row:
+        parts.append(f"SSIM {row['ssim_restored']:.4f} (degraded {row['ssim_degraded']:.4f})")
+    return ", ".join(parts)
+
+
+def format_validation_report(rows: list[Mapping[str, Any]]) -> str:
+    """Every validation of a run, one line each."""
+    if not rows:
+        return "No validation ran (no held-out images, or validation off)."
+    return "\n".join(format_validation_row(r) for r in rows)

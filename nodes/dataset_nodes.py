@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from ..kontext_train import comfyui
 from ..kontext_train.buckets import bucket_resolutions, fit_to_bucket, nearest_bucket
-from ..kontext_train.dataset import RestorationDataset, build_dataset, resolve_dataset_path
+from ..kontext_train.dataset import build_dataset, resolve_dataset_path
 from ..kontext_train.degradations import DegradationConfig, degrade, describe
 from ..kontext_train.images import (
     comfy_image_to_tensors,
@@ -18,7 +17,8 @@ from ..kontext_train.images import (
     tensor_to_pil,
     tensors_to_comfy_image,
 )
-from ..kontext_train.latent_cache import CONTROL_MODES, LatentCache
+from ..kontext_train.latent_cache import CONTROL_MODES
+from ..kontext_train.run import prepare_latents
 from .common import CATEGORY, DATASET, DEGRADATION, LATENTS, SEED
 
 log = logging.getLogger("kontext_restore")
@@ -183,16 +183,6 @@ class KontextRestoreDataset:
         return {"ui": {"text": [summary]}, "result": (dataset, summary)}
 
 
-@dataclass
-class CachedLatents:
-    """What the trainer consumes: the dataset, its latent cache and the seed for degradations."""
-
-    dataset: RestorationDataset
-    cache: LatentCache
-    seed: int
-    vae_name: str
-
-
 class KontextRestoreCacheLatents:
     """Encodes every training and validation pair with the loaded VAE into an on-disk cache."""
 
@@ -230,25 +220,18 @@ class KontextRestoreCacheLatents:
 
     def cache(self, dataset, vae, control_mode, pool_size, seed, cache_folder="kontext_restore_cache"):
         folder = resolve_dataset_path(cache_folder or "kontext_restore_cache", str(comfyui.output_folder()))
-        cache = LatentCache(
+        progress = comfyui.NodeProgress(len(dataset.train) + len(dataset.val))
+        latents, summary = prepare_latents(
+            dataset,
+            vae,
             folder,
-            vae_id=comfyui.vae_identity(vae),
-            encode=lambda images: comfyui.vae_encode(vae, images),
-            control_mode=control_mode,
-            pool_size=pool_size,
+            control_mode,
+            pool_size,
+            seed,
+            on_progress=lambda done, total: progress.update(done),
+            check_cancel=comfyui.check_interrupted,
         )
-        samples = dataset.train + dataset.val
-        progress = comfyui.NodeProgress(len(samples))
-        # Warm the cache: targets and the epoch-0 controls (the rest of a pool fills during training).
-        for i, sample in enumerate(samples):
-            comfyui.check_interrupted()
-            cache.target(dataset, sample)
-            if control_mode == "pool" or not dataset.degradation.is_random:
-                cache.control(dataset, sample, 0, seed)
-            progress.update(i + 1)
-        stats = cache.stats
-        text = f"{len(samples)} images cached in {folder}: {stats}"
-        return (CachedLatents(dataset, cache, seed, type(vae).__name__), text)
+        return (latents, summary)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from ..kontext_train import comfyui
-from ..kontext_train.batches import LatentBatches
-from ..kontext_train.checkpoints import list_checkpoints
 from ..kontext_train.flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING
 from ..kontext_train.images import tensor_to_pil
-from ..kontext_train.lora import TARGET_SETS, sanitize_lora_name, to_kohya_state_dict
+from ..kontext_train.lora import TARGET_SETS, sanitize_lora_name
 from ..kontext_train.plots import image_grid
-from ..kontext_train.trainer import LORA_DTYPES, LR_SCHEDULES, TrainConfig, Trainer, TrainerHooks
-from ..kontext_train.validation import Validator, items_from_dataset
+from ..kontext_train.run import RunHooks, RunOutputs, train_lora
+from ..kontext_train.trainer import LORA_DTYPES, LR_SCHEDULES, TrainConfig
+from ..kontext_train.validation import format_validation_report, format_validation_row
 from .common import CATEGORY, LATENTS, LOSS, SEED
 
 log = logging.getLogger("kontext_restore")
@@ -27,20 +24,6 @@ def run_paths(lora_name: str):
     lora_path = comfyui.lora_folder() / name
     run_dir = comfyui.output_folder() / "kontext_restore" / name[: -len(".safetensors")]
     return name, lora_path, run_dir
-
-
-def format_validation(rows: list[dict]) -> str:
-    if not rows:
-        return "No validation ran (no held-out images, or validation off)."
-    lines = ["step  epoch  latent MSE restored/degraded   PSNR restored/degraded   SSIM restored/degraded"]
-    for r in rows:
-        psnr = f"{r['psnr_restored']:.2f}/{r['psnr_degraded']:.2f}" if "psnr_restored" in r else "n/a"
-        ssim = f"{r['ssim_restored']:.4f}/{r['ssim_degraded']:.4f}" if "ssim_restored" in r else "n/a"
-        lines.append(
-            f"{r['step']:>5} {r['epoch']:>5}   {r['latent_mse_restored']:.5f}/{r['latent_mse_degraded']:.5f}"
-            f"              {psnr:>13}            {ssim:>15}"
-        )
-    return "\n".join(lines)
 
 
 def validation_preview(triples: list, max_rows: int = 4):
@@ -160,76 +143,42 @@ class KontextRestoreTrainLoRA:
             lora_dtype=lora_dtype,
         )
         name, lora_path, run_dir = run_paths(lora_name)
-        if not resume and list_checkpoints(run_dir):
-            raise ValueError(
-                f"A run named {name!r} already has checkpoints in {run_dir}. Turn 'resume' on to continue it, "
-                "or choose another lora_name (nothing was overwritten)."
-            )
-        dataset, cache = latents.dataset, latents.cache
         progress = comfyui.NodeProgress(config.steps, unique_id)
-        running = {}
 
         def on_step(info):
             progress.update(
                 info.step, f"step {info.step}/{info.total}  loss {info.loss:.4f}  lr {info.lr:.2e}"
             )
 
-        def on_validation(row):
+        def on_validation(row, images):
             log.info("Kontext Restore validation: %s", row)
             # The held-out images (degraded | restored | clean) as the node's preview.
-            images = running["trainer"].last_restored
-            text = f"validation at step {row['step']}: " + format_validation([row]).splitlines()[-1].strip()
+            text = f"validation at {format_validation_row(row)}"
             progress.update(row["step"], text, validation_preview(images) if images else None)
 
-        hooks = TrainerHooks(
-            on_step=on_step,
-            check_cancel=comfyui.check_interrupted,
-            cancel_exceptions=comfyui.interrupt_exception_types(),
-            oom_exceptions=comfyui.oom_exception_types(),
-            on_validation=on_validation,
+        result = train_lora(
+            latents,
+            model,
+            conditioning,
+            config,
+            RunOutputs(lora_path, run_dir),
+            vae=vae,
+            resume=resume,
+            hooks=RunHooks(
+                on_step=on_step,
+                on_validation=on_validation,
+                on_message=lambda text: log.info("Kontext Restore: %s", text),
+                check_cancel=comfyui.check_interrupted,
+            ),
+            metadata={"trained_with": "ComfyUI node KontextRestoreTrainLoRA"},
         )
-        with torch.inference_mode(False):
-            lora_model = comfyui.FluxLoraModel(
-                model,
-                rank=config.rank,
-                alpha=config.lora_alpha,
-                lora_dtype=LORA_DTYPES[config.lora_dtype],
-                targets=config.lora_targets,
-                gradient_checkpointing=config.gradient_checkpointing,
-                seed=seed,
+        trained = comfyui.apply_lora(model, result.lora_state)
+        report = format_validation_report(result.validation)
+        if result.already_complete:
+            report = (
+                f"{name} was already trained to step {result.step}: nothing was trained or written. "
+                "Raise steps to continue it, or choose another lora_name.\n" + report
             )
-            try:
-                validator = None
-                if dataset.val and config.validate_every_epochs:
-                    validator = Validator(
-                        items_from_dataset(dataset, cache, latents.seed),
-                        decode=lambda z: comfyui.vae_decode(vae, z),
-                        seed=seed,
-                    )
-                trainer = Trainer(
-                    config,
-                    lora_model,
-                    LatentBatches(dataset, cache, config.batch_size, latents.seed),
-                    lora_model.prepare_conditioning(conditioning),
-                    run_dir,
-                    lora_path,
-                    metadata={
-                        "base_model": comfyui.model_name(model),
-                        "dataset_size": len(dataset.train),
-                        "validation_size": len(dataset.val),
-                        "degradation": dataset.degradation.to_dict(),
-                        "bucket_scale": dataset.bucket_scale,
-                    },
-                    validator=validator,
-                    hooks=hooks,
-                )
-                running["trainer"] = trainer
-                result = trainer.run(resume=resume)
-                lora_state = to_kohya_state_dict(lora_model.adapters)
-            finally:
-                lora_model.release()
-        trained = comfyui.apply_lora(model, lora_state)
-        report = format_validation(result.validation)
         loss = {"loss": result.losses, "validation": result.validation, "lora": name}
         return {"ui": {"text": [report]}, "result": (trained, name, loss, report)}
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kontext_train.atomic import atomic_path, atomic_write_text
+from kontext_train.atomic import atomic_path, atomic_write_csv, atomic_write_text
 
 
 def test_written_file_has_umask_permissions(tmp_path):
@@ -27,3 +27,21 @@ def test_failure_inside_the_block_leaves_the_old_file_and_no_temporary(tmp_path)
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
+
+
+def test_the_umask_in_force_at_write_time_applies_and_is_left_alone(tmp_path):
+    # ComfyUI's server is threaded: the module must not set (or cache) the process-wide umask.
+    old = os.umask(0o077)
+    try:
+        path = atomic_write_text(tmp_path / "private.json", "{}")
+        assert os.umask(0o077) == 0o077  # still what this test set
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_csv_rows_with_columns_in_order_of_first_appearance(tmp_path):
+    path = atomic_write_csv(
+        tmp_path / "rows.csv", [{"step": 1, "psnr": 20.5, "images": [1]}, {"step": 2, "ssim": 0.5}]
+    )
+    assert path.read_text().splitlines() == ["step,psnr,ssim", "1,20.5,", "2,,0.5"]

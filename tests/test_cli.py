@@ -191,7 +191,7 @@ def test_resume_continues_and_no_resume_refuses(demo_run, capsys):
     lora_bytes = (out / "kontext_restore_demo.safetensors").read_bytes()
     assert cli.main(["demo", "--output-dir", str(out), "--steps", "8", "--no-resume", *TINY]) == 2
     err = _error_line(capsys)
-    assert "already holds a run" in err and "--no-resume" in err
+    assert "already holds a run" in err and "resume is off" in err
     assert (out / "kontext_restore_demo.safetensors").read_bytes() == lora_bytes  # nothing overwritten
 
 
@@ -334,3 +334,24 @@ def test_comfyui_not_found_in_a_subprocess(tmp_path, how):
     err = proc.stderr.strip()
     assert "Traceback" not in err and err.count("\n") == 0, err
     assert "is not a ComfyUI install" in err and str(bogus) in err
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(comfy_root, tmp_path, clean_env, capsys):
+    out = tmp_path / "busy"
+    code = (
+        "import sys, time; from kontext_train.run_lock import run_lock\n"
+        "with run_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert cli.main(["demo", "--output-dir", str(out), "--steps", "2", *TINY]) == 2
+        err = _error_line(capsys)
+        assert "Another training run" in err and f"process {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "checkpoints").exists() and not (out / "kontext_restore_demo.safetensors").exists()

@@ -126,3 +126,26 @@ def test_validation_shows_a_preview_grid_on_the_node(pack_nodes, image_folder, t
     assert value == 3 and text.startswith("validation at step 3")
     assert image.size[0] >= 3 * 192  # degraded | restored | clean
     assert [v for v, t, p in updates if t and t.startswith("step ")] == [1, 2, 3]
+
+
+def test_a_lora_name_too_long_for_its_files_fails_at_once(pack_nodes, comfy_dirs, image_folder, tiny_vae):
+    _, latents, _ = _cached_latents(pack_nodes, image_folder, tiny_vae)
+    name = "n" * 225
+    with pytest.raises(ValueError, match="too long"):
+        _train(pack_nodes, make_tiny_flux(), latents, tiny_vae, name, steps=2)
+    assert not (comfy_dirs["output"] / "kontext_restore" / name).exists()
+    assert not any(p.name.startswith(name[:50]) for p in comfy_dirs["loras"].iterdir())
+
+
+def test_a_finished_run_queued_again_reports_it_and_writes_nothing(
+    pack_nodes, comfy_dirs, image_folder, tiny_vae
+):
+    _, latents, _ = _cached_latents(pack_nodes, image_folder, tiny_vae)
+    name = f"done_{image_folder.name}"
+    _train(pack_nodes, make_tiny_flux(), latents, tiny_vae, name, steps=2)
+    lora = comfy_dirs["loras"] / f"{name}.safetensors"
+    stamp = lora.stat().st_mtime_ns
+    trained, _, loss, report = _train(pack_nodes, make_tiny_flux(), latents, tiny_vae, name, steps=2)
+    assert "already trained to step 2" in report and len(loss["loss"]) == 2
+    assert lora.stat().st_mtime_ns == stamp
+    assert trained is not None

@@ -5,24 +5,12 @@ from __future__ import annotations
 import math
 import os
 import shlex
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .settings import PROG
-
-
-def format_validation_row(row: Mapping[str, Any]) -> str:
-    parts = [f"step {row.get('step')}"]
-    if "latent_mse_restored" in row:
-        parts.append(
-            f"latent MSE {row['latent_mse_restored']:.4f} (degraded {row['latent_mse_degraded']:.4f})"
-        )
-    if "psnr_restored" in row:
-        parts.append(f"PSNR {row['psnr_restored']:.2f} dB (degraded {row['psnr_degraded']:.2f})")
-    return ", ".join(parts)
 
 
 def fmt_value(v: Any, spec: str = "{:.4f}") -> str:
