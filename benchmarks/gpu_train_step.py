@@ -13,7 +13,9 @@ both, bf16 compute, gradient checkpointing on, batch 1, 256 text tokens (ComfyUI
 Flux), buckets 512 and 1024 px (square).
 
 Variants per bucket: ``ours_bridge`` (no reference, comparable to the native node, which cannot
-take reference latents), ``native`` (TrainLoraNode.execute, noise -> x0 loss) and
+take reference latents), ``native`` (TrainLoraNode.execute, noise -> x0 loss; on ComfyUI 0.33 in
+bypass mode with per-block checkpointing, ``_common.NATIVE_NEWER_INPUTS``, on a copy of the model
+made on the offload device as its reload would) and
 ``ours_bridge_ref`` (the degraded latent as Kontext reference tokens: twice the image tokens).
 Seconds per step: median interval between optimizer steps after warm-up (both loops call
 ``loss.item()`` every step, which synchronises). Peak VRAM: ``torch.cuda.max_memory_allocated``
@@ -43,7 +45,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import StepClock, bootstrap, machine_info, md_table, median, peak_rss_mb  # noqa: E402
+from _common import (  # noqa: E402
+    StepClock,
+    bootstrap,
+    machine_info,
+    md_table,
+    median,
+    native_train_lora,
+    peak_rss_mb,
+)
 
 GIB = 2**30
 FULL = {"hidden": 3072, "heads": 24, "double": 19, "single": 38, "context": 4096, "text_tokens": 256}
@@ -59,6 +69,7 @@ def build_flux(
     import comfy.supported_models
 
     from kontext_train.comfyui import flux_unet_config
+    from kontext_train.comfyui.tiny_models import is_norm_module
 
     unet_config = flux_unet_config(
         shape["hidden"], shape["heads"], shape["double"], shape["single"], shape["context"]
@@ -69,21 +80,40 @@ def build_flux(
     with torch.inference_mode(False), torch.no_grad():
         base = cfg.get_model({}, device=device)
         init_dtype = compute_dtype or weight_dtype
-        for name, p in base.diffusion_model.named_parameters():
-            # Cheap init in place (ComfyUI's ops leave weights uninitialised): N(0, 1/fan_in) for
-            # matrices, ones for norm scales, small values for biases. fp8 goes through bf16.
-            if p.ndim >= 2:
-                tmp = torch.empty(p.shape, device=device, dtype=init_dtype).normal_(generator=g)
-                p.copy_(tmp.mul_(p.shape[1] ** -0.5))
-            elif name.endswith("scale"):
-                p.fill_(1.0)
-            else:
-                p.copy_(
-                    torch.empty(p.shape, device=device, dtype=init_dtype).uniform_(-0.02, 0.02, generator=g)
-                )
-            del p
-    return comfy.model_patcher.ModelPatcher(
+        for module in base.diffusion_model.modules():
+            norm = is_norm_module(module)
+            for _, p in module.named_parameters(recurse=False):
+                # Cheap init in place (ComfyUI's ops leave weights uninitialised): N(0, 1/fan_in)
+                # for matrices, ones for norm gains (".scale" or ".weight" by ComfyUI version),
+                # small values for biases. fp8 goes through bf16.
+                if norm:
+                    p.fill_(1.0)
+                elif p.ndim >= 2:
+                    tmp = torch.empty(p.shape, device=device, dtype=init_dtype).normal_(generator=g)
+                    p.copy_(tmp.mul_(p.shape[1] ** -0.5))
+                else:
+                    tmp = torch.empty(p.shape, device=device, dtype=init_dtype)
+                    p.copy_(tmp.uniform_(-0.02, 0.02, generator=g))
+                del p
+    patcher = comfy.model_patcher.ModelPatcher(
         base, load_device=torch.device(device), offload_device=mm.unet_offload_device()
+    )
+    # ComfyUI 0.33's TrainLoraNode deep-copies its model by loading it again through this hook
+    # (core loaders set it); here "loading again" copies the weights to a new model on the offload
+    # device, as a loader reading the file would.
+    patcher.cached_patcher_init = (reload_copy, (patcher,))
+    return patcher
+
+
+def reload_copy(source, disable_dynamic: bool = False):
+    """A fresh model with ``source``'s weights on its offload device (a plain ModelPatcher)."""
+    import comfy.model_patcher
+
+    with torch.inference_mode(False), torch.no_grad():
+        fresh = source.model.model_config.get_model({}, device=source.offload_device)
+        fresh.diffusion_model.load_state_dict(source.model.diffusion_model.state_dict())
+    return comfy.model_patcher.ModelPatcher(
+        fresh, load_device=source.load_device, offload_device=source.offload_device
     )
 
 
@@ -160,29 +190,26 @@ class Runner:
                 lm.release()
 
     def native(self, side: int, steps: int, shape: dict) -> None:
-        from comfy_extras.nodes_train import TrainLoraNode
-
         clean, _ = latents(side)
-        with torch.inference_mode():
-            TrainLoraNode.execute(
-                model=[self.model],
-                # Two LATENTs: a single one trips an UnboundLocalError (multi_res) in 0.3.75.
-                latents=[{"samples": clean}, {"samples": clean.clone()}],
-                positive=[conditioning(shape, guidance=1.5)],
-                batch_size=[1],
-                steps=[steps],
-                grad_accumulation_steps=[1],
-                learning_rate=[1e-4],
-                rank=[self.args.rank],
-                optimizer=["AdamW"],
-                loss_function=["MSE"],
-                seed=[0],
-                training_dtype=["bf16"],
-                lora_dtype=["fp32"],
-                algorithm=["LoRA"],
-                gradient_checkpointing=[True],
-                existing_lora=["[None]"],
-            )
+        native_train_lora(
+            model=[self.model],
+            # Two LATENTs: a single one trips an UnboundLocalError (multi_res) in 0.3.75.
+            latents=[{"samples": clean}, {"samples": clean.clone()}],
+            positive=[conditioning(shape, guidance=1.5)],
+            batch_size=[1],
+            steps=[steps],
+            grad_accumulation_steps=[1],
+            learning_rate=[1e-4],
+            rank=[self.args.rank],
+            optimizer=["AdamW"],
+            loss_function=["MSE"],
+            seed=[0],
+            training_dtype=["bf16"],
+            lora_dtype=["fp32"],
+            algorithm=["LoRA"],
+            gradient_checkpointing=[True],
+            existing_lora=["[None]"],
+        )
 
     def measure(self, variant: str, side: int, shape: dict) -> dict:
         steps = self.args.warmup + self.args.steps

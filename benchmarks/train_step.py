@@ -9,7 +9,9 @@ Variants (all on the same base model, same LoRA rank, same batch/resolution/dtyp
 * ``ours_<formulation>``: ``kontext_train.trainer.Trainer.run`` with ``FluxLoraModel`` (targets
   ``all_linear``), in-memory latent batches, no validation and no checkpoints inside the loop.
 * ``native``: ComfyUI's ``TrainLoraNode.execute`` (noise -> x0 formulation; it cannot take
-  reference latents), LoRA on every comfy-op weight plus bias deltas.
+  reference latents), LoRA on every comfy-op weight plus bias deltas. On ComfyUI 0.33 its newer
+  inputs are set to its fastest settings (bypass mode, per-block checkpointing:
+  ``_common.NATIVE_NEWER_INPUTS``), and it trains on a reloaded copy of the model.
 * ``bare_<formulation>``: the same ``FluxLoraModel`` (same adapters, same inputs) called in a plain
   loop: ``velocity`` + MSE + ``backward`` + ``AdamW.step``. Nothing of the trainer around it.
 
@@ -39,6 +41,7 @@ from _common import (  # noqa: E402
     make_conditioning,
     md_table,
     median,
+    native_train_lora,
     param_bytes,
     peak_rss_mb,
     write_json,
@@ -162,32 +165,28 @@ class Bench:
                 lm.base.diffusion_model.requires_grad_(False)
 
     def native(self, steps: int):
-        from comfy_extras.nodes_train import TrainLoraNode
-
         a = self.args
         # One LATENT per image: a single batched LATENT hits an UnboundLocalError (multi_res) in
         # ComfyUI 0.3.75's TrainLoraNode.execute.
         latents = [{"samples": self.clean[i : i + 1]} for i in range(len(self.clean))]
-        with torch.inference_mode():  # as ComfyUI runs nodes
-            out = TrainLoraNode.execute(
-                model=[self.model],
-                latents=latents,
-                positive=[self.raw_cond],
-                batch_size=[a.batch],
-                steps=[steps],
-                grad_accumulation_steps=[1],
-                learning_rate=[1e-4],
-                rank=[a.rank],
-                optimizer=["AdamW"],
-                loss_function=["MSE"],
-                seed=[0],
-                training_dtype=["fp32"],
-                lora_dtype=["fp32"],
-                algorithm=["LoRA"],
-                gradient_checkpointing=[a.checkpointing],
-                existing_lora=["[None]"],
-            )
-        return out.args[1] if hasattr(out, "args") else out[1]
+        return native_train_lora(
+            model=[self.model],
+            latents=latents,
+            positive=[self.raw_cond],
+            batch_size=[a.batch],
+            steps=[steps],
+            grad_accumulation_steps=[1],
+            learning_rate=[1e-4],
+            rank=[a.rank],
+            optimizer=["AdamW"],
+            loss_function=["MSE"],
+            seed=[0],
+            training_dtype=["fp32"],
+            lora_dtype=["fp32"],
+            algorithm=["LoRA"],
+            gradient_checkpointing=[a.checkpointing],
+            existing_lora=["[None]"],
+        )
 
     def run_variant(self, name: str, steps: int) -> None:
         if name == "native":
