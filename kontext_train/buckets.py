@@ -56,8 +56,9 @@ def bucket_resolutions(scale: float = 1.0) -> list[Bucket]:
     Sides are rounded to multiples of 16 (the VAE's 8x times Flux's 2x2 patches), at least 16;
     duplicates created by rounding are dropped, keeping the tall-to-wide order.
     """
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)) or scale <= 0 or scale > 4:
-        raise ValueError(f"bucket scale must be in (0, 4], got {scale!r}")
+    from .options import check_value  # the settings table imports this module
+
+    check_value("bucket_scale", scale)
     out: list[Bucket] = []
     for w, h in KONTEXT_RESOLUTIONS:
         b = (max(16, round(w * scale / 16) * 16), max(16, round(h * scale / 16) * 16))

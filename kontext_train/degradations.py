@@ -192,23 +192,34 @@ class DegradationConfig:
                 raise ValueError(f"{name} must be (low, high) with low <= high, got {value}")
             object.__setattr__(self, name, value)
         object.__setattr__(self, "resize_modes", tuple(self.resize_modes))
-        if self.kind not in KINDS:
-            raise ValueError(f"degradation kind must be one of {KINDS}, got {self.kind!r}")
-        if self.noise_sigma < 0 or self.noise_sigma_range[0] < 0:
-            raise ValueError("noise sigma must be >= 0")
-        if self.blur_radius < 0 or self.blur_radius_range[0] < 0:
-            raise ValueError("blur radius must be >= 0")
-        if self.downscale < 1 or self.resize_range[0] < 1:
-            raise ValueError("downscale factors must be >= 1 (1 = no down/up-scaling)")
-        if not (self.jpeg_quality == 0 or 1 <= self.jpeg_quality <= 100):
-            raise ValueError(f"jpeg_quality must be 0 (off) or 1..100, got {self.jpeg_quality}")
-        if not (1 <= self.jpeg_quality_range[0] and self.jpeg_quality_range[1] <= 100):
-            raise ValueError(f"jpeg_quality_range must lie in 1..100, got {self.jpeg_quality_range}")
+        # Imported here: the settings table reads its defaults from this class.
+        from .options import check_settings, check_value
+
+        check_settings(
+            {
+                "degradation": self.kind,
+                "noise_sigma": self.noise_sigma,
+                "blur_radius": self.blur_radius,
+                "jpeg_quality": self.jpeg_quality,
+                "downscale": self.downscale,
+                "second_order_prob": self.second_order_prob,
+                "shuffle_prob": self.shuffle_prob,
+            }
+        )
+        # Each end of a random range obeys its fixed setting's range.
+        for setting, name in (
+            ("noise_sigma", "noise_sigma_range"),
+            ("blur_radius", "blur_radius_range"),
+            ("downscale", "resize_range"),
+        ):
+            for value in getattr(self, name):
+                check_value(setting, value, label=name)
+        if not all(isinstance(q, int) and 1 <= q <= 100 for q in self.jpeg_quality_range):
+            raise ValueError(
+                f"jpeg_quality_range must be whole numbers in 1..100, got {self.jpeg_quality_range}"
+            )
         if not self.resize_modes or any(m not in RESIZE_MODES for m in self.resize_modes):
             raise ValueError(f"resize_modes must be a non-empty subset of {RESIZE_MODES}")
-        for name in ("second_order_prob", "shuffle_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     @property
     def is_random(self) -> bool:

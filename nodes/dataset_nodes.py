@@ -17,9 +17,17 @@ from ..kontext_train.images import (
     tensor_to_pil,
     tensors_to_comfy_image,
 )
-from ..kontext_train.latent_cache import CONTROL_MODES
 from ..kontext_train.run import prepare_latents
-from .common import CATEGORY, DATASET, DEGRADATION, LATENTS, SEED
+from .common import (
+    CATEGORY,
+    DATASET,
+    DEGRADATION,
+    LATENTS,
+    SEED,
+    number_validator,
+    setting_inputs,
+    socket,
+)
 
 log = logging.getLogger("kontext_restore")
 
@@ -30,18 +38,15 @@ class KontextRestoreDegradation:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "kind": (["fixed", "realesrgan"], {"default": "fixed"}),
-                "noise_sigma": ("FLOAT", {"default": 0.02, "min": 0.0, "max": 0.5, "step": 0.005}),
-                "blur_radius": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 10.0, "step": 0.1}),
-                "jpeg_quality": ("INT", {"default": 85, "min": 0, "max": 100, "tooltip": "0 turns JPEG off"}),
-                "downscale": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 8.0, "step": 0.25}),
-            },
-            "optional": {
-                "second_order_prob": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05}),
-                "shuffle_prob": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.05}),
-            },
+            "required": setting_inputs(
+                "degradation", "noise_sigma", "blur_radius", "jpeg_quality", "downscale"
+            ),
+            "optional": setting_inputs("second_order_prob", "shuffle_prob"),
         }
+
+    VALIDATE_INPUTS = number_validator(
+        "noise_sigma", "blur_radius", "downscale", "second_order_prob", "shuffle_prob"
+    )
 
     RETURN_TYPES = (DEGRADATION, "STRING")
     RETURN_NAMES = ("degradation", "description")
@@ -70,8 +75,12 @@ class KontextRestoreDegradeImage:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"images": ("IMAGE",), "seed": SEED},
-            "optional": {"degradation": (DEGRADATION,)},
+            "required": {"images": socket("IMAGE", "The clean images to degrade."), "seed": SEED},
+            "optional": {
+                "degradation": socket(
+                    DEGRADATION, "From Degradation Settings; not connected: the fixed pipeline's defaults."
+                )
+            },
         }
 
     RETURN_TYPES = ("IMAGE",)
@@ -92,11 +101,10 @@ class KontextRestoreBucketImage:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "images": ("IMAGE",),
-                "bucket_scale": ("FLOAT", {"default": 1.0, "min": 0.25, "max": 2.0, "step": 0.05}),
-            }
+            "required": {"images": socket("IMAGE", "The images to scale."), **setting_inputs("bucket_scale")}
         }
+
+    VALIDATE_INPUTS = number_validator("bucket_scale")
 
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "scale"
@@ -116,36 +124,19 @@ class KontextRestoreDataset:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "hq_folder": (
-                    "STRING",
-                    {"default": "restore_hq", "tooltip": "Relative paths are inside ComfyUI's input folder."},
-                ),
-                "bucket_scale": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.25,
-                        "max": 2.0,
-                        "step": 0.05,
-                        "tooltip": "0.5 gives ~512 px buckets",
-                    },
-                ),
-                "val_count": (
-                    "INT",
-                    {"default": 4, "min": 0, "max": 1000, "tooltip": "Held-out images for validation"},
-                ),
-                "seed": SEED,
-            },
+            "required": setting_inputs("hq_folder", "bucket_scale", "val_count", "seed"),
             "optional": {
-                "lq_folder": (
-                    "STRING",
-                    {"default": "", "tooltip": "Optional real degraded images, matched by relative path"},
+                **setting_inputs("lq_folder"),
+                "degradation": socket(
+                    DEGRADATION,
+                    "How the degraded half of each pair is made, from Degradation Settings; not connected: "
+                    "the fixed pipeline's defaults.",
                 ),
-                "degradation": (DEGRADATION,),
-                "min_size": ("INT", {"default": 64, "min": 8, "max": 4096}),
+                **setting_inputs("min_size"),
             },
         }
+
+    VALIDATE_INPUTS = number_validator("bucket_scale")
 
     RETURN_TYPES = (DATASET, "STRING")
     RETURN_NAMES = ("dataset", "summary")
@@ -190,27 +181,11 @@ class KontextRestoreCacheLatents:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "dataset": (DATASET,),
-                "vae": ("VAE",),
-                "control_mode": (
-                    list(CONTROL_MODES),
-                    {
-                        "default": "pool",
-                        "tooltip": "Random degradations only: pool caches N variants per image; reencode encodes fresh ones every epoch",
-                    },
-                ),
-                "pool_size": ("INT", {"default": 4, "min": 1, "max": 64}),
-                "seed": SEED,
+                "dataset": socket(DATASET, "The dataset from Image Folder Dataset."),
+                "vae": socket("VAE", "The Flux VAE (ae.safetensors) that encodes the images to latents."),
+                **setting_inputs("control_mode", "pool_size", "seed"),
             },
-            "optional": {
-                "cache_folder": (
-                    "STRING",
-                    {
-                        "default": "kontext_restore_cache",
-                        "tooltip": "Inside ComfyUI's output folder unless absolute",
-                    },
-                )
-            },
+            "optional": setting_inputs("cache_folder"),
         }
 
     RETURN_TYPES = (LATENTS, "STRING")

@@ -7,7 +7,7 @@ import math
 from ..kontext_train.images import comfy_image_to_tensors, pil_to_tensor, tensors_to_comfy_image
 from ..kontext_train.metrics import evaluate_restoration
 from ..kontext_train.plots import render_loss_plot
-from .common import CATEGORY, LOSS
+from .common import CATEGORY, LOSS, number_validator, setting_inputs, socket
 
 
 def _nan_if_none(value: float | None) -> float:
@@ -20,13 +20,10 @@ class KontextRestoreMetrics:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "restored": ("IMAGE",),
-                "reference": (
-                    "IMAGE",
-                    {"tooltip": "The clean ground truth, same size and count as restored"},
-                ),
+                "restored": socket("IMAGE", "The restored images to score."),
+                "reference": socket("IMAGE", "The clean ground truth, same size and count as restored."),
             },
-            "optional": {"degraded": ("IMAGE", {"tooltip": "The input, scored as the baseline to beat"})},
+            "optional": {"degraded": socket("IMAGE", "The degraded input, scored as the baseline to beat.")},
         }
 
     RETURN_TYPES = ("STRING", "FLOAT", "FLOAT", "FLOAT", "FLOAT")
@@ -62,12 +59,11 @@ class KontextRestoreLossPlot:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"loss": (LOSS, {"tooltip": "The trainer's loss output"})},
-            "optional": {
-                "smoothing": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 0.999, "step": 0.01}),
-                "log_scale": ("BOOLEAN", {"default": False}),
-            },
+            "required": {"loss": socket(LOSS, "The loss output of Kontext Restore: Train LoRA.")},
+            "optional": setting_inputs("smoothing", "log_scale"),
         }
+
+    VALIDATE_INPUTS = number_validator("smoothing")
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("plot",)

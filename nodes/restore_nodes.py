@@ -11,13 +11,12 @@ from ..kontext_train.images import comfy_image_to_tensors, tensors_to_comfy_imag
 from ..kontext_train.restore import MAX_MEGAPIXELS, TILE_BELOW_SCALE, RestoreProgress, restore_images
 from ..kontext_train.restore_settings import (
     AS_TRAINED,
-    MODES,
     LoraRecord,
     as_trained_sigmas,
     read_lora_record,
     resolve_restore_settings,
 )
-from .common import CATEGORY, SEED
+from .common import CATEGORY, SEED, number_validator, setting_input, setting_inputs, socket
 
 log = logging.getLogger("kontext_restore")
 
@@ -37,58 +36,26 @@ class KontextRestoreRestore:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (
+                "model": socket(
                     "MODEL",
-                    {
-                        "tooltip": "Kontext with the restoration LoRA applied (LoraLoaderModelOnly or the trainer's MODEL)"
-                    },
+                    "Kontext with the restoration LoRA applied (LoraLoaderModelOnly or the trainer's MODEL).",
                 ),
-                "vae": ("VAE",),
-                "conditioning": ("CONDITIONING", {"tooltip": "The restoration prompt used in training"}),
-                "images": ("IMAGE", {"tooltip": "Degraded images"}),
-                "mode": (
-                    list(MODES),
-                    {
-                        "default": "auto",
-                        "tooltip": "auto: the formulation recorded in the LoRA file (lora_name), else bridge_ref",
-                    },
-                ),
-                "steps": (
-                    "INT",
-                    {"default": 0, "min": 0, "max": 200, "tooltip": "0: 8 for bridge modes, 28 for kontext"},
-                ),
-                "guidance": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 100.0, "step": 0.1}),
-                "sampler_name": (comfyui.sampler_names(), {"default": "euler"}),
-                "scheduler": (
-                    [AS_TRAINED] + comfyui.scheduler_names(),
-                    {
-                        "default": AS_TRAINED,
-                        "tooltip": "as_trained: 1 -> 0 with the time shift training used",
-                    },
-                ),
+                "vae": socket("VAE", "The Flux VAE: encodes the degraded images and decodes the result."),
+                "conditioning": socket("CONDITIONING", "The restoration prompt, the same as in training."),
+                "images": socket("IMAGE", "The degraded images to restore."),
+                "mode": setting_input("mode"),
+                "steps": setting_input("restore_steps"),
+                "guidance": setting_input("guidance"),
+                "sampler_name": setting_input("sampler", comfyui.sampler_names()),
+                "scheduler": setting_input("scheduler", [AS_TRAINED] + comfyui.scheduler_names()),
                 "seed": SEED,
-                "bucket_scale": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.05,
-                        "max": 2.0,
-                        "step": 0.05,
-                        "tooltip": "Use the dataset's bucket_scale",
-                    },
-                ),
+                "bucket_scale": setting_input("bucket_scale"),
             },
-            "optional": {
-                "lora_name": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "LoRA file in the loras folder; its metadata sets mode 'auto' and bridge noise",
-                    },
-                ),
-            },
+            "optional": setting_inputs("restore_lora"),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    VALIDATE_INPUTS = number_validator("guidance", "bucket_scale")
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
@@ -184,24 +151,18 @@ class KontextRestoreDegradedNoise:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model the sampler uses (for its latent space)"}),
-                "latent": (
-                    "LATENT",
-                    {"tooltip": "VAE Encode of the degraded image; also connect it as latent_image"},
+                "model": socket("MODEL", "The model the sampler uses (for its latent space)."),
+                "latent": socket(
+                    "LATENT", "VAE Encode of the degraded image; also connect it as latent_image."
                 ),
-                "bridge_noise": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "The LoRA's training bridge_noise",
-                    },
+                "bridge_noise": setting_input(
+                    "bridge_noise", tooltip="The bridge_noise the LoRA was trained with (0 for most LoRAs)."
                 ),
                 "seed": SEED,
             }
         }
+
+    VALIDATE_INPUTS = number_validator("bridge_noise")
 
     RETURN_TYPES = ("NOISE",)
     RETURN_NAMES = ("noise",)
@@ -226,8 +187,8 @@ class KontextRestoreSigmas:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "steps": ("INT", {"default": 8, "min": 1, "max": 200}),
-                "latent": ("LATENT", {"tooltip": "The latent being restored: its size sets the time shift"}),
+                **setting_inputs("sigma_steps"),
+                "latent": socket("LATENT", "The latent being restored: its size sets the time shift."),
             }
         }
 

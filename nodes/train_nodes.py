@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 
 from ..kontext_train import comfyui
-from ..kontext_train.flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING
 from ..kontext_train.images import tensor_to_pil
-from ..kontext_train.lora import TARGET_SETS, sanitize_lora_name
+from ..kontext_train.lora import sanitize_lora_name
 from ..kontext_train.plots import image_grid
 from ..kontext_train.run import RunHooks, RunOutputs, train_lora
-from ..kontext_train.trainer import LORA_DTYPES, LR_SCHEDULES, TrainConfig
+from ..kontext_train.trainer import TrainConfig
 from ..kontext_train.validation import format_validation_report, format_validation_row
-from .common import CATEGORY, LATENTS, LOSS, SEED
+from .common import CATEGORY, LATENTS, LOSS, number_validator, setting_inputs, socket
 
 log = logging.getLogger("kontext_restore")
 DEFAULTS = TrainConfig()
@@ -35,52 +34,46 @@ def validation_preview(triples: list, max_rows: int = 4):
 class KontextRestoreTrainLoRA:
     @classmethod
     def INPUT_TYPES(cls):
-        d = DEFAULTS
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "FLUX.1 Kontext [dev] from any loader (fp8 weights work)"}),
-                "conditioning": ("CONDITIONING", {"tooltip": "The restoration prompt, from CLIPTextEncode"}),
-                "latents": (LATENTS,),
-                "vae": ("VAE", {"tooltip": "Decodes validation restorations for PSNR/SSIM"}),
-                "lora_name": ("STRING", {"default": "kontext_restore"}),
-                "steps": ("INT", {"default": d.steps, "min": 1, "max": 1_000_000}),
-                "learning_rate": (
-                    "FLOAT",
-                    {"default": d.learning_rate, "min": 1e-7, "max": 1.0, "step": 1e-5},
+                "model": socket("MODEL", "FLUX.1 Kontext [dev] from any loader (fp8 weights work)."),
+                "conditioning": socket(
+                    "CONDITIONING",
+                    "The restoration prompt from CLIPTextEncode; restore with the same prompt.",
                 ),
-                "rank": ("INT", {"default": d.rank, "min": 1, "max": 256}),
-                "batch_size": ("INT", {"default": d.batch_size, "min": 1, "max": 64}),
-                "grad_accum": ("INT", {"default": d.grad_accum, "min": 1, "max": 256}),
-                "warmup_steps": ("INT", {"default": d.warmup_steps, "min": 0, "max": 100_000}),
-                "guidance": ("FLOAT", {"default": d.guidance, "min": 0.0, "max": 10.0, "step": 0.1}),
-                "checkpoint_every": ("INT", {"default": d.checkpoint_every, "min": 0, "max": 100_000}),
-                "validate_every_epochs": (
-                    "INT",
-                    {"default": d.validate_every_epochs, "min": 0, "max": 10_000},
-                ),
-                "formulation": (list(FORMULATIONS), {"default": d.formulation}),
-                "seed": SEED,
-                "resume": (
-                    "BOOLEAN",
-                    {"default": True, "tooltip": "Continue from the latest checkpoint of this LoRA name"},
+                "latents": socket(LATENTS, "The cached dataset from Kontext Restore: Cache Latents."),
+                "vae": socket("VAE", "Decodes the held-out restorations to score them (PSNR/SSIM)."),
+                **setting_inputs(
+                    "name",
+                    "steps",
+                    "learning_rate",
+                    "rank",
+                    "batch_size",
+                    "grad_accum",
+                    "warmup_steps",
+                    "guidance",
+                    "checkpoint_every",
+                    "validate_every_epochs",
+                    "formulation",
+                    "seed",
+                    "resume",
                 ),
             },
-            "optional": {
-                "alpha": (
-                    "FLOAT",
-                    {"default": 0.0, "min": 0.0, "max": 1024.0, "tooltip": "0 means alpha = rank"},
-                ),
-                "lr_schedule": (list(LR_SCHEDULES), {"default": d.lr_schedule}),
-                "timestep_sampling": (list(TIMESTEP_SAMPLING), {"default": d.timestep_sampling}),
-                "loss_weighting": (list(LOSS_WEIGHTING), {"default": d.loss_weighting}),
-                "bridge_noise": ("FLOAT", {"default": d.bridge_noise, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "lora_targets": (list(TARGET_SETS), {"default": d.lora_targets}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": d.gradient_checkpointing}),
-                "lora_dtype": (list(LORA_DTYPES), {"default": d.lora_dtype}),
-                "validation_steps": ("INT", {"default": d.validation_steps, "min": 1, "max": 100}),
-            },
+            "optional": setting_inputs(
+                "alpha",
+                "lr_schedule",
+                "timestep_sampling",
+                "loss_weighting",
+                "bridge_noise",
+                "lora_targets",
+                "gradient_checkpointing",
+                "lora_dtype",
+                "validation_steps",
+            ),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    VALIDATE_INPUTS = number_validator("learning_rate", "guidance", "alpha", "bridge_noise")
 
     RETURN_TYPES = ("MODEL", "STRING", LOSS, "STRING")
     RETURN_NAMES = ("model", "lora_name", "loss", "validation_report")
@@ -120,28 +113,7 @@ class KontextRestoreTrainLoRA:
         unique_id=None,
     ):
         comfyui.require_flux(model)
-        config = TrainConfig(
-            steps=steps,
-            learning_rate=learning_rate,
-            rank=rank,
-            alpha=alpha or None,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            lr_schedule=lr_schedule,
-            warmup_steps=warmup_steps,
-            guidance=guidance,
-            checkpoint_every=checkpoint_every,
-            validate_every_epochs=validate_every_epochs,
-            validation_steps=validation_steps,
-            seed=seed,
-            formulation=formulation,
-            bridge_noise=bridge_noise,
-            timestep_sampling=timestep_sampling,
-            loss_weighting=loss_weighting,
-            lora_targets=lora_targets,
-            gradient_checkpointing=gradient_checkpointing,
-            lora_dtype=lora_dtype,
-        )
+        config = TrainConfig.from_inputs(locals())  # inputs are named like its fields
         name, lora_path, run_dir = run_paths(lora_name)
         progress = comfyui.NodeProgress(config.steps, unique_id)
 

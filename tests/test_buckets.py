@@ -63,7 +63,7 @@ def test_half_scale_values():
 
 @pytest.mark.parametrize("scale", [0, -1, 4.5, float("nan")])
 def test_bad_scale_is_named(scale):
-    with pytest.raises(ValueError, match="bucket scale"):
+    with pytest.raises(ValueError, match="bucket_scale"):
         bucket_resolutions(scale)
 
 

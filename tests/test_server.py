@@ -111,3 +111,28 @@ def test_invalid_graph_is_refused_with_node_errors(comfy_server):
     with pytest.raises(ServerError) as err:
         comfy_server.queue_prompt(graph)
     assert "bucket_scale" in str(err.value)
+
+
+def test_every_input_of_every_pack_node_has_a_tooltip(comfy_server):
+    info = comfy_server.object_info()
+    pack = [k for k, v in info.items() if v["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"]
+    assert "KontextRestoreTrainLoRA" in pack and "KontextRestoreRestore" in pack
+    missing = []
+    for name in pack:
+        for group in ("required", "optional"):
+            for input_name, spec in info[name]["input"].get(group, {}).items():
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if not str(options.get("tooltip", "")).strip():
+                    missing.append(f"{name}.{input_name}")
+    assert not missing, f"inputs without a tooltip: {missing}"
+
+
+def test_nan_setting_is_refused_with_node_errors(comfy_server):
+    from server_host import ServerError
+
+    write_png(comfy_server.input_dir / "server_test_clean.png", 200, 136, seed=3)
+    graph = _image_graph("server_test_clean.png")
+    graph["2"]["inputs"]["noise_sigma"] = float("nan")  # once gave black images and "success"
+    with pytest.raises(ServerError) as err:
+        comfy_server.queue_prompt(graph)
+    assert "HTTP 400" in str(err.value) and "noise_sigma" in str(err.value) and "0..0.5" in str(err.value)
