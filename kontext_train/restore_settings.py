@@ -51,7 +51,8 @@ DEFAULT_BUCKET_SCALE = 1.0
 # resolution-dependent time shift training samples sigmas with.
 DEFAULT_BASE_SHIFT = 0.5
 DEFAULT_MAX_SHIFT = 1.15
-MAX_BUCKET_SCALE = 4.0  # buckets.bucket_resolutions accepts (0, 4]
+# The settings table's range of bucket_scale (options.py; tests/test_options.py checks they agree).
+MIN_BUCKET_SCALE, MAX_BUCKET_SCALE = 0.0625, 4.0
 
 FROM_USER, FROM_LORA, FROM_DEFAULT = "user", "LoRA metadata", "default"
 
@@ -135,7 +136,7 @@ def lora_record_from_metadata(metadata: Mapping[str, str], path: str = "<lora>")
         bridge_noise=_number(raw("bridge_noise"), "bridge_noise", path, warnings, low=0.0),
         guidance=_number(raw("guidance"), "guidance", path, warnings, low=0.0),
         bucket_scale=_number(
-            raw("bucket_scale"), "bucket_scale", path, warnings, low=0.0, high=MAX_BUCKET_SCALE, low_open=True
+            raw("bucket_scale"), "bucket_scale", path, warnings, low=MIN_BUCKET_SCALE, high=MAX_BUCKET_SCALE
         ),
         base_shift=_number(raw("base_shift"), "base_shift", path, warnings),
         max_shift=_number(raw("max_shift"), "max_shift", path, warnings),
@@ -196,12 +197,12 @@ class RestoreSettings:
 
     def __post_init__(self) -> None:
         check_choice("formulation", self.formulation, FORMULATIONS)
-        if not (math.isfinite(self.bridge_noise) and self.bridge_noise >= 0):
-            raise ValueError(f"bridge_noise must be a finite number >= 0, got {self.bridge_noise}")
-        if not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
-        if not (math.isfinite(self.bucket_scale) and 0 < self.bucket_scale <= MAX_BUCKET_SCALE):
-            raise ValueError(f"bucket_scale must be in (0, {MAX_BUCKET_SCALE:g}], got {self.bucket_scale}")
+        from .options import check_settings  # the settings table imports this module
+
+        # The ranges the nodes and the command use (NaN guidance once gave black restores).
+        check_settings(
+            {"guidance": self.guidance, "bridge_noise": self.bridge_noise, "bucket_scale": self.bucket_scale}
+        )
         if not (math.isfinite(self.base_shift) and math.isfinite(self.max_shift)):
             raise ValueError(
                 f"base_shift and max_shift must be finite, got {self.base_shift}, {self.max_shift}"

@@ -232,3 +232,15 @@ def test_nodes_refuse_nan_when_a_prompt_is_queued(pack_nodes):
     assert "noise_sigma" in message and "blur_radius" in message and "0..10" in message
     restore = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"]
     assert "guidance" in restore.VALIDATE_INPUTS(guidance=math.nan)
+
+
+def test_restore_settings_use_the_table():
+    from kontext_train import restore_settings
+    from kontext_train.restore_settings import RestoreSettings
+
+    scale = options.setting("bucket_scale")
+    assert (restore_settings.MIN_BUCKET_SCALE, restore_settings.MAX_BUCKET_SCALE) == (scale.min, scale.max)
+    assert restore_settings.DEFAULT_GUIDANCE == options.setting("guidance").default
+    for name, value in [("guidance", math.inf), ("bridge_noise", 2.0), ("bucket_scale", 0.05)]:
+        with pytest.raises(SettingError, match=f"{name} must be .*{options.setting(name).range_text}"):
+            RestoreSettings(**{name: value})
