@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -15,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_csv, atomic_write_text
 from ..restore_settings import AS_TRAINED, FROM_LORA, RestoreSettings, read_restore_settings
 from .demo import DEMO_BASE_MODEL
 from .report import fmt_value
@@ -145,15 +143,7 @@ def write_evaluation(ev: Evaluation, folder: Path, stem: str = "evaluation") -> 
     data = ev.to_dict()
     paths = {"json": folder / f"{stem}.json", "csv": folder / f"{stem}.csv", "grid": folder / "samples.png"}
     atomic_write_text(paths["json"], json.dumps(data, indent=2))
-    rows = data["per_image"]
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_csv(paths["csv"], data["per_image"])
     _save_png(image_grid([list(t) for t in ev.triples], ["degraded", "restored", "clean"]), paths["grid"])
     return paths
 
