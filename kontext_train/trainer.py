@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,91 +29,17 @@ from .atomic import atomic_write_csv, atomic_write_text
 from .batches import LatentBatch, LatentBatches
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .flow import (
-    FORMULATIONS,
-    LOSS_WEIGHTING,
-    TIMESTEP_SAMPLING,
-    check_choice,
     flux_shift_mu,
     image_tokens,
     loss_weights,
     make_training_example,
     sample_training_sigmas,
 )
-from .lora import TARGET_SETS, atomic_save_safetensors, load_kohya_into, to_kohya_state_dict
+from .lora import atomic_save_safetensors, load_kohya_into, to_kohya_state_dict
 from .restore_settings import METADATA_PREFIX  # one prefix for writing and reading a LoRA's metadata
+from .train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
 
-LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-LR_SCHEDULES = ("cosine", "constant_with_warmup", "linear")
-
-
-@dataclass
-class TrainConfig:
-    """Training settings. Defaults follow the original design note where it had one."""
-
-    steps: int = 3000
-    learning_rate: float = 1e-4
-    rank: int = 16
-    alpha: float | None = None  # None: alpha = rank, i.e. LoRA scale 1
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 100
-    guidance: float = 1.5
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    validate_every_epochs: int = 5
-    validation_steps: int = 8
-    seed: int = 0
-    formulation: str = "bridge_ref"
-    bridge_noise: float = 0.0
-    timestep_sampling: str = "shifted_uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    loss_weighting: str = "none"
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    lora_targets: str = "blocks"  # blocks | blocks+modulation | all_linear
-    gradient_checkpointing: bool = True
-    lora_dtype: str = "float32"
-
-    # Settings that may change between a run and its resume; everything else must match.
-    RESUMABLE_CHANGES = (
-        "steps",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "validate_every_epochs",
-        "validation_steps",
-    )
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "rank", "batch_size", "grad_accum", "validation_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
-        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.validate_every_epochs < 0:
-            raise ValueError("warmup_steps, checkpoint_every and validate_every_epochs must not be negative")
-        if self.bridge_noise < 0:
-            raise ValueError(f"bridge_noise must not be negative, got {self.bridge_noise}")
-        check_choice("formulation", self.formulation, FORMULATIONS)
-        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
-        check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTING)
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        check_choice("lora_dtype", self.lora_dtype, tuple(LORA_DTYPES))
-        check_choice("lora_targets", self.lora_targets, tuple(TARGET_SETS))
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.alpha if self.alpha is not None else self.rank)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+__all__ = ["LORA_DTYPES", "LR_SCHEDULES", "TrainConfig", "Trainer", "TrainerHooks"]
 
 
 @dataclass
