@@ -19,9 +19,19 @@ The original design note wrote the bridge as ``x = (1 - s) z_LQ + s z_HQ`` with 
 meant *clean*, the reverse of everything the base model learned about time. Written this way the
 LoRA only has to learn a new start point, not a new clock.
 
-``bridge_noise`` (s) moves the bridge's start to ``z_LQ + s * eps``: a noised degraded latent,
-which regularises the bridge against degradations it has not seen; the sampler starts from the
-same noised point.
+``bridge_noise`` (s) moves the bridge's start to ``z_LQ + s * eps``: a noised degraded latent; the
+sampler starts from the same noised point.
+
+Why ``bridge_ref`` needs bridge noise: with s = 0 the model sees ``x = sigma z_LQ + (1 - sigma)
+z_HQ`` *and* the reference ``z_LQ``, and the target ``z_LQ - z_HQ`` equals ``(ref - x) / (1 -
+sigma)`` for every sigma < 1: an identity of the inputs that drives the training loss to zero
+without learning anything about restoration (only the first sampling step, at sigma = 1, would
+have to restore). With s > 0 that identity is gone: ``x - sigma ref = sigma s eps + (1 - sigma)
+z_HQ`` mixes the unknown clean latent with unknown noise, and a predictor that knows nothing of
+the degradation is left with a per-element error of ``s^2 V / (sigma^2 s^2 + (1 - sigma)^2 V)``
+(V the variance of the clean latent; tests/test_flow.py checks this floor by regression). Training
+therefore refuses ``bridge_ref`` with s below ``MIN_REFERENCE_BRIDGE_NOISE``. Restoring with an
+older LoRA trained that way still works.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from dataclasses import dataclass
 import torch
 
 FORMULATIONS = ("bridge", "bridge_ref", "kontext")
+# The least bridge noise with which ``bridge_ref`` may be trained (see the module docstring).
+MIN_REFERENCE_BRIDGE_NOISE = 0.1
 TIMESTEP_SAMPLING = ("shifted_uniform", "logit_normal", "uniform")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 
@@ -48,6 +60,21 @@ def uses_reference(formulation: str) -> bool:
 
 def starts_from_degraded(formulation: str) -> bool:
     return check_choice("formulation", formulation, FORMULATIONS) != "kontext"
+
+
+def check_formulation(formulation: str, bridge_noise: float) -> None:
+    """Refuses training settings whose targets leak through the inputs (a ValueError that says what to
+    use instead)."""
+    check_choice("formulation", formulation, FORMULATIONS)
+    if not (isinstance(bridge_noise, (int, float)) and math.isfinite(bridge_noise) and bridge_noise >= 0):
+        raise ValueError(f"bridge_noise must be a finite number >= 0, got {bridge_noise!r}")
+    if formulation == "bridge_ref" and bridge_noise < MIN_REFERENCE_BRIDGE_NOISE:
+        raise ValueError(
+            f"formulation 'bridge_ref' needs bridge_noise >= {MIN_REFERENCE_BRIDGE_NOISE} (got {bridge_noise}): "
+            "without noise on the start the reference gives the target away, v = (reference - x) / (1 - sigma), "
+            "and the LoRA learns that identity instead of restoring. Raise bridge_noise, or use 'bridge' "
+            "(no reference) or 'kontext' (noise start)."
+        )
 
 
 def flux_shift_mu(image_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:

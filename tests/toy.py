@@ -32,6 +32,19 @@ def degrade_latent(z: torch.Tensor) -> torch.Tensor:
     return 0.5 * z + 0.3
 
 
+def degrade_latent_lossy(z: torch.Tensor) -> torch.Tensor:
+    """A degradation that destroys information: the per-token map on channels 0-7, and channels
+    8-15 quantised to even numbers (a value keeps only which bin of width 2 the clean one fell
+    in), so no model can restore those exactly; the best it can do is the mean within each bin."""
+    out = 0.5 * z + 0.3
+    out[:, 8:] = 2.0 * torch.round(z[:, 8:] / 2.0)
+    return out
+
+
+# name -> degradation, for comparisons over toys
+TOY_DEGRADATIONS = {"per_token": degrade_latent, "lossy": degrade_latent_lossy}
+
+
 def toy_latents(n: int, seed: int, size: int = 8) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 16, size, size, generator=g)
@@ -40,10 +53,11 @@ def toy_latents(n: int, seed: int, size: int = 8) -> torch.Tensor:
 class ToyBatches:
     """Same interface as ``LatentBatches``: deterministic order per (seed, epoch)."""
 
-    def __init__(self, clean: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, clean: torch.Tensor, batch_size: int, seed: int = 0, degrade=degrade_latent) -> None:
         self.clean = clean
         self.batch_size = batch_size
         self.seed = seed
+        self.degrade = degrade
 
     def batches_per_epoch(self) -> int:
         return (len(self.clean) + self.batch_size - 1) // self.batch_size
@@ -58,5 +72,5 @@ class ToyBatches:
                     continue
                 idx = order[k * self.batch_size : (k + 1) * self.batch_size]
                 clean = self.clean[idx]
-                yield LatentBatch(epoch, k, clean, degrade_latent(clean), [str(int(i)) for i in idx])
+                yield LatentBatch(epoch, k, clean, self.degrade(clean), [str(int(i)) for i in idx])
             epoch, position = epoch + 1, 0
