@@ -25,7 +25,8 @@ from .atomic import temporary_name
 from .checkpoints import checkpoint_step, latest_checkpoint, load_state, partial_checkpoint_dir
 from .degradations import describe
 from .latent_cache import file_sha256
-from .trainer import TrainConfig, check_resume_compatible, validation_report_paths
+from .train_config import TrainConfig
+from .trainer import check_resume_compatible, validation_report_paths
 
 __all__ = ["ResumePlan", "RunError", "check_output_names", "dataset_identity", "plan_run"]
 

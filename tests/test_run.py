@@ -19,7 +19,7 @@ from kontext_train.dataset import build_dataset
 from kontext_train.run import RunError, RunHooks, RunLockedError, RunOutputs, latents_from_vae, train_lora
 from kontext_train.run_checks import check_output_names
 from kontext_train.run_lock import LOCK_NAME, run_lock
-from kontext_train.trainer import TrainConfig
+from kontext_train.train_config import TrainConfig
 
 
 def _photos(folder, seeds=(1, 2, 3)):
