@@ -231,12 +231,12 @@ SETTINGS: tuple[Setting, ...] = (
        "Random seed: the same seed gives the same split, degradations, training and sampling noise.",
        "seed of split, degradations, LoRA init and noise", min=0, max=MAX_SEED),
     _s("formulation", "choice", _T.formulation,
-       "bridge_ref (recommended): start from the degraded image and also see it as reference; "
-       "bridge: start from it only; kontext: start from noise with it as reference.",
+       "bridge (default, fastest): start from the degraded image; bridge_ref: start from it with "
+       "bridge_noise >= 0.1 and also see it as reference; kontext: start from noise, see it as reference.",
        "flow-matching formulation", choices=FORMULATIONS, commands=TRAINING),
     _s("bridge_noise", "float", _T.bridge_noise,
-       "Noise added to the degraded start of a bridge, for robustness to unseen damage (0: none; "
-       "0.1 light). Restoring uses the LoRA's value.",
+       "Noise added to the degraded start of a bridge (0: none; bridge_ref needs at least 0.1). "
+       "Restoring uses the LoRA's value.",
        "noise added to the bridge start", min=0.0, max=1.0, step=0.01, commands=TRAINING),
     _s("timestep_sampling", "choice", _T.timestep_sampling,
        "How training picks points on the way from degraded to clean (shifted_uniform typical).",
@@ -269,7 +269,7 @@ SETTINGS: tuple[Setting, ...] = (
        max=1_000_000, surfaces=_COMMAND_ONLY, commands=TRAINING),
     # -- restoration and evaluation ----------------------------------------------------------
     _s("mode", "choice", "auto",
-       "How to sample: auto uses the formulation recorded in the LoRA (lora_name), else bridge_ref.",
+       "How to sample: auto uses the formulation recorded in the LoRA (lora_name), else bridge.",
        choices=MODES, surfaces=_NODE_ONLY),
     _s("restore_steps", "int", 0,
        "Sampling steps to restore (0: automatic, 8 for bridge LoRAs and 28 for kontext).",

@@ -44,7 +44,7 @@ AS_TRAINED = "as_trained"
 BRIDGE_STEPS = 8
 KONTEXT_STEPS = 28
 
-DEFAULT_FORMULATION = "bridge_ref"
+DEFAULT_FORMULATION = "bridge"  # the training default
 DEFAULT_GUIDANCE = 1.5  # TrainConfig.guidance
 DEFAULT_BUCKET_SCALE = 1.0
 # The line flow.flux_shift_mu draws through (256 tokens, base) and (4096 tokens, max): the

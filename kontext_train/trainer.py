@@ -15,6 +15,7 @@ modules in tests.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -35,7 +36,7 @@ from .flow import (
     make_training_example,
     sample_training_sigmas,
 )
-from .lora import atomic_save_safetensors, load_kohya_into, to_kohya_state_dict
+from .lora import atomic_save_safetensors, diffusers_support, load_kohya_into, to_kohya_state_dict
 from .restore_settings import METADATA_PREFIX  # one prefix for writing and reading a LoRA's metadata
 from .train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
 
@@ -226,7 +227,9 @@ class Trainer:
         }
 
     def _metadata(self) -> dict[str, str]:
-        return lora_metadata(self.config, self.step, self.extra_metadata)
+        # Which layers diffusers' loader would skip (ComfyUI loads all): see lora.diffusers_support.
+        extra = {"diffusers": diffusers_support(self.model.adapters), **self.extra_metadata}
+        return lora_metadata(self.config, self.step, extra)
 
     def save_checkpoint(self, optimizer, scheduler) -> Path | None:
         if not self.hooks.is_main_process or self.step == self.last_saved_step or self.step == 0:
@@ -278,6 +281,14 @@ class Trainer:
 
         cfg = self.config
         self.model.load()
+        support = diffusers_support(self.model.adapters)
+        if support != "full" and self.hooks.is_main_process:
+            logging.getLogger("kontext_restore").warning(
+                "lora_targets=%s: diffusers' load_lora_weights %s of this LoRA without a warning; ComfyUI "
+                "loads every layer. Use 'blocks' or 'blocks+modulation' for a file diffusers loads whole.",
+                cfg.lora_targets,
+                support,
+            )
         params = self.model.parameters()
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scheduler = get_scheduler(

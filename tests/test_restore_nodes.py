@@ -162,7 +162,7 @@ def test_trained_lora_restores_toy_latents_through_comfy_sampler(comfy_root, tmp
     torch.manual_seed(0)
     model = make_tiny_flux()
     cond = make_conditioning()
-    config = TrainConfig(steps=300, formulation="bridge_ref", **TOY_TRAIN_SETTINGS)
+    config = TrainConfig(steps=300, formulation="bridge", **TOY_TRAIN_SETTINGS)
     lora_model = comfyui.FluxLoraModel(
         model, rank=8, alpha=8.0, targets="all_linear", gradient_checkpointing=False
     )
@@ -183,11 +183,11 @@ def test_trained_lora_restores_toy_latents_through_comfy_sampler(comfy_root, tmp
         def velocity(x, sigma, reference):
             return lora_model.velocity(x, sigma, prepared, config.guidance, reference)
 
-        pure = lora_model.from_model_space(restore_latents(velocity, start, "bridge_ref", steps, mu)).cpu()
+        pure = lora_model.from_model_space(restore_latents(velocity, start, "bridge", steps, mu)).cpu()
     lora_model.release()
 
     restored_model = comfyui.apply_lora(model, to_kohya_state_dict(lora_model.adapters))
-    settings = RestoreSettings(formulation="bridge_ref", sampler="euler", guidance=1.5)
+    settings = RestoreSettings(formulation="bridge", sampler="euler", guidance=1.5)
     comfy = comfyui.sample_from(restored_model, cond, degraded, sigmas, settings)
     mse_degraded = torch.mean((degraded - clean) ** 2).item()
     mse_restored = torch.mean((comfy - clean) ** 2).item()
@@ -244,10 +244,10 @@ def test_auto_mode_reads_formulation_and_bridge_noise_from_lora(pack_nodes, tiny
     assert torch.allclose(calls[0]["input"], degraded + 0.1 * eps, atol=1e-6)
     assert calls[0]["refs"] is not None
 
-    # No LoRA: auto means bridge_ref.
+    # No LoRA: auto means the training default, bridge.
     model, calls = _recording(make_tiny_flux())
     _restore(pack_nodes, model, tiny_vae, images, mode="auto")
-    assert torch.equal(calls[0]["input"], degraded) and calls[0]["refs"] is not None
+    assert torch.equal(calls[0]["input"], degraded) and calls[0]["refs"] is None
 
 
 def test_lora_name_errors_are_clear(pack_nodes, tiny_vae, comfy_dirs):

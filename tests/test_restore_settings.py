@@ -61,7 +61,7 @@ def test_user_values_override_the_lora_with_a_warning(caplog):
 def test_no_lora_means_defaults_and_the_users_values():
     rs = resolve_restore_settings(None)
     assert (rs.formulation, rs.guidance, rs.bucket_scale, rs.bridge_noise) == (
-        "bridge_ref",
+        "bridge",
         DEFAULT_GUIDANCE,
         DEFAULT_BUCKET_SCALE,
         0.0,
@@ -138,7 +138,7 @@ def test_reading_a_file(tmp_path):
     )
     rs = read_restore_settings(path, steps=2)
     assert (rs.formulation, rs.guidance, rs.bucket_scale, rs.steps) == ("kontext", 2.0, 0.5, 2)
-    assert read_restore_settings(None).formulation == "bridge_ref"
+    assert read_restore_settings(None).formulation == "bridge"
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         read_lora_record(tmp_path / "missing.safetensors")
     (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:20])
@@ -176,7 +176,7 @@ def test_bad_explicit_values_are_refused_by_name(field, value, match):
 
 
 def test_resolve_mode_and_steps():
-    assert resolve_formulation("auto", None) == "bridge_ref"
+    assert resolve_formulation("auto", None) == "bridge"
     assert resolve_formulation("kontext", None) == "kontext"
     assert resolve_steps(0, "bridge") == 8 and resolve_steps(0, "bridge_ref") == 8
     assert resolve_steps(0, "kontext") == 28 and resolve_steps(5, "kontext") == 5

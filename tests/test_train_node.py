@@ -59,7 +59,7 @@ def _train(pack_nodes, model, latents, tiny_vae, name, steps=4, resume=True, **k
             1.5,
             2,
             1,
-            "bridge_ref",
+            "bridge",
             0,
             resume,
             **kw,

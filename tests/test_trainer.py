@@ -17,6 +17,7 @@ from toy import TOY_TRAIN_SETTINGS, ToyBatches, degrade_latent, toy_latents
 
 from kontext_train import comfyui
 from kontext_train.checkpoints import latest_checkpoint, list_checkpoints
+from kontext_train.flow import MIN_REFERENCE_BRIDGE_NOISE
 from kontext_train.lora import sanitize_lora_name, to_kohya_state_dict
 from kontext_train.trainer import NonFiniteLossError, TrainConfig, Trainer, TrainerHooks
 from kontext_train.validation import ValidationItem, Validator
@@ -52,7 +53,8 @@ def toy_runs(comfy_root, tmp_path_factory):
     """Each formulation trained once on the toy task (300 steps); reused by several tests."""
     runs = {}
     for formulation in ("bridge_ref", "bridge", "kontext"):
-        cfg = TrainConfig(steps=300, formulation=formulation, **TOY)
+        noise = MIN_REFERENCE_BRIDGE_NOISE if formulation == "bridge_ref" else 0.0
+        cfg = TrainConfig(steps=300, formulation=formulation, bridge_noise=noise, **TOY)
         trainer = _trainer(cfg, tmp_path_factory.mktemp(formulation), validator=_validator())
         runs[formulation] = trainer.run()
     return runs
@@ -69,13 +71,15 @@ def test_default_formulation_learns_and_restores_held_out_pairs(toy_runs):
 
 
 def test_formulation_comparison_supports_the_default(toy_runs):
+    """The toy ranking behind the default (benchmarks/formulations.py has it over seeds): the bridge
+    restores; a noised bridge_ref learns far slower; noise-to-clean cannot in this budget (it must
+    generate the image from noise instead of correcting it)."""
     mse = {f: r.validation[-1]["latent_mse_restored"] for f, r in toy_runs.items()}
     degraded = toy_runs["bridge"].validation[-1]["latent_mse_degraded"]
     print("held-out latent MSE after 300 steps:", mse, "degraded:", degraded)
-    # Both bridge formulations restore; noise-to-clean cannot in this budget (it must generate
-    # the image from noise instead of correcting it).
-    assert mse["bridge"] < degraded and mse["bridge_ref"] < degraded
-    assert mse["kontext"] > max(mse["bridge"], mse["bridge_ref"])
+    assert TrainConfig().formulation == "bridge"
+    assert mse["bridge"] < 0.6 * degraded
+    assert mse["bridge"] < mse["bridge_ref"] < mse["kontext"]
 
 
 def test_resume_continues_exactly(comfy_root, tmp_path):
@@ -206,32 +210,25 @@ def test_saved_lora_loads_in_stock_loader_and_input_model_is_unchanged(pack_node
     torch.testing.assert_close(via_stock, trained_direct, rtol=1e-4, atol=1e-5)
 
 
-def test_lora_keys_accepted_by_diffusers_at_real_width(comfy_root):
-    """Kohya keys with real Flux shapes (width 3072) convert to diffusers' transformer keys."""
-    from diffusers import FluxKontextPipeline
+@pytest.mark.parametrize("targets", ["blocks", "all_linear"])
+def test_lora_metadata_says_whether_diffusers_loads_every_layer(comfy_root, tmp_path, targets, caplog):
+    from kontext_train.lora import read_metadata
 
-    from kontext_train.lora import create_adapters
-
-    width, mlp = 3072, 12288
-    shapes = {
-        "double_blocks.0.img_attn.qkv": (3 * width, width),
-        "double_blocks.0.img_attn.proj": (width, width),
-        "double_blocks.0.img_mlp.0": (mlp, width),
-        "double_blocks.0.img_mlp.2": (width, mlp),
-        "double_blocks.0.txt_attn.qkv": (3 * width, width),
-        "double_blocks.0.txt_attn.proj": (width, width),
-        "double_blocks.0.txt_mlp.0": (mlp, width),
-        "double_blocks.0.txt_mlp.2": (width, mlp),
-        "single_blocks.0.linear1": (3 * width + mlp, width),
-        "single_blocks.0.linear2": (width, width + mlp),
-    }
-    state = to_kohya_state_dict(create_adapters(shapes, rank=1, alpha=1.0))
-    converted = FluxKontextPipeline.lora_state_dict(state)
-    keys = list(converted)
-    assert keys and all(k.startswith("transformer.") for k in keys), keys[:5]
-    # Fused qkv is split into q/k/v for diffusers; every source layer lands somewhere.
-    assert any("transformer_blocks.0.attn.to_q.lora_A" in k for k in keys)
-    assert any("single_transformer_blocks.0.proj_out.lora_B" in k for k in keys)
+    cfg = TrainConfig(steps=2, **{**TOY, "batch_size": 2, "lora_targets": targets})
+    model = comfyui.FluxLoraModel(make_tiny_flux(3), rank=2, alpha=2, targets=targets)
+    lora_path = tmp_path / "d.safetensors"
+    with caplog.at_level("WARNING", logger="kontext_restore"):
+        _trainer(cfg, tmp_path / "run", model=model, lora_path=lora_path, n=4).run()
+    model.release()
+    support = read_metadata(lora_path)["kontext_restore.diffusers"]
+    warned = [r.getMessage() for r in caplog.records if "load_lora_weights" in r.getMessage()]
+    if targets == "blocks":
+        assert support == "full" and not warned
+    else:
+        assert (
+            support.startswith("drops 10 layers:") and "img_in" in support and "final_layer.linear" in support
+        )
+        assert len(warned) == 1 and "all_linear" in warned[0] and support in warned[0]
 
 
 def _lora_gradients(checkpointing: bool):
