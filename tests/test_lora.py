@@ -19,6 +19,7 @@ from kontext_train.lora import (
     create_adapters,
     diffusers_dropped_layers,
     diffusers_support,
+    sanitize_lora_name,
     select_targets,
     to_kohya_state_dict,
 )
@@ -196,3 +197,16 @@ def test_diffusers_support_names_the_dropped_layers():
         "drops 2 layers: final_layer.linear, img_in"
     )
     assert diffusers_support(["txt_in"]) == "drops 1 layer: txt_in"
+
+
+@pytest.mark.parametrize(
+    "name", ["", "/etc/passwd", "../escape", "a/../../b", "C:\\\\x", "~/.bashrc", "bad|name", "  "]
+)
+def test_bad_lora_names_are_refused(name):
+    with pytest.raises(ValueError):
+        sanitize_lora_name(name)
+
+
+def test_good_lora_names_are_normalised():
+    assert sanitize_lora_name("restore") == "restore.safetensors"
+    assert sanitize_lora_name("sub/dir/x.safetensors") == "sub/dir/x.safetensors"
