@@ -1,3 +1,5 @@
+"""Loading user images (kontext_train/images.py): formats, modes, EXIF, bad files with reasons."""
+
 import logging
 from pathlib import Path
 
