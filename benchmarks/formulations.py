@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bootstrap, machine_info, make_conditioning, md_table, write_json  # noqa: E402
 
-CONTEXT_DIM = 64
+from kontext_train.comfyui.tiny_models import TINY_CONTEXT_DIM as CONTEXT_DIM  # noqa: E402
+
 # (label, formulation, bridge noise). The first row is the old default, refused since: with no
 # bridge noise the reference gives the target away (see kontext_train/flow.py), measured here so
 # the table shows what the refusal costs, if anything.

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bootstrap, machine_info, make_conditioning, md_table, median, write_json  # noqa: E402
 
-CONTEXT_DIM = 64
+from kontext_train.comfyui.tiny_models import TINY_CONTEXT_DIM as CONTEXT_DIM  # noqa: E402
 
 
 def train(formulation: str, args, clean_train: torch.Tensor, tmp: Path):

@@ -47,7 +47,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-CONTEXT_DIM = 64
+from kontext_train.comfyui.tiny_models import TINY_CONTEXT_DIM as CONTEXT_DIM  # noqa: E402
 
 
 def build(args):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TINY_CONTEXT_DIM = 64
+from kontext_train.comfyui.tiny_models import TINY_CONTEXT_DIM  # noqa: E402
 
 
 class _RootIsAPlainFolder:

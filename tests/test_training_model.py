@@ -119,3 +119,63 @@ def test_dynamic_vram_model_without_a_reloader_is_a_clear_error(dynamic_patchers
     dynamic = dynamic_patchers.make(make_tiny_flux())
     with pytest.raises(ValueError, match="--disable-dynamic-vram"):
         comfyui.FluxLoraModel(dynamic, rank=2, alpha=2, targets="blocks")
+
+
+def _two_conds(method: str | None = "uxo", strengths=(1.0, 3.0)):
+    out = []
+    for seed, strength in zip((1, 2), strengths):
+        context, extras = make_conditioning(seed)[0]
+        extras = {**extras, "strength": strength}
+        if method is not None:
+            extras["reference_latents_method"] = method
+        out.append([context, extras])
+    return out
+
+
+def test_training_and_sampling_give_conditioning_one_meaning(comfy_root):
+    """Several conds (ComfyUI's strength-weighted mean) and the Kontext reference method: the
+    trainer's velocity is the one ComfyUI's sampler steps with. One Euler step from sigma = 1 to 0
+    returns x - v, so the sampler's output shows its velocity."""
+    from kontext_train.restore_settings import RestoreSettings
+
+    model = make_tiny_flux(4)
+    lm = comfyui.FluxLoraModel(model, rank=2, alpha=2, targets="blocks")  # fresh LoRA: the base model
+    lm.load()
+    degraded = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    settings = RestoreSettings(formulation="bridge_ref", sampler="euler", guidance=1.5)
+
+    def trainer_step(conditioning):
+        x = lm.to_model_space(degraded)
+        with torch.no_grad():
+            v = lm.velocity(x, torch.tensor([1.0]), lm.prepare_conditioning(conditioning), 1.5, reference=x)
+        return lm.from_model_space(x - v)
+
+    conds = _two_conds()
+    sampled = comfyui.sample_from(model, conds, degraded, torch.tensor([1.0, 0.0]), settings)
+    trained = trainer_step(conds)
+    torch.testing.assert_close(trained, sampled, rtol=1e-4, atol=1e-5)
+    # Each part matters: the second cond, the method ("uxo" places the reference beside the image,
+    # not on top of it as the default does with one reference) and the strengths change the step.
+    assert (trainer_step(conds[:1]) - trained).abs().max() > 1e-3
+    assert (trainer_step(_two_conds(method=None)) - trained).abs().max() > 1e-3
+    assert (trainer_step(_two_conds(strengths=(1.0, 1.0))) - trained).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"area": (8, 8, 0, 0)}, "'area'"),
+        ({"mask": torch.ones(1, 8, 8)}, "'mask'"),
+        ({"start_percent": 0.5}, "from 50% to 100%"),
+        ({"strength": float("nan")}, "strength"),
+    ],
+)
+def test_conditioning_neither_can_honour_is_refused_by_both(comfy_root, extra, match):
+    from kontext_train.comfyui.sampling import with_reference_and_guidance
+
+    context, extras = make_conditioning()[0]
+    conditioning = [[context, {**extras, **extra}]]
+    with pytest.raises(ValueError, match=match):
+        comfyui.prepare_conditioning(conditioning, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match=match):
+        with_reference_and_guidance(conditioning, None, 1.5)

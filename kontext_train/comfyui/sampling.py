@@ -13,6 +13,7 @@ import torch
 from ..flow import starts_from_degraded, uses_reference
 from ..restore_settings import AS_TRAINED, RestoreSettings
 from .host import sampler_names, scheduler_names, vae_decode, vae_encode
+from .training_model import check_conditioning
 
 log = logging.getLogger("kontext_restore")
 
@@ -114,8 +115,8 @@ def with_reference_and_guidance(conditioning, reference_raw: torch.Tensor | None
     node) are replaced, not appended: a second reference was never part of training."""
     import node_helpers
 
-    if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        raise ValueError("CONDITIONING is empty: connect a CLIPTextEncode with the restoration prompt.")
+    # The same conditioning rules as training: what one refuses, the other does too.
+    check_conditioning(conditioning)
     had_refs = any(len(c) > 1 and c[1].get("reference_latents") for c in conditioning)
     refs = [reference_raw] if reference_raw is not None else None
     if had_refs:

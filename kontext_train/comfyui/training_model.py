@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -14,32 +16,99 @@ from ..grad_checkpoint import run_block
 from ..lora import LoraAdapter, create_adapters, select_targets
 from .host import require_flux
 
+log = logging.getLogger("kontext_restore")
+
 
 @dataclass
 class PreparedConditioning:
-    """Text conditioning on the device once, expanded to a batch on demand (no per-step work)."""
+    """Text conditioning on the device once, expanded to a batch on demand (no per-step work).
+
+    One entry per cond of the CONDITIONING. Several conds are combined the way ComfyUI's sampler
+    combines full-image conds: the strength-weighted mean of the model's predictions. Each entry
+    keeps its own ``reference_latents_method`` (how Kontext places the reference tokens), which
+    ComfyUI hands to the transformer as ``ref_latents_method``.
+    """
 
     context: torch.Tensor  # (1, seq, 4096)
     pooled: torch.Tensor | None  # (1, 768)
+    strength: float = 1.0
+    reference_method: str | None = None
+    more: tuple[PreparedConditioning, ...] = ()
+
+    def entries(self) -> tuple[PreparedConditioning, ...]:
+        return (self, *self.more)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         pooled = self.pooled.expand(n, -1) if self.pooled is not None else None
         return self.context.expand(n, -1, -1), pooled
 
 
-def prepare_conditioning(conditioning, device: torch.device, dtype: torch.dtype) -> PreparedConditioning:
+# Cond settings that restrict a cond to part of the image or of the schedule, or add a control
+# model: ComfyUI's sampler honours them, but training sees the whole image at every sigma, so a
+# LoRA trained and sampled with them would not run on the same terms. Refused in both.
+UNSUPPORTED_COND_KEYS = {
+    "area": "Conditioning (Set Area)",
+    "mask": "Conditioning (Set Mask)",
+    "control": "Apply ControlNet",
+    "gligen": "GLIGEN",
+    "hooks": "a hook node",
+}
+
+
+def check_conditioning(conditioning) -> None:
+    """A clear error for conditioning the pack cannot train or restore with the same meaning."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ValueError("CONDITIONING is empty: connect a CLIPTextEncode with the restoration prompt.")
-    first = conditioning[0]
-    context, extras = first[0], (first[1] if len(first) > 1 else {})
-    if not isinstance(context, torch.Tensor) or context.ndim != 3:
-        raise ValueError("CONDITIONING is not text conditioning (expected a (batch, tokens, width) tensor).")
-    pooled = extras.get("pooled_output")
-    # Clone so tensors made under inference mode can take part in autograd graphs.
-    context = context[:1].detach().clone().to(device=device, dtype=dtype)
-    if pooled is not None:
-        pooled = pooled[:1].detach().clone().to(device=device, dtype=dtype)
-    return PreparedConditioning(context=context, pooled=pooled)
+    for i, entry in enumerate(conditioning):
+        if not isinstance(entry, (list, tuple)) or not entry or not isinstance(entry[0], torch.Tensor):
+            raise ValueError(f"CONDITIONING entry {i} is not text conditioning: connect a CLIPTextEncode.")
+        context, extras = entry[0], (entry[1] if len(entry) > 1 else {})
+        if context.ndim != 3:
+            raise ValueError(
+                "CONDITIONING is not text conditioning (expected a (batch, tokens, width) tensor)."
+            )
+        for key, node in UNSUPPORTED_COND_KEYS.items():
+            if extras.get(key) is not None:
+                raise ValueError(
+                    f"CONDITIONING entry {i} sets {key!r} (from {node}); Kontext Restore trains and restores "
+                    "on the whole image at every step, so it cannot give it the same meaning in both. "
+                    "Connect the plain text conditioning instead."
+                )
+        start, end = extras.get("start_percent", 0.0), extras.get("end_percent", 1.0)
+        if start > 0.0 or end < 1.0:
+            raise ValueError(
+                f"CONDITIONING entry {i} applies only from {start:.0%} to {end:.0%} of the schedule "
+                "(ConditioningSetTimestepRange or prompt scheduling); training sees every sigma with the "
+                "same prompt. Connect conditioning that covers the whole schedule."
+            )
+        strength = extras.get("strength", 1.0)
+        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength > 0):
+            raise ValueError(
+                f"CONDITIONING entry {i} has strength {strength!r}; it must be a positive number."
+            )
+
+
+def prepare_conditioning(conditioning, device: torch.device, dtype: torch.dtype) -> PreparedConditioning:
+    check_conditioning(conditioning)
+    if any(len(c) > 1 and c[1].get("reference_latents") for c in conditioning):
+        log.warning(
+            "Kontext Restore: reference latents already on the conditioning are not used for training; "
+            "the formulation decides the reference (the degraded latent, or none)."
+        )
+    entries = []
+    for context, *rest in conditioning:
+        extras = rest[0] if rest else {}
+        pooled = extras.get("pooled_output")
+        # Clone so tensors made under inference mode can take part in autograd graphs.
+        context = context[:1].detach().clone().to(device=device, dtype=dtype)
+        if pooled is not None:
+            pooled = pooled[:1].detach().clone().to(device=device, dtype=dtype)
+        method = extras.get("reference_latents_method")
+        entries.append(PreparedConditioning(context, pooled, float(extras.get("strength", 1.0)), method))
+    first = entries[0]
+    return PreparedConditioning(
+        first.context, first.pooled, first.strength, first.reference_method, tuple(entries[1:])
+    )
 
 
 def _fix_inference_tensors(module: torch.nn.Module) -> None:
@@ -199,23 +268,33 @@ class FluxLoraModel:
     ) -> torch.Tensor:
         """The model's velocity at (x, sigma), latents in model space."""
         n = x.shape[0]
-        context, pooled = cond.batch(n)
         g = torch.full((n,), float(guidance), device=x.device, dtype=self.dtype)
         refs = [reference.to(self.dtype)] if reference is not None else None
         transformer_options = self.patcher.model_options.get("transformer_options", {}).copy()
-        out = self.base.diffusion_model(
-            x.to(self.dtype),
-            # float32 like ComfyUI's sampler (BaseModel._apply_model): in bf16 the timestep would be
-            # rounded before the x1000 embedding, so training would see other times than sampling.
-            sigma.to(torch.float32),
-            context,
-            y=pooled,
-            guidance=g,
-            ref_latents=refs,
-            transformer_options=transformer_options,
-        )
-        # At least fp32 for the loss; float64 stays float64 (gradient checks need it).
-        return out.to(torch.promote_types(out.dtype, torch.float32))
+        entries = cond.entries()
+        total, weight = None, 0.0
+        for entry in entries:
+            context, pooled = entry.batch(n)
+            extra = {"ref_latents_method": entry.reference_method} if entry.reference_method and refs else {}
+            out = self.base.diffusion_model(
+                x.to(self.dtype),
+                # float32 like ComfyUI's sampler (BaseModel._apply_model): in bf16 the timestep would be
+                # rounded before the x1000 embedding, so training would see other times than sampling.
+                sigma.to(torch.float32),
+                context,
+                y=pooled,
+                guidance=g,
+                ref_latents=refs,
+                transformer_options=transformer_options,
+                **extra,
+            )
+            # At least fp32 for the loss; float64 stays float64 (gradient checks need it).
+            out = out.to(torch.promote_types(out.dtype, torch.float32))
+            if len(entries) == 1:
+                return out
+            total = out * entry.strength if total is None else total + out * entry.strength
+            weight += entry.strength
+        return total / weight
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:

@@ -23,7 +23,8 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-TINY_CONTEXT_DIM = 64
+from kontext_train.comfyui.tiny_models import TINY_CONTEXT_DIM  # noqa: E402
+
 TINY_TOKENS = 8
 CATEGORY = "Kontext Restore/tests"
 
