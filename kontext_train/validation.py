@@ -44,6 +44,17 @@ def items_from_dataset(dataset, cache, seed: int, limit: int = 8) -> list[Valida
     return items
 
 
+# torch.Generator.manual_seed takes at most 64 bits; a seed widget's maximum (2**64 - 1) plus an
+# offset does not fit, so combined seeds are reduced into [0, 2**63 - 1).
+SEED_MODULUS = 2**63 - 1
+
+
+def sample_seed(seed: int, offset: int) -> int:
+    """The seed of held-out image ``offset``: ``seed + offset`` wherever that fits (so seeds in
+    use keep their samples), reduced modulo 2**63 - 1 otherwise, never an overflow."""
+    return (int(seed) + int(offset)) % SEED_MODULUS
+
+
 class Validator:
     def __init__(
         self,
@@ -74,7 +85,7 @@ class Validator:
                 rs.formulation,
                 rs.steps,
                 mu,
-                seed=self.seed + i,
+                seed=sample_seed(self.seed, i),
                 bridge_noise=rs.bridge_noise,
             )
             mse_restored.append(torch.mean((restored - clean) ** 2).item())

@@ -7,6 +7,8 @@ express the map; the real model trains only the block layers by default.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import make_conditioning, make_tiny_flux
@@ -280,3 +282,17 @@ def test_out_of_memory_ends_with_advice_and_keeps_checkpoint(comfy_root, tmp_pat
     assert "batch size 1" in str(err.value) and "bucket scale" in str(err.value)
     assert "step_000002" in str(err.value)
     assert latest_checkpoint(tmp_path).name == "step_000002"
+
+
+def test_validation_at_the_seed_widgets_maximum_does_not_overflow(comfy_root, tmp_path):
+    """2**64 - 1 is the seed widget's maximum; adding a held-out image's index to it used to
+    overflow torch's manual_seed at the first validation, after the training work was done."""
+    cfg = TrainConfig(steps=1, **{**TOY, "seed": 2**64 - 1})
+    model = _model(cfg)
+    cond = model.prepare_conditioning(make_conditioning())
+    batches = ToyBatches(toy_latents(4, seed=0), cfg.batch_size, seed=0)
+    validator = _validator(2)
+    validator.seed = cfg.seed  # as run.py builds it: the run's seed
+    result = Trainer(cfg, model, batches, cond, tmp_path / "run", validator=validator).run()
+    assert result.validation and result.validation[-1]["n_images"] == 2
+    assert math.isfinite(result.validation[-1]["latent_mse_restored"])
