@@ -28,6 +28,12 @@ __all__ = ["RestorationDataset", "Sample", "build_dataset", "resolve_dataset_pat
 
 NO_COUNTERPART = "no degraded counterpart"
 
+# Largest relative difference between an HQ image's aspect ratio and its LQ partner's. A paired
+# LQ may be a downscaled copy, whose sides were rounded to whole pixels (allowed on top of this);
+# beyond that the two are different pictures or crops (e.g. a portrait LQ for a landscape HQ),
+# which would teach the model to invent content.
+PAIR_ASPECT_TOLERANCE = 0.02
+
 
 @dataclass
 class Sample:
@@ -163,6 +169,32 @@ def _split_rank(seed: int, key: str) -> bytes:
     return hashlib.sha256(f"split\x00{int(seed)}\x00{key}".encode()).digest()
 
 
+def _text(name: str) -> str:
+    """A file name as valid text. On POSIX a name that is not valid UTF-8 (Latin-1 "caf\\xe9.png")
+    arrives from os.walk with surrogate escapes, which cannot be encoded for hashing, JSON
+    reports, logs or safetensors metadata; its undecodable bytes are shown as \\xNN instead.
+    Valid names are returned unchanged."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _aspect_mismatch(hq_size: tuple[int, int], lq_size: tuple[int, int]) -> str | None:
+    """Why an LQ image cannot be the HQ image's partner by shape, or None when it can."""
+    (hw, hh), (lw, lh) = hq_size, lq_size
+    hq_ratio, lq_ratio = hw / hh, lw / lh
+    # Half a pixel of rounding on each LQ side shifts its ratio by up to about 0.5/w + 0.5/h.
+    allowed = PAIR_ASPECT_TOLERANCE + 0.5 / lw + 0.5 / lh
+    if abs(lq_ratio / hq_ratio - 1.0) <= allowed:
+        return None
+    return (
+        f"aspect mismatch (HQ {hw}x{hh}, LQ {lw}x{lh}: ratios {hq_ratio:.3f} and {lq_ratio:.3f} differ by "
+        f"more than {PAIR_ASPECT_TOLERANCE:.0%}); pair it with the same picture, same crop and orientation"
+    )
+
+
 def build_dataset(
     hq_dir: str | os.PathLike,
     lq_dir: str | os.PathLike | None = None,
@@ -202,11 +234,16 @@ def build_dataset(
     skipped: list[tuple[str, str]] = []
 
     def skip(path: Path, reason: str) -> None:
-        skipped.append((str(path), reason))
-        log.warning("skipping %s: %s", path, reason)
+        shown = _text(str(path))
+        skipped.append((shown, reason))
+        log.warning("skipping %s: %s", shown, reason)
 
+    seen_keys: set[str] = set()
     for path in files:
-        key = path.relative_to(hq).as_posix()
+        key = _text(path.relative_to(hq).as_posix())
+        if key in seen_keys:  # only possible when an escaped name equals a real one
+            skip(path, f"duplicate name (another file is also shown as {key!r}); rename one of them")
+            continue
         lq_path = None
         if lq is not None:
             candidates = lq_index.get(path.relative_to(hq).with_suffix("").as_posix())
@@ -218,10 +255,16 @@ def build_dataset(
             with load_rgb(path, min_size=min_size) as img:
                 size = img.size
             if lq_path is not None:
-                load_rgb(lq_path, min_size=1).close()
+                with load_rgb(lq_path, min_size=1) as lq_img:
+                    lq_size = lq_img.size
+                mismatch = _aspect_mismatch(size, lq_size)
+                if mismatch is not None:
+                    skip(path, mismatch)
+                    continue
         except ImageLoadError as e:
             skip(e.path, e.reason)
             continue
+        seen_keys.add(key)
         usable.append(Sample(key, path, lq_path, size, nearest_bucket(*size, buckets)))
 
     if not usable:

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "ImageLoadError",
     "comfy_image_to_tensors",
     "is_image_file",
@@ -28,6 +29,11 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+
+# Largest image (width x height) decoded for training. Pillow's own bomb limit (~179 MP) lets a
+# 164 KB PNG decode to 169 MP (650 MB of memory) for a picture that is then shrunk to a ~1 MP
+# bucket anyway; 64 MP matches the restore cap and still takes any camera's full-size photo.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 class ImageLoadError(ValueError):
@@ -65,24 +71,36 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike, min_size: int = 64) -> Image.Image:
+def load_rgb(
+    path: str | os.PathLike, min_size: int = 64, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> Image.Image:
     """Fully decode ``path`` into an upright 8-bit RGB image.
 
     Applies the EXIF orientation; composites transparency on white; scales 16-bit data to 8 bits.
     Raises ``ImageLoadError`` with reason "missing file", "not an image", "truncated (...)",
-    "corrupt (...)" or "too small (WxH, minimum side N px)".
+    "corrupt (...)", "too small (WxH, minimum side N px)" or "too large (WxH ...)"; the size
+    limit ``max_pixels`` (None: Pillow's own only) is checked from the header, before decoding.
     """
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(path, "missing file")
     try:
         with Image.open(path) as im:
+            w, h = im.size  # from the header: nothing is decoded yet
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageLoadError(
+                    path,
+                    f"too large ({w}x{h} = {w * h / 1e6:.1f} MP, above the {max_pixels / 1e6:g} MP limit on "
+                    "decoded images): scale it down first",
+                )
             im.load()  # decode everything now so truncated data fails here, not mid-training
             try:
                 upright = ImageOps.exif_transpose(im)
             except Exception:  # a broken EXIF block should not cost a good image
                 upright = im
             rgb = _to_rgb(upright)
+    except ImageLoadError:
+        raise
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image (Pillow cannot identify the file)") from None
     except Image.DecompressionBombError as e:
@@ -166,5 +184,8 @@ def folder_signature(root: Path) -> str:
         return f"missing:{root}"
     for path in scan_image_folder(root):
         st = path.stat()
-        h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # surrogateescape: a file name that is not valid UTF-8 (e.g. Latin-1 "caf\xe9.png") is
+        # hashed as its raw bytes instead of raising.
+        line = f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+        h.update(line.encode("utf-8", "surrogateescape"))
     return h.hexdigest()

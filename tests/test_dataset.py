@@ -1,5 +1,9 @@
 """The restoration dataset (kontext_train/dataset.py): folders, split, buckets, pairs, degradations."""
 
+import json
+import logging
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +141,58 @@ def test_folder_signature_follows_contents(tmp_path):
     second = folder_signature(tmp_path)
     (tmp_path / "b.png").unlink()
     assert folder_signature(tmp_path) not in (second,)
+
+
+def _write_bytes_name(folder: Path, name: bytes, w: int = 96, h: int = 64, seed: int = 0) -> Path:
+    """An image under a raw (bytes) file name, as a camera card or an old archive may have."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = os.path.join(os.fsencode(folder), name)
+    with open(raw, "wb") as f:
+        noise_image(w, h, seed).save(f, format="PNG")
+    return Path(os.fsdecode(raw))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are always Unicode")
+def test_file_name_that_is_not_utf8_loads_and_does_not_fail_the_dataset(tmp_path, caplog):
+    from kontext_train.images import folder_signature
+
+    hq, lq = tmp_path / "hq", tmp_path / "lq"
+    write_good(hq / "plain.png", seed=1)
+    _write_bytes_name(hq, b"caf\xe9.png", seed=2)  # Latin-1, not valid UTF-8
+    ds = build_dataset(hq, val_count=1, bucket_scale=SCALE, seed=3)
+    keys = sorted(s.key for s in ds.train + ds.val)
+    assert keys == ["caf\\xe9.png", "plain.png"]  # shown with the undecodable byte escaped
+    sample = next(s for s in ds.train + ds.val if s.key.startswith("caf"))
+    clean, degraded = ds.load_pair(sample, epoch=0, seed=2**64 - 1)  # synthetic: seeds hash the key
+    assert clean.shape == degraded.shape
+    json.dumps(ds.summary()).encode("utf-8")  # reports and logs can carry every name
+
+    # Paired: the odd name pairs with its LQ partner; a skipped one is shown with its byte escaped.
+    _write_bytes_name(lq, b"caf\xe9.png", seed=4)
+    _write_bytes_name(hq, b"na\xefve.png", seed=5)
+    with caplog.at_level(logging.WARNING):
+        paired = build_dataset(hq, lq, val_count=0, bucket_scale=SCALE)
+    assert [s.key for s in paired.train] == ["caf\\xe9.png"]
+    assert sorted(Path(p).name for p, _ in paired.skipped) == ["na\\xefve.png", "plain.png"]
+    assert "na\\xefve.png" in caplog.text
+
+    first = folder_signature(hq)  # IS_CHANGED: must not raise either
+    os.utime(os.path.join(os.fsencode(hq), b"caf\xe9.png"), ns=(1, 1))
+    assert folder_signature(hq) != first
+
+
+def test_pair_with_another_aspect_ratio_is_skipped_with_reason(tmp_path):
+    hq, lq = tmp_path / "hq", tmp_path / "lq"
+    write_good(hq / "ok.png", 96, 64, seed=1)
+    write_good(lq / "ok.png", 47, 31, seed=2)  # a downscaled copy, sides rounded: accepted
+    write_good(hq / "turned.png", 96, 64, seed=3)
+    write_good(lq / "turned.png", 64, 96, seed=4)  # portrait LQ for a landscape HQ
+    write_good(hq / "cropped.png", 100, 100, seed=5)
+    write_good(lq / "cropped.png", 100, 96, seed=6)  # 4% off: another crop
+    ds = build_dataset(hq, lq, val_count=0, bucket_scale=SCALE)
+    assert [s.key for s in ds.train] == ["ok.png"]
+    reasons = {Path(p).name: r for p, r in ds.skipped}
+    assert set(reasons) == {"turned.png", "cropped.png"}
+    assert reasons["turned.png"].startswith("aspect mismatch (HQ 96x64, LQ 64x96")
+    assert "2%" in reasons["cropped.png"]
+    assert "aspect mismatch: 2" in ds.summary()

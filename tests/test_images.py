@@ -156,3 +156,23 @@ def test_corpus_is_loaded_or_skipped_with_reasons(corpus, caplog):
     summary = ds.summary()
     assert f"used {len(used)} image(s)" in summary and "truncated: 1" in summary
     assert "buckets" in summary
+
+
+def test_image_above_the_pixel_limit_is_skipped_before_decoding(tmp_path, monkeypatch):
+    from kontext_train.images import MAX_IMAGE_PIXELS
+
+    side = int(MAX_IMAGE_PIXELS**0.5) + 100
+    Image.new("1", (side, side)).save(tmp_path / "bomb.png")  # a small file, a huge image
+    write_good(tmp_path / "good.png")
+    assert (tmp_path / "bomb.png").stat().st_size < 2_000_000
+
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda im: decoded.append(im.size) or real_load(im))
+    with pytest.raises(ImageLoadError, match=rf"too large \({side}x{side} .*64 MP limit.*scale it down"):
+        load_rgb(tmp_path / "bomb.png")
+    assert (side, side) not in decoded  # refused from the header
+
+    ds = build_dataset(tmp_path, bucket_scale=SCALE, val_count=0)
+    assert [s.key for s in ds.train] == ["good.png"]
+    assert [(Path(p).name, r.split(" (")[0]) for p, r in ds.skipped] == [("bomb.png", "too large")]
