@@ -8,6 +8,7 @@ import torch
 
 from ..kontext_train import comfyui
 from ..kontext_train.buckets import bucket_resolutions, fit_to_bucket, nearest_bucket
+from ..kontext_train.comfyui.host import check_writable
 from ..kontext_train.dataset import build_dataset, resolve_dataset_path
 from ..kontext_train.degradations import DegradationConfig, degrade, describe
 from ..kontext_train.images import (
@@ -142,7 +143,9 @@ class KontextRestoreDataset:
     RETURN_NAMES = ("dataset", "summary")
     FUNCTION = "load"
     CATEGORY = CATEGORY + "/dataset"
-    OUTPUT_NODE = True
+    # Not an output node: ComfyUI would run it even when the trainer fails validation, drop the
+    # trainer with only a log line and report success. Its summary is an output (and shown on the
+    # node when it runs as part of a graph).
 
     @classmethod
     def IS_CHANGED(
@@ -194,7 +197,10 @@ class KontextRestoreCacheLatents:
     CATEGORY = CATEGORY + "/dataset"
 
     def cache(self, dataset, vae, control_mode, pool_size, seed, cache_folder="kontext_restore_cache"):
-        folder = resolve_dataset_path(cache_folder or "kontext_restore_cache", str(comfyui.output_folder()))
+        value = cache_folder or "kontext_restore_cache"
+        folder = resolve_dataset_path(value, str(comfyui.output_folder()))
+        # Refused before anything is created: a node writes only inside ComfyUI's own folders.
+        folder = check_writable(folder, "cache_folder", value)
         progress = comfyui.NodeProgress(len(dataset.train) + len(dataset.val))
         latents, summary = prepare_latents(
             dataset,

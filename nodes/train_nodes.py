@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..kontext_train import comfyui
+from ..kontext_train.comfyui.host import check_writable
 from ..kontext_train.images import tensor_to_pil
 from ..kontext_train.lora import sanitize_lora_name
 from ..kontext_train.plots import image_grid
@@ -22,6 +23,9 @@ def run_paths(lora_name: str):
     name = sanitize_lora_name(lora_name)
     lora_path = comfyui.lora_folder() / name
     run_dir = comfyui.output_folder() / "kontext_restore" / name[: -len(".safetensors")]
+    # The name is sanitised; this catches a symlink in those folders that leads elsewhere.
+    for path in (lora_path, run_dir):
+        check_writable(path, "lora_name", lora_name)
     return name, lora_path, run_dir
 
 

@@ -3,12 +3,13 @@ ComfyUI's tree the way a user's extra custom-nodes folder is."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from server_host import PACK_LINK_NAME, pack_import_failures, server_fixture, write_png
+from server_host import PACK_LINK_NAME, ServerError, pack_import_failures, server_fixture, write_png
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 
@@ -136,3 +137,61 @@ def test_nan_setting_is_refused_with_node_errors(comfy_server):
     with pytest.raises(ServerError) as err:
         comfy_server.queue_prompt(graph)
     assert "HTTP 400" in str(err.value) and "noise_sigma" in str(err.value) and "0..0.5" in str(err.value)
+
+
+def _train_graph() -> dict:
+    """The training template's API graph with the tiny test loaders (validation needs no files)."""
+    api = json.loads(
+        (Path(__file__).resolve().parents[1] / "workflows/api/train_restoration_lora.api.json").read_text()
+    )
+    tiny = {
+        "UNETLoader": "KontextRestoreTestTinyFlux",
+        "DualCLIPLoader": "KontextRestoreTestTinyClip",
+        "VAELoader": "KontextRestoreTestTinyVAE",
+    }
+    for node in api.values():
+        if node["class_type"] in tiny:
+            node["class_type"], node["inputs"] = tiny[node["class_type"]], {"seed": 0}
+    return api
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("steps", -1), ("rank", 0), ("batch_size", 0), ("steps", 1e30), ("learning_rate", "abc")],
+)
+def test_invalid_trainer_setting_is_refused_with_node_errors(comfy_server, name, value):
+    # Once HTTP 200 and "success": the dataset node was an output node, so ComfyUI ran it and
+    # dropped the invalid trainer with only a log line.
+    from server_host import ServerError
+
+    graph = _train_graph()
+    trainer = next(k for k, n in graph.items() if n["class_type"] == "KontextRestoreTrainLoRA")
+    graph[trainer]["inputs"][name] = value
+    with pytest.raises(ServerError) as err:
+        comfy_server.queue_prompt(graph)
+    message = str(err.value)
+    assert "HTTP 400" in message, message
+    detail = json.loads(message.split(": ", 1)[1])
+    assert trainer in detail["node_errors"], detail
+    assert name in json.dumps(detail["node_errors"][trainer]), detail
+
+
+@pytest.mark.parametrize("escape", ["relative", "absolute"])
+def test_cache_folder_outside_comfyui_folders_is_refused(comfy_server, tmp_path, escape):
+    # The cache node once created folders and wrote latents wherever cache_folder pointed.
+    target = tmp_path / f"escaped_cache_{escape}"
+    value = str(target) if escape == "absolute" else "../" * 8 + str(target).lstrip("/")
+    for i in range(3):
+        write_png(comfy_server.input_dir / "server_escape" / f"photo_{i}.png", 176, 128, seed=50 + i)
+    graph = _train_graph()
+    for node in graph.values():
+        if node["class_type"] == "KontextRestoreDataset":
+            node["inputs"].update(hq_folder="server_escape", val_count=1, bucket_scale=0.25)
+        elif node["class_type"] == "KontextRestoreCacheLatents":
+            node["inputs"]["cache_folder"] = value
+    with pytest.raises(ServerError) as err:
+        comfy_server.run_prompt(graph, timeout=180)
+    message = str(err.value)
+    assert "cache_folder" in message and "outside the folders" in message, message
+    assert str(comfy_server.output_dir.resolve()) in message
+    assert not target.exists(), "the refused folder was created"

@@ -66,6 +66,24 @@ def output_folder() -> Path:
     return Path(folder_paths.get_output_directory())
 
 
+def writable_folders() -> list[Path]:
+    """The folders nodes may write in: ComfyUI's output, temp and user folders and its loras
+    folder(s) (``write_folders.check_inside`` checks a path against them)."""
+    import folder_paths
+
+    found = [folder_paths.get_output_directory(), folder_paths.get_temp_directory()]
+    found.append(folder_paths.get_user_directory())
+    found += folder_paths.get_folder_paths("loras")
+    return [Path(p) for p in found]
+
+
+def check_writable(path: Path, what: str, value=None) -> Path:
+    """``path`` resolved if it is inside ``writable_folders()``; else a clear error naming it."""
+    from ..write_folders import check_inside
+
+    return check_inside(path, writable_folders(), what, value)
+
+
 def input_folder() -> Path:
     import folder_paths
 
