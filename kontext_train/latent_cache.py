@@ -181,8 +181,10 @@ class LatentCache:
     def _cached(self, key: dict, sample: Sample, make_image: Callable[[], torch.Tensor]) -> torch.Tensor:
         key_json = json.dumps(key, sort_keys=True)
         path = self.path_for(key)
-        if path.exists():
-            z = self._load_valid(path, key_json, sample)
+        if os.path.lexists(path):
+            # Only a regular file is opened: reading a FIFO put in an entry's place blocks forever,
+            # and a folder or device is no entry either; all of these count as corrupt.
+            z = self._load_valid(path, key_json, sample) if path.is_file() else None
             if z is not None:
                 self._stats["hits"] += 1
                 return z
@@ -194,5 +196,10 @@ class LatentCache:
 
     def _write(self, path: Path, z: torch.Tensor, key_json: str) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():  # a rename cannot replace a folder, and deleting a user's folder is not ours
+            raise OSError(
+                f"latent cache entry {path} is a folder, not a cache file: delete or move it "
+                f"(the cache re-creates the entry), or use another cache folder"
+            )
         with atomic_path(path, suffix=".safetensors.tmp") as tmp:
             save_file({"latent": z}, str(tmp), metadata={"key": key_json})

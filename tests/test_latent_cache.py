@@ -1,5 +1,7 @@
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -215,3 +217,53 @@ def test_bad_arguments(tmp_path):
         LatentCache(tmp_path, "v", FakeVAE(), control_mode="fresh")
     with pytest.raises(ValueError):
         LatentCache(tmp_path, "v", FakeVAE(), pool_size=0)
+
+
+# Run in a child process: reading a FIFO blocks inside safetensors without releasing the GIL, so
+# neither a thread nor a signal could end the test; a child can be killed at the timeout.
+_FIFO_PROBE = """
+import sys
+import torch.nn.functional as F
+from kontext_train.dataset import build_dataset
+from kontext_train.latent_cache import LatentCache
+ds = build_dataset(sys.argv[1], val_count=0, bucket_scale=0.125)
+cache = LatentCache(sys.argv[2], "fake-vae-1", lambda x: F.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16])
+z = cache.target(ds, ds.train[0])
+print(cache.stats["corrupt"], tuple(z.shape))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_entry_replaced_by_a_fifo_is_reencoded_not_read(tmp_path):
+    hq = tmp_path / "hq"
+    write_good(hq / "a.png", 96, 64, seed=1)
+    cache_dir = tmp_path / "cache"
+    run = [sys.executable, "-c", _FIFO_PROBE, str(hq), str(cache_dir)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert first.stdout.split()[0] == "0"
+    (entry,) = sorted(cache_dir.glob("*.safetensors"))
+    entry.unlink()
+    os.mkfifo(entry)
+    try:
+        second = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a latent-cache entry that is a FIFO blocked")
+    assert second.stdout == first.stdout.replace("0", "1", 1)  # counted corrupt, same latent shape
+    assert entry.is_file()  # the FIFO was replaced by a real entry
+
+
+def test_entry_that_is_a_folder_is_a_clear_error(data):
+    tmp_path, hq = data
+    ds = _ds(hq)
+    cache, _ = _cache(tmp_path)
+    s = ds.train[0]
+    cache.target(ds, s)
+    (entry,) = _entries(tmp_path)
+    entry.unlink()
+    (entry / "inside").mkdir(parents=True)
+
+    fresh, _ = _cache(tmp_path)
+    with pytest.raises(OSError, match=rf"{entry.name} is a folder, not a cache file: delete or move it"):
+        fresh.target(ds, s)
+    assert fresh.stats["corrupt"] == 1
