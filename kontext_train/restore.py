@@ -14,7 +14,8 @@ handled in one of two ways, chosen by ``plan_restoration``:
   blended with linear ramps across the overlaps. The tile size is the bucket that covers the image
   with the least total tile area.
 
-Images above ``MAX_MEGAPIXELS`` are refused with a clear error rather than run for hours.
+Images above ``MAX_MEGAPIXELS``, and requests planning more than ``MAX_REGION_STEPS`` sampling calls
+(tiles x steps), are refused with a clear error before any sampling rather than run for hours.
 
 ``restore_images`` is the loop the Restore node and ``kontext-train restore/evaluate`` share: it
 plans every image, runs each region through a ``RegionRestorer`` (``comfyui.region_restorer`` in
@@ -40,6 +41,10 @@ Bucket = tuple[int, int]  # (width, height)
 TILE_BELOW_SCALE = 0.8
 MIN_TILE_OVERLAP = 1 / 8
 MAX_MEGAPIXELS = 64.0
+# Most sampling calls (regions x steps) one restore may plan. The megapixel cap alone ignores the
+# bucket scale: 8000x8000 at bucket_scale 0.0625 is 20,449 tiny tiles, x 8 steps = 163,592 model
+# calls (hours). A 64 MP image at scale 1 (81 tiles) even at the 200-step maximum stays below.
+MAX_REGION_STEPS = 20_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +130,19 @@ def check_size(width: int, height: int, max_megapixels: float = MAX_MEGAPIXELS) 
         raise ValueError(
             f"The image is {width}x{height} ({mp:.1f} MP), above the {max_megapixels:g} MP this node restores "
             "(even in tiles that would take very long). Scale it down or crop it first (e.g. 'Upscale Image By' < 1)."
+        )
+
+
+def check_work(
+    plans: Sequence[RestorePlan], steps: int, bucket_scale: float, limit: int = MAX_REGION_STEPS
+) -> None:
+    """Refuses a restore whose plans add up to more than ``limit`` sampling calls."""
+    regions = sum(len(p.tiles) for p in plans)
+    if regions * steps > limit:
+        raise ValueError(
+            f"Restoring {len(plans)} image(s) at bucket_scale {bucket_scale:g} needs {regions:,} tile(s) x {steps} "
+            f"step(s) = {regions * steps:,} sampling calls, above the limit of {limit:,}. Raise bucket_scale "
+            "(fewer, larger tiles; 1.0 is what FLUX was trained at), lower steps, or scale the image down first."
         )
 
 
@@ -278,6 +296,7 @@ def restore_images(
     buckets = bucket_resolutions(settings.bucket_scale)
     plans = [plan_restoration(int(im.shape[-1]), int(im.shape[-2]), buckets) for im in images]
     steps = settings.steps
+    check_work(plans, steps, settings.bucket_scale)
     total = sum(len(p.tiles) for p in plans) * steps
     done = 0
     outputs = []

@@ -181,3 +181,19 @@ def test_loop_uses_the_settings_bucket_scale_and_refuses_sizes_before_any_work()
             [torch.rand(3, 32, 32), Huge()], RestoreSettings(steps=1, bucket_scale=SCALE), restorer
         )
     assert restorer.calls == []
+
+
+def test_work_of_tiny_tiles_is_bounded_before_any_sampling():
+    from kontext_train.restore import MAX_REGION_STEPS
+
+    class Large:  # the shape of an 8000x8000 image (64 MP: under the megapixel cap), never read
+        shape = (3, 8000, 8000)
+
+    restorer = FakeRestorer(1)
+    with pytest.raises(
+        ValueError, match=r"20,449 tile\(s\) x 8 step\(s\) = 163,592 .*limit of 20,000. Raise bucket_scale"
+    ):
+        restore_images([Large()], RestoreSettings(steps=8, bucket_scale=SCALE), restorer)
+    assert restorer.calls == []
+    # The largest image at the default scale stays allowed even at the most steps the node offers.
+    assert len(plan_restoration(8000, 8000, bucket_resolutions(1.0)).tiles) * 200 <= MAX_REGION_STEPS
