@@ -4,6 +4,7 @@ name: write beside the target under a temporary name, then rename (atomic on one
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import secrets
@@ -13,6 +14,42 @@ from pathlib import Path
 
 # Length of the random part of a temporary name (hex digits).
 _RANDOM_CHARS = 8
+
+# errno values that mean "no room": the disk, or the user's quota.
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+# torch.save reports a failed write as RuntimeError from its zip writer, without the errno.
+_TORCH_WRITE_FAILED = ("inline_container", "unexpected pos", "file write failed", "PytorchStreamWriter")
+
+
+class WriteError(OSError, ValueError):
+    """A file could not be written, in one line naming it (a ValueError too, so the command and
+    the nodes show it like any other user-facing error)."""
+
+
+def _write_failure(exc: BaseException, path: Path) -> WriteError | None:
+    """A one-line error for a full disk (or quota) while writing ``path``; None for other errors."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        reason = exc.strerror or "no space left"
+    elif isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_FAILED):
+        reason = "the write stopped short, most likely no space left"
+    else:
+        return None
+    return WriteError(
+        f"Could not write {path.name} in {path.parent}: {reason}. Nothing was replaced (any previous "
+        "file there is intact); free some space on that disk and run again."
+    )
+
+
+@contextmanager
+def reporting_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turns a full disk while writing ``path`` into one clear line (WriteError)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        clear = _write_failure(e, Path(path))
+        if clear is None:
+            raise
+        raise clear from None
 
 
 def temporary_name(name: str, suffix: str = ".tmp", token: str | None = None) -> str:
@@ -41,11 +78,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     """Yields a temporary path in the target's folder; it replaces ``path`` if the block succeeds
     and is removed if it raises. The result gets the permissions of any new file (umask)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temporary(path, suffix)
+    if path.is_dir() and not path.is_symlink():
+        # Checked first, so no work is spent on a file that could never replace the folder.
+        raise WriteError(
+            f"Cannot write {path}: a folder of that name is in the way. Move or delete that folder and run again."
+        )
+    with reporting_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temporary(path, suffix)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with reporting_write_errors(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

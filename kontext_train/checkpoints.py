@@ -6,22 +6,35 @@ validation history, settings, and what the run was trained on). No random-genera
 stored: the trainer draws every sample's randomness from a generator keyed on the step and the
 sample's position, so the position is enough to continue exactly. A checkpoint is written under a
 temporary name and renamed when complete, so a crash or a cancel mid-write leaves the previous
-checkpoint as the latest one.
+checkpoint as the latest one. A checkpoint that cannot be read anyway (a truncated file, a key
+missing) is moved aside by ``find_resumable``, with a warning, and the run continues from the one
+before it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from .atomic import reporting_write_errors
 from .lora import LoraAdapter, atomic_save_safetensors, to_kohya_state_dict
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+# What the trainer reads from state.pt to continue a run.
+REQUIRED_STATE = ("step", "epoch", "position", "optimizer", "scheduler", "losses", "validation")
+
+log = logging.getLogger("kontext_restore")
+
+
+class CheckpointError(ValueError):
+    pass
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -74,7 +87,8 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     try:
         atomic_save_safetensors(to_kohya_state_dict(adapters), tmp / "lora.safetensors", metadata)
-        torch.save(state, tmp / "state.pt")
+        with reporting_write_errors(tmp / "state.pt"):
+            torch.save(state, tmp / "state.pt")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -86,15 +100,23 @@ def save_checkpoint(
     return final
 
 
+def _read_state(path: Path) -> dict:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    missing = [k for k in REQUIRED_STATE if k not in state] if isinstance(state, dict) else REQUIRED_STATE
+    if missing:
+        raise CheckpointError(f"Checkpoint {path} is incomplete: its state.pt lacks {', '.join(missing)}")
+    return state
+
+
 def load_state(path: Path) -> dict:
     """The training state of one checkpoint folder, without its LoRA."""
     path = Path(path)
     try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        return _read_state(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(
-            f"Checkpoint {path} cannot be read ({e}); delete it to resume from the one before."
-        ) from e
+        raise CheckpointError(f"Checkpoint {path} cannot be read ({e}).") from e
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -104,9 +126,38 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     try:
         lora = load_file(str(path / "lora.safetensors"))
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(
-            f"Checkpoint {path} cannot be read ({e}); delete it to resume from the one before."
-        ) from e
-    return lora, state
+        raise CheckpointError(f"Checkpoint {path} cannot be read ({e}).") from e
+    return lora, load_state(path)
+
+
+def find_resumable(
+    run_dir: Path, move_aside: bool = True
+) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """(folder, LoRA, state) of the newest checkpoint that reads whole, or None when there is none.
+
+    Newer checkpoints that cannot be read (truncated by a crash of the storage, edited, a key
+    missing) are moved aside as ``.step_N.unreadable-<time>`` with a warning naming them, so the
+    run continues from the last good one without the user deleting anything. Only one process of a
+    distributed run moves (``move_aside``). If no checkpoint reads, CheckpointError names them all.
+    """
+    bad: list[tuple[Path, CheckpointError]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            lora, state = load_checkpoint(path)
+        except CheckpointError as e:
+            bad.append((path, e))
+            continue
+        for broken, error in bad:
+            aside = broken.with_name(f".{broken.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            if move_aside:
+                os.replace(broken, aside)
+            log.warning("%s Continuing from %s; the unreadable one was moved to %s.", error, path.name, aside)
+        return path, lora, state
+    if bad:
+        names = "; ".join(str(e) for _, e in bad)
+        raise CheckpointError(
+            f"No checkpoint in {Path(run_dir) / 'checkpoints'} can be read: {names} Move that folder away "
+            "to start the run again (or restore it from a backup)."
+        )
+    return None

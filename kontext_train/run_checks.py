@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import temporary_name
-from .checkpoints import checkpoint_step, latest_checkpoint, load_state, partial_checkpoint_dir
+from .checkpoints import (
+    CheckpointError,
+    checkpoint_step,
+    find_resumable,
+    latest_checkpoint,
+    partial_checkpoint_dir,
+)
 from .degradations import describe
 from .latent_cache import file_sha256
 from .train_config import TrainConfig
@@ -154,7 +160,10 @@ def plan_run(
             "off: nothing was overwritten. Turn resume on to continue it, or choose another LoRA name / "
             "output folder."
         )
-    state = load_state(latest)
+    try:  # falls back past unreadable checkpoints, with a warning naming them
+        latest, _, state = find_resumable(run_dir)
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
     saved = state.get("dataset")
     if not saved:
         log.warning(

@@ -28,7 +28,7 @@ import torch
 from . import __version__
 from .atomic import atomic_write_csv, atomic_write_text
 from .batches import LatentBatch, LatentBatches
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import find_resumable, save_checkpoint
 from .flow import (
     flux_shift_mu,
     image_tokens,
@@ -246,10 +246,10 @@ class Trainer:
         return self.last_checkpoint
 
     def _resume(self, optimizer, scheduler) -> int:
-        found = latest_checkpoint(self.run_dir)
-        if found is None:
+        resumable = find_resumable(self.run_dir, move_aside=self.hooks.is_main_process)
+        if resumable is None:
             return 0
-        lora, state = load_checkpoint(found)
+        found, lora, state = resumable
         check_resume_compatible(state.get("config", {}), self.config)
         load_kohya_into(self.model.adapters, lora)
         optimizer.load_state_dict(state["optimizer"])

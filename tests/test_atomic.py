@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kontext_train.atomic import atomic_path, atomic_write_csv, atomic_write_text
+from kontext_train.atomic import WriteError, atomic_path, atomic_write_csv, atomic_write_text
 
 
 def test_written_file_has_umask_permissions(tmp_path):
@@ -45,3 +45,50 @@ def test_csv_rows_with_columns_in_order_of_first_appearance(tmp_path):
         tmp_path / "rows.csv", [{"step": 1, "psnr": 20.5, "images": [1]}, {"step": 2, "ssim": 0.5}]
     )
     assert path.read_text().splitlines() == ["step,psnr,ssim", "1,20.5,", "2,,0.5"]
+
+
+def _fail_with(error):
+    def write(tmp):
+        tmp.write_bytes(b"half")
+        raise error
+
+    return write
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4736 vs 4624"),
+    ],
+)
+def test_a_full_disk_is_one_line_naming_the_file_and_folder(tmp_path, error):
+    target = tmp_path / "run" / "lora.safetensors"
+    atomic_write_text(target, "previous")
+    with pytest.raises(WriteError) as e:
+        with atomic_path(target) as tmp:
+            _fail_with(error)(tmp)
+    message = str(e.value)
+    assert "\n" not in message and "lora.safetensors" in message and str(target.parent) in message
+    assert "space" in message
+    assert isinstance(e.value, ValueError)  # shown by the command like every user-facing error
+    assert target.read_text() == "previous"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["lora.safetensors"]
+
+
+def test_other_errors_pass_unchanged(tmp_path):
+    with pytest.raises(RuntimeError, match="something else"):
+        with atomic_path(tmp_path / "a.txt"):
+            raise RuntimeError("something else")
+    with pytest.raises(PermissionError):
+        with atomic_path(tmp_path / "b.txt"):
+            raise PermissionError(13, "Permission denied")
+
+
+def test_a_folder_in_the_way_is_a_clear_error(tmp_path):
+    target = tmp_path / "entry.safetensors"
+    (target / "inner").mkdir(parents=True)
+    with pytest.raises(WriteError, match="a folder of that name is in the way") as e:
+        atomic_write_text(target, "x")
+    assert str(target) in str(e.value)
+    assert (target / "inner").is_dir()

@@ -5,6 +5,7 @@ holds) and that a finished run is not trained or written again."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -15,8 +16,17 @@ import pytest
 from _bad_images import write_good
 from conftest import make_conditioning, make_tiny_flux
 
+from kontext_train.atomic import WriteError
 from kontext_train.dataset import build_dataset
-from kontext_train.run import RunError, RunHooks, RunLockedError, RunOutputs, latents_from_vae, train_lora
+from kontext_train.run import (
+    RunError,
+    RunHooks,
+    RunLockedError,
+    RunOutputs,
+    latents_from_vae,
+    train_lora,
+    warm_cache,
+)
 from kontext_train.run_checks import check_output_names
 from kontext_train.run_lock import LOCK_NAME, run_lock
 from kontext_train.train_config import TrainConfig
@@ -167,3 +177,44 @@ def test_a_lock_held_by_another_process_is_refused(tmp_path, run):
     # Killed without releasing: its lock is stale now and the next run takes it over.
     assert json.loads((outputs.run_dir / LOCK_NAME).read_text())["pid"] == holder.pid
     assert _train(latents, outputs).step == 2
+
+
+def test_an_unreadable_latest_checkpoint_is_skipped_with_a_warning(run, caplog):
+    # Once: KeyError 'optimizer', or "cannot be read; delete it" for a truncated file.
+    outputs, latents = run
+    _train(latents, outputs, steps=2)
+    bad = outputs.run_dir / "checkpoints" / "step_000002"
+    data = (bad / "state.pt").read_bytes()
+    (bad / "state.pt").write_bytes(data[: len(data) // 3])
+    with caplog.at_level(logging.WARNING, logger="kontext_restore"):
+        result = _train(latents, outputs, steps=3)
+    assert result.resumed_from == 1 and result.step == 3
+    assert str(bad) in caplog.text and "Continuing from step_000001" in caplog.text
+
+
+def test_a_checkpoint_without_optimizer_state_is_skipped(run, caplog):
+    import torch
+
+    outputs, latents = run
+    _train(latents, outputs, steps=2)
+    bad = outputs.run_dir / "checkpoints" / "step_000002"
+    state = torch.load(bad / "state.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, bad / "state.pt")
+    with caplog.at_level(logging.WARNING, logger="kontext_restore"):
+        result = _train(latents, outputs, steps=3)
+    assert result.resumed_from == 1 and result.step == 3
+    assert "lacks optimizer" in caplog.text and str(bad) in caplog.text
+
+
+def test_a_cache_entry_that_is_a_folder_is_a_clear_error(tmp_path, tiny_vae):
+    # Once: IsADirectoryError from os.replace after the encoding work.
+    folder = _photos(tmp_path / "hq")
+    cache = tmp_path / "cache"
+    warm_cache(_latents(folder, tiny_vae, cache))
+    entry = next(p for p in cache.rglob("*.safetensors") if p.is_file())
+    entry.unlink()
+    (entry / "inner").mkdir(parents=True)
+    with pytest.raises(WriteError, match="a folder of that name is in the way") as e:
+        warm_cache(_latents(folder, tiny_vae, cache))
+    assert str(entry) in str(e.value)
