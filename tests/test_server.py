@@ -195,3 +195,21 @@ def test_cache_folder_outside_comfyui_folders_is_refused(comfy_server, tmp_path,
     assert "cache_folder" in message and "outside the folders" in message, message
     assert str(comfy_server.output_dir.resolve()) in message
     assert not target.exists(), "the refused folder was created"
+
+
+def test_training_template_without_model_files_is_refused_with_node_errors(comfy_server):
+    # Once HTTP 200 and "success" too: the loaders' missing files were only logged while the
+    # dataset node, an output node then, ran on its own.
+    from server_host import ServerError
+
+    api = json.loads(
+        (Path(__file__).resolve().parents[1] / "workflows/api/train_restoration_lora.api.json").read_text()
+    )
+    loaders = {k for k, n in api.items() if n["class_type"] in ("UNETLoader", "DualCLIPLoader", "VAELoader")}
+    assert loaders
+    with pytest.raises(ServerError) as err:
+        comfy_server.queue_prompt(api)
+    message = str(err.value)
+    assert "HTTP 400" in message, message
+    detail = json.loads(message.split(": ", 1)[1])
+    assert loaders & set(detail["node_errors"]), detail
