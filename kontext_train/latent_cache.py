@@ -196,10 +196,7 @@ class LatentCache:
 
     def _write(self, path: Path, z: torch.Tensor, key_json: str) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():  # a rename cannot replace a folder, and deleting a user's folder is not ours
-            raise OSError(
-                f"latent cache entry {path} is a folder, not a cache file: delete or move it "
-                f"(the cache re-creates the entry), or use another cache folder"
-            )
+        # A folder in the entry's place is refused by atomic_path (a rename cannot replace it, and
+        # deleting a user's folder is not ours to do).
         with atomic_path(path, suffix=".safetensors.tmp") as tmp:
             save_file({"latent": z}, str(tmp), metadata={"key": key_json})

@@ -264,6 +264,6 @@ def test_entry_that_is_a_folder_is_a_clear_error(data):
     (entry / "inside").mkdir(parents=True)
 
     fresh, _ = _cache(tmp_path)
-    with pytest.raises(OSError, match=rf"{entry.name} is a folder, not a cache file: delete or move it"):
+    with pytest.raises(OSError, match=rf"{entry.name}: a folder of that name is in the way. Move or delete"):
         fresh.target(ds, s)
     assert fresh.stats["corrupt"] == 1
