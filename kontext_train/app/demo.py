@@ -1,4 +1,4 @@
-"""The offline demo: real photographs, a tiny random model, the whole pipeline in about a minute.
+"""The offline demo: real photographs, a tiny random model, the whole pipeline in seconds.
 
 Photos come from the scikit-image wheel (``skimage.data`` reads files bundled inside the wheel;
 nothing is downloaded). The model is a tiny randomly initialised Flux transformer built through
@@ -33,7 +33,7 @@ TINY_HIDDEN = 128
 DEMO_BASE_MODEL = "demo:tiny-random-flux"
 
 # Settings the demo uses instead of the real-run defaults when the tiny model is used (flags,
-# config file and environment still override them). Tuned for about a minute on a 2-core CPU.
+# config file and environment still override them). Tuned to finish in seconds on a 2-core CPU.
 DEMO_DEFAULTS: dict[str, object] = {
     "steps": 150,
     "learning_rate": 2e-3,

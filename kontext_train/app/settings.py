@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     helps = {
         "train": "train a LoRA on HR_ROOT (no --unet: the offline demo)",
-        "demo": "the offline demo: sample photos, tiny random model, report (about a minute on a CPU)",
+        "demo": "the offline demo: sample photos, tiny random model, report (seconds on a CPU)",
         "restore": "restore images with a trained LoRA",
         "evaluate": "degrade held-out images, restore them and score PSNR/SSIM",
     }
