@@ -213,3 +213,35 @@ def test_training_template_without_model_files_is_refused_with_node_errors(comfy
     assert "HTTP 400" in message, message
     detail = json.loads(message.split(": ", 1)[1])
     assert loaders & set(detail["node_errors"]), detail
+
+
+def test_same_lora_name_on_other_data_is_refused_and_the_lora_kept(comfy_server):
+    # Once "success" within seconds: the second folder's run "resumed" the first one's finished
+    # checkpoint and rewrote the LoRA's metadata with the new dataset's size.
+    for folder, seed in (("dup_first", 60), ("dup_second", 70)):
+        for i in range(3):
+            write_png(comfy_server.input_dir / folder / f"photo_{i}.png", 176, 128, seed=seed + i)
+
+    def graph(folder: str) -> dict:
+        g = _train_graph()
+        for node in g.values():
+            if node["class_type"] == "KontextRestoreDataset":
+                node["inputs"].update(hq_folder=folder, val_count=1, bucket_scale=0.25)
+            elif node["class_type"] == "KontextRestoreTrainLoRA":
+                node["inputs"].update(
+                    lora_name="dup_server",
+                    steps=2,
+                    warmup_steps=0,
+                    checkpoint_every=1,
+                    validate_every_epochs=0,
+                )
+        return g
+
+    comfy_server.run_prompt(graph("dup_first"), timeout=300)
+    lora = comfy_server.loras_dir / "dup_server.safetensors"
+    first = lora.read_bytes()
+    with pytest.raises(ServerError) as err:
+        comfy_server.run_prompt(graph("dup_second"), timeout=300)
+    message = str(err.value)
+    assert "Cannot resume" in message and "dup_first" in message and "dup_second" in message, message
+    assert lora.read_bytes() == first
