@@ -114,3 +114,24 @@ def make_conditioning(seed: int = 0, tokens: int = 8):
 @pytest.fixture
 def flux_conditioning():
     return make_conditioning()
+
+
+def recording_model(model):
+    """A clone of ``model`` that records every model call the sampler makes."""
+    calls = []
+    patched = model.clone()
+
+    def wrapper(apply_model, args):
+        c = args["c"]
+        calls.append(
+            {
+                "input": args["input"].detach().clone(),
+                "sigma": args["timestep"].detach().clone(),
+                "refs": [r.detach().clone() for r in c["ref_latents"]] if c.get("ref_latents") else None,
+                "guidance": float(c["guidance"].flatten()[0]) if "guidance" in c else None,
+            }
+        )
+        return apply_model(args["input"], args["timestep"], **c)
+
+    patched.set_model_unet_function_wrapper(wrapper)
+    return patched, calls

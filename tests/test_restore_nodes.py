@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_conditioning, make_tiny_flux
+from conftest import recording_model as _recording
 from toy import TOY_TRAIN_SETTINGS, ToyBatches, degrade_latent, toy_latents
 
 from kontext_train import comfyui
@@ -37,27 +38,6 @@ def _one_thread():
 
 def _node(pack_nodes, name):
     return pack_nodes.NODE_CLASS_MAPPINGS[name]()
-
-
-def _recording(model):
-    """A clone of ``model`` that records every model call the sampler makes."""
-    calls = []
-    patched = model.clone()
-
-    def wrapper(apply_model, args):
-        c = args["c"]
-        calls.append(
-            {
-                "input": args["input"].detach().clone(),
-                "sigma": args["timestep"].detach().clone(),
-                "refs": [r.detach().clone() for r in c["ref_latents"]] if c.get("ref_latents") else None,
-                "guidance": float(c["guidance"].flatten()[0]) if "guidance" in c else None,
-            }
-        )
-        return apply_model(args["input"], args["timestep"], **c)
-
-    patched.set_model_unet_function_wrapper(wrapper)
-    return patched, calls
 
 
 def _model_space(model, raw):
