@@ -2,6 +2,9 @@
 
 ``build_dataset`` validates every file up front (a corrupt image found at step 2,000 wastes the
 run), assigns buckets, and makes a held-out split that depends only on the seed and file names.
+The held-out count adapts to small folders: at most 20% of the usable images (rounded down), at
+least one from two images on, none of a single image; a larger ``val_count`` is reduced and the
+summary says so (4 of 6 photos held out once left 2 to train on without a word).
 
 Seeds of synthetic degradations: a fixed pipeline uses ``degradation_seed(seed, key, 0)`` for
 every epoch, so each image has one degraded version (its noise included) that can be cached. A
@@ -24,7 +27,14 @@ from .buckets import bucket_histogram, bucket_resolutions, fit_to_bucket, format
 from .degradations import DegradationConfig, degradation_seed, degrade, describe
 from .images import IMAGE_EXTENSIONS, ImageLoadError, load_rgb, pil_to_tensor, scan_image_folder
 
-__all__ = ["RestorationDataset", "Sample", "build_dataset", "resolve_dataset_path"]
+__all__ = [
+    "RestorationDataset",
+    "Sample",
+    "build_dataset",
+    "held_out_limit",
+    "resolve_dataset_path",
+    "split_sizes",
+]
 
 NO_COUNTERPART = "no degraded counterpart"
 
@@ -33,6 +43,11 @@ NO_COUNTERPART = "no degraded counterpart"
 # beyond that the two are different pictures or crops (e.g. a portrait LQ for a landscape HQ),
 # which would teach the model to invent content.
 PAIR_ASPECT_TOLERANCE = 0.02
+
+DEFAULT_VAL_COUNT = 4  # the settings table reads this default (options.py)
+MAX_HELD_OUT_PERCENT = 20  # of the usable images, rounded down
+# Below this many training images the summary warns and suggests adding photos.
+FEW_TRAINING_IMAGES = 8
 
 
 @dataclass
@@ -59,6 +74,8 @@ class RestorationDataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     bucket_scale: float = 1.0
+    # Warnings about the split (val_count reduced, few training images), shown in the summary.
+    split_warnings: list[str] = field(default_factory=list)
 
     def bucket_histogram(self, split: str = "all") -> dict[str, int]:
         """Images per bucket for "train", "val" or "all"."""
@@ -75,6 +92,7 @@ class RestorationDataset:
             f"Dataset {self.hq_dir}: {source}",
             f"used {n} image(s): {len(self.train)} train, {len(self.val)} held out for validation",
         ]
+        lines += [f"warning: {w}" for w in self.split_warnings]
         if self.skipped:
             by_reason = Counter(_reason_category(r) for _, r in self.skipped)
             lines.append(
@@ -151,16 +169,36 @@ def _pick_lq(hq: Path, candidates: list[Path]) -> Path:
     return sorted(candidates, key=lambda p: (p.suffix.lower() != hq.suffix.lower(), p.name))[0]
 
 
-def _val_size(n: int, val_count: int | None, val_fraction: float) -> int:
-    if n < 2:
+def held_out_limit(n_usable: int) -> int:
+    """The most images held out of ``n_usable``: 20% rounded down, but at least one from two
+    images on (validation needs one), and none of a single image (training needs it)."""
+    if n_usable < 2:
         return 0
-    if val_count is not None:
-        v = val_count
-    else:
-        v = round(n * val_fraction)
-        if val_fraction > 0:
-            v = max(v, 1)
-    return max(0, min(v, n - 1))  # keep at least one training image
+    return max(1, n_usable * MAX_HELD_OUT_PERCENT // 100)
+
+
+def split_sizes(n_usable: int, val_count: int) -> tuple[int, list[str]]:
+    """(images held out, warnings): ``val_count`` capped by ``held_out_limit``, and a warning
+    naming the count used and why when it was reduced or when few training images remain."""
+    limit = held_out_limit(n_usable)
+    n_val = min(val_count, limit)
+    warnings = []
+    if n_val < val_count:
+        if n_usable == 1:
+            why = "the only usable image is needed for training"
+        else:
+            why = (
+                f"at most {MAX_HELD_OUT_PERCENT}% of the {n_usable} usable images are held out "
+                f"(at least 1), so that {n_usable - n_val} remain for training"
+            )
+        warnings.append(f"val_count {val_count} reduced to {n_val}: {why}")
+    n_train = n_usable - n_val
+    if n_train < FEW_TRAINING_IMAGES:
+        warnings.append(
+            f"only {n_train} training image(s) (fewer than {FEW_TRAINING_IMAGES}): the LoRA "
+            "learns from these alone; add photos to the folder"
+        )
+    return n_val, warnings
 
 
 def _split_rank(seed: int, key: str) -> bytes:
@@ -199,8 +237,7 @@ def build_dataset(
     hq_dir: str | os.PathLike,
     lq_dir: str | os.PathLike | None = None,
     *,
-    val_count: int | None = None,
-    val_fraction: float = 0.1,
+    val_count: int = DEFAULT_VAL_COUNT,
     seed: int = 0,
     bucket_scale: float = 1.0,
     min_size: int = 64,
@@ -209,14 +246,16 @@ def build_dataset(
 ) -> RestorationDataset:
     """Scan, validate, pair, bucket and split. Unusable files are skipped with a warning.
 
+    ``val_count`` images are held out for validation, fewer in a small folder (``split_sizes``):
+    the reduction and a training set under ``FEW_TRAINING_IMAGES`` are logged as warnings and
+    shown in ``summary()``.
+
     Raises ValueError (naming the folder and what to do) when a folder is missing, not a folder,
     has no image files, or has no usable image.
     """
     log = logger or logging.getLogger(__name__)
-    if val_count is not None and val_count < 0:
-        raise ValueError(f"val_count must be >= 0, got {val_count}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(val_count, bool) or not isinstance(val_count, int) or val_count < 0:
+        raise ValueError(f"val_count must be a whole number >= 0, got {val_count!r}")
     hq = Path(hq_dir).expanduser()
     lq = Path(lq_dir).expanduser() if lq_dir is not None else None
     _check_folder(hq, "HQ image")
@@ -275,7 +314,9 @@ def build_dataset(
             "fix or replace the files listed in the log"
         )
 
-    n_val = _val_size(len(usable), val_count, val_fraction)
+    n_val, split_warnings = split_sizes(len(usable), val_count)
+    for warning in split_warnings:
+        log.warning("%s: %s", hq, warning)
     ranked = sorted(usable, key=lambda s: _split_rank(seed, s.key))
     val_keys = {s.key for s in ranked[:n_val]}
     train = [s for s in usable if s.key not in val_keys]
@@ -288,4 +329,5 @@ def build_dataset(
         skipped=skipped,
         degradation=degradation if degradation is not None else DegradationConfig(),
         bucket_scale=bucket_scale,
+        split_warnings=split_warnings,
     )

@@ -12,7 +12,7 @@ from _bad_images import noise_image, write_exif_rotated_jpeg, write_good
 from PIL import Image
 
 from kontext_train.buckets import bucket_resolutions
-from kontext_train.dataset import build_dataset, resolve_dataset_path
+from kontext_train.dataset import build_dataset, held_out_limit, resolve_dataset_path, split_sizes
 from kontext_train.degradations import DegradationConfig, degradation_seed, degrade
 
 SCALE = 0.125  # buckets around 128 px keep the tests fast
@@ -43,26 +43,84 @@ def _folder(root: Path, n: int) -> Path:
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path):
-    root = _folder(tmp_path / "hq", 12)
-    a = build_dataset(root, val_fraction=0.25, seed=1, bucket_scale=SCALE)
-    b = build_dataset(root, val_fraction=0.25, seed=1, bucket_scale=SCALE)
+    root = _folder(tmp_path / "hq", 20)
+    a = build_dataset(root, val_count=3, seed=1, bucket_scale=SCALE)
+    b = build_dataset(root, val_count=3, seed=1, bucket_scale=SCALE)
     keys = lambda ds: ([s.key for s in ds.train], [s.key for s in ds.val])  # noqa: E731
     assert keys(a) == keys(b)
-    assert len(a.val) == 3 and len(a.train) == 9
+    assert len(a.val) == 3 and len(a.train) == 17
     assert not {s.key for s in a.train} & {s.key for s in a.val}
-    others = {
-        tuple(keys(build_dataset(root, val_fraction=0.25, seed=s, bucket_scale=SCALE))[1]) for s in range(5)
-    }
+    others = {tuple(keys(build_dataset(root, val_count=3, seed=s, bucket_scale=SCALE))[1]) for s in range(5)}
     assert len(others) > 1  # the seed matters
-    assert len(build_dataset(root, val_count=5, bucket_scale=SCALE).val) == 5
-    assert len(build_dataset(root, val_count=50, bucket_scale=SCALE).train) == 1
-    assert len(build_dataset(root, val_fraction=0.0, bucket_scale=SCALE).val) == 0
+    assert len(build_dataset(root, val_count=0, bucket_scale=SCALE).val) == 0
+    with pytest.raises(ValueError, match="val_count must be a whole number >= 0, got -1"):
+        build_dataset(root, val_count=-1, bucket_scale=SCALE)
+
+
+def test_a_reduced_split_keeps_the_images_a_larger_one_held_out(tmp_path):
+    """Capping the count takes the first of the same ranking, so the held-out images of a small
+    count are a subset of a larger one's (evaluation later sees the same images)."""
+    root = _folder(tmp_path / "hq", 10)
+    capped = build_dataset(root, val_count=7, seed=2, bucket_scale=SCALE)
+    assert len(capped.val) == 2  # 20% of 10
+    one = build_dataset(root, val_count=1, seed=2, bucket_scale=SCALE)
+    assert {s.key for s in one.val} < {s.key for s in capped.val}
+
+
+def test_six_photos_hold_out_one_and_say_why(tmp_path, caplog):
+    # The default val_count (4) once held out 4 of 6 photos and trained on 2, silently.
+    with caplog.at_level(logging.WARNING, logger="kontext_train.dataset"):
+        ds = build_dataset(_folder(tmp_path / "six", 6), bucket_scale=SCALE)
+    assert (len(ds.train), len(ds.val)) == (5, 1)
+    summary = ds.summary()
+    assert "used 6 image(s): 5 train, 1 held out" in summary
+    assert "val_count 4 reduced to 1: at most 20% of the 6 usable images are held out" in summary
+    assert "5 remain for training" in summary
+    # Few photos remain: the summary names the number and says what to do.
+    assert "only 5 training image(s)" in summary and "add photos" in summary
+    assert "val_count 4 reduced to 1" in caplog.text and "only 5 training image(s)" in caplog.text
+
+
+def test_a_large_folder_keeps_the_asked_count_without_warnings(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="kontext_train.dataset"):
+        ds = build_dataset(_folder(tmp_path / "many", 100), val_count=4, bucket_scale=SCALE, min_size=8)
+    assert (len(ds.train), len(ds.val)) == (96, 4)
+    assert ds.split_warnings == [] and "warning" not in ds.summary() and caplog.text == ""
 
 
 def test_single_image_has_no_val(tmp_path):
-    root = _folder(tmp_path / "one", 1)
-    ds = build_dataset(root, val_count=1, bucket_scale=SCALE)
+    ds = build_dataset(_folder(tmp_path / "one", 1), val_count=1, bucket_scale=SCALE)
     assert len(ds.train) == 1 and ds.val == []
+    assert "val_count 1 reduced to 0: the only usable image is needed for training" in ds.summary()
+    default = build_dataset(tmp_path / "one", bucket_scale=SCALE)
+    assert (len(default.train), len(default.val)) == (1, 0)
+
+
+def test_a_user_count_above_the_limit_is_reduced_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="kontext_train.dataset"):
+        ds = build_dataset(_folder(tmp_path / "twenty", 20), val_count=10, bucket_scale=SCALE)
+    assert (len(ds.train), len(ds.val)) == (16, 4)
+    expected = "val_count 10 reduced to 4: at most 20% of the 20 usable images are held out"
+    assert ds.split_warnings == [expected + " (at least 1), so that 16 remain for training"]
+    assert expected in ds.summary() and expected in caplog.text
+    assert "training image(s)" not in ds.summary()  # 16 is enough: no few-images warning
+
+
+def test_the_limit_counts_usable_images_only(tmp_path):
+    root = _folder(tmp_path / "hq", 10)
+    (root / "broken.png").write_bytes(b"not a png")
+    noise_image(8, 8).save(root / "tiny.png")
+    ds = build_dataset(root, val_count=4, bucket_scale=SCALE)
+    assert len(ds.skipped) == 2 and (len(ds.train), len(ds.val)) == (8, 2)
+    assert "of the 10 usable images" in ds.summary()
+
+
+@pytest.mark.parametrize(
+    ("n", "limit"), [(0, 0), (1, 0), (2, 1), (4, 1), (5, 1), (9, 1), (10, 2), (14, 2), (15, 3), (100, 20)]
+)
+def test_held_out_limit(n, limit):
+    assert held_out_limit(n) == limit
+    assert split_sizes(n, 1000)[0] == limit and split_sizes(n, 0)[0] == 0
 
 
 def test_buckets_assigned_at_scale(tmp_path):

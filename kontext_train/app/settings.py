@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
             shown = f"{opt.default}" + (f"; demo {default}" if default != opt.default else "")
             limits = f"; {opt.range_text}" if opt.kind in ("int", "float") else ""
             help_text = f"{opt.help or opt.tooltip.rstrip('.')} (default {shown}{limits}){env}"
+            help_text = help_text.replace("%", "%%")  # argparse formats help with %: "20%" is text
             if opt.kind == "bool":
                 p.add_argument(opt.flag, action=argparse.BooleanOptionalAction, help=help_text)
             elif opt.kind == "int":
