@@ -1,18 +1,20 @@
 """How to restore with a LoRA: one settings object, built from what the LoRA file records.
 
 The trainer writes its settings into the LoRA's safetensors metadata (``trainer.lora_metadata``:
-``kontext_restore.formulation``, ``.bridge_noise``, ``.guidance``, ``.config`` as JSON, plus the
-run's extras such as ``.bucket_scale``). Restoring well means sampling the way the LoRA was
+``kontext_restore.formulation``, ``.bridge_noise``, ``.guidance``, the time shift line
+``.base_shift``/``.max_shift``, ``.config`` as JSON, plus the run's extras such as
+``.bucket_scale`` and the training ``.prompt``). Restoring well means sampling the way the LoRA was
 trained, so the Restore node, ``kontext-train restore/evaluate`` and validation during training all
 build one ``RestoreSettings`` here instead of each reading (or asking for) the values again.
 
 Each value comes from, in this order: an explicit user setting, the LoRA's metadata, the default.
 Metadata that is missing or unusable (not a number, out of range, broken JSON) never stops a
 restore: the value is ignored with a warning that names the file, the key and what was found,
-and the default is used. Two cases are errors: a file whose safetensors header cannot be read at
-all (its weights cannot be loaded either), and ``mode`` ``auto`` on a LoRA whose formulation is
-missing or unknown, because no default can be right there (sampling a noise-start LoRA from the
-degraded image, or the reverse, gives garbage).
+and the default is used. A prompt that differs from the one the LoRA was trained with is kept
+and warned about (``training_prompt.prompt_mismatch``). Two cases are errors: a file whose
+safetensors header cannot be read at all (its weights cannot be loaded either), and ``mode``
+``auto`` on a LoRA whose formulation is missing or unknown, because no default can be right there
+(sampling a noise-start LoRA from the degraded image, or the reverse, gives garbage).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .flow import (
     sampling_sigmas,
     starts_from_degraded,
 )
+from .training_prompt import PROMPT_KEY, prompt_mismatch
 
 log = logging.getLogger("kontext_restore")
 
@@ -129,7 +132,10 @@ def lora_record_from_metadata(metadata: Mapping[str, str], path: str = "<lora>")
     if formulation is not None and not isinstance(formulation, str):
         warnings.append(f"LoRA {path}: metadata formulation={formulation!r} is not a name; ignored.")
         formulation = None
-    prompt = metadata.get(METADATA_PREFIX + "prompt") or None
+    prompt = metadata.get(METADATA_PREFIX + PROMPT_KEY)
+    if prompt is not None and not (isinstance(prompt, str) and prompt.strip()):
+        warnings.append(f"LoRA {path}: metadata {PROMPT_KEY}={prompt!r} is not a prompt; ignored.")
+        prompt = None
     record = LoraRecord(
         path=path,
         formulation=formulation or None,
@@ -276,10 +282,15 @@ def resolve_restore_settings(
     bucket_scale: float | None = None,
     bridge_noise: float | None = None,
     prompt: str | None = None,
+    log_warnings: bool = True,
 ) -> RestoreSettings:
     """The settings to restore with. ``None`` means "not set by the user": the LoRA's recorded
     value, else the default. A user value that differs from what the LoRA was trained with is
-    kept and warned about."""
+    kept and warned about. ``prompt`` is the text restored with where it is known (the command's
+    --prompt, the prompt a node's conditioning was encoded from); None when it is not.
+
+    Warnings are in ``RestoreSettings.warnings`` and logged (``log_warnings``: off for a caller
+    that shows them itself, so they do not appear twice)."""
     formulation = resolve_formulation(mode, lora)
     sources: dict[str, str] = {"formulation": FROM_USER if mode != "auto" else FROM_DEFAULT}
     warnings = list(lora.warnings) if lora is not None else []
@@ -288,12 +299,18 @@ def resolve_restore_settings(
     if lora is not None and lora.formulation and lora.formulation != formulation:
         warnings.append(f"Sampling as {formulation}, but {lora.path} was trained as {lora.formulation}.")
 
-    def pick(name: str, given, default):
+    def pick(name: str, given, default, differs=None):
         recorded = getattr(lora, name, None) if lora is not None else None
         if given is not None:
             sources[name] = FROM_USER
             if recorded is not None and given != recorded:
-                warnings.append(f"{name} {given} differs from the {recorded} {lora.path} was trained with.")
+                message = (
+                    differs(given, recorded, lora.path)
+                    if differs
+                    else f"{name} {given} differs from the {recorded} {lora.path} was trained with."
+                )
+                if message:
+                    warnings.append(message)
             return given
         if recorded is not None:
             sources[name] = FROM_LORA
@@ -307,11 +324,11 @@ def resolve_restore_settings(
         "bridge_noise": pick("bridge_noise", bridge_noise, 0.0),
         "base_shift": pick("base_shift", None, DEFAULT_BASE_SHIFT),
         "max_shift": pick("max_shift", None, DEFAULT_MAX_SHIFT),
-        "prompt": pick("prompt", prompt, None),
+        "prompt": pick("prompt", prompt, None, differs=prompt_mismatch),
     }
     sources["steps"] = FROM_USER if steps else "automatic"
     sources.update(sampler=FROM_USER, scheduler=FROM_USER, seed=FROM_USER)
-    for message in warnings:
+    for message in warnings if log_warnings else ():
         log.warning("Kontext Restore: %s", message)
     return RestoreSettings(
         formulation=formulation,

@@ -37,7 +37,7 @@ from .flow import (
     sample_training_sigmas,
 )
 from .lora import atomic_save_safetensors, diffusers_support, load_kohya_into, to_kohya_state_dict
-from .restore_settings import METADATA_PREFIX  # one prefix for writing and reading a LoRA's metadata
+from .restore_settings import DEFAULT_BASE_SHIFT, DEFAULT_MAX_SHIFT, METADATA_PREFIX  # as restoring reads
 from .train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
 
 __all__ = ["LORA_DTYPES", "LR_SCHEDULES", "TrainConfig", "Trainer", "TrainerHooks"]
@@ -90,6 +90,8 @@ def lora_metadata(config: TrainConfig, step: int, extra: Mapping[str, str] | Non
         METADATA_PREFIX + "formulation": config.formulation,
         METADATA_PREFIX + "bridge_noise": str(config.bridge_noise),
         METADATA_PREFIX + "guidance": str(config.guidance),
+        METADATA_PREFIX + "base_shift": str(DEFAULT_BASE_SHIFT),
+        METADATA_PREFIX + "max_shift": str(DEFAULT_MAX_SHIFT),
         METADATA_PREFIX + "step": str(step),
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.lora_alpha),
@@ -185,7 +187,7 @@ class Trainer:
         clean = model.to_model_space(batch.clean.to(device))
         degraded = model.to_model_space(batch.degraded.to(device))
         n, _, h, w = clean.shape
-        mu = flux_shift_mu(image_tokens(h, w))
+        mu = flux_shift_mu(image_tokens(h, w), DEFAULT_BASE_SHIFT, DEFAULT_MAX_SHIFT)
         sigmas, noises = [], []
         for j in range(n):
             g = self.sample_generator(micro_step, batch.first_index + j)

@@ -26,6 +26,7 @@ from kontext_train.restore_settings import (
     resolve_steps,
 )
 from kontext_train.trainer import TrainConfig, lora_metadata
+from kontext_train.training_prompt import PROMPT_KEY, prompt_from_graph
 
 
 def _trained(**config) -> dict[str, str]:
@@ -182,3 +183,158 @@ def test_resolve_mode_and_steps():
     assert resolve_steps(0, "kontext") == 28 and resolve_steps(5, "kontext") == 5
     with pytest.raises(ValueError, match="mode"):
         resolve_formulation("sideways", None)
+
+
+# -- the training prompt ------------------------------------------------------------------------
+
+TRAINED_PROMPT = "Restore this photo: remove the blur, noise and JPEG artifacts, keep every detail."
+OTHER_PROMPT = (
+    "Restore this photo: remove the noise, blur and compression artifacts and recover fine detail, "
+    "keeping the content, colors and composition exactly the same."
+)
+
+
+def _with_prompt(prompt: str | None = TRAINED_PROMPT) -> dict[str, str]:
+    """Metadata of a run whose caller recorded its prompt (``metadata={"prompt": ...}``)."""
+    extra = {"bucket_scale": 0.5} | ({PROMPT_KEY: prompt} if prompt is not None else {})
+    return lora_metadata(TrainConfig(), step=10, extra=extra)
+
+
+def test_the_training_prompt_is_read_back_and_used_when_none_is_given():
+    meta = _with_prompt()
+    assert meta["kontext_restore.prompt"] == TRAINED_PROMPT
+    rs = resolve_restore_settings(lora_record_from_metadata(meta, "p.safetensors"))
+    assert rs.prompt == TRAINED_PROMPT and rs.sources["prompt"] == FROM_LORA and rs.warnings == ()
+
+
+def test_a_different_prompt_is_kept_and_warned_about_naming_both(caplog):
+    record = lora_record_from_metadata(_with_prompt(), "p.safetensors")
+    with caplog.at_level(logging.WARNING, logger="kontext_restore"):
+        rs = resolve_restore_settings(record, prompt=OTHER_PROMPT)
+    assert rs.prompt == OTHER_PROMPT and rs.sources["prompt"] == FROM_USER
+    (warning,) = rs.warnings
+    assert "p.safetensors" in warning and "differs from the prompt" in warning
+    # Both prompts, shortened around where they start to differ ("the noise" / "the blur").
+    assert '"Restore this photo: remove the noise, blur and compression..."' in warning
+    assert '"Restore this photo: remove the blur, noise and JPEG..."' in warning
+    assert "keeping the content" not in warning and len(warning) < 300
+    assert warning in caplog.text
+
+
+def test_prompts_differing_late_are_shown_where_they_differ():
+    tail = " Keep the colors."
+    rs = resolve_restore_settings(
+        lora_record_from_metadata(_with_prompt(TRAINED_PROMPT + tail), "p.safetensors"),
+        prompt=TRAINED_PROMPT + " Keep the grain.",
+    )
+    (warning,) = rs.warnings
+    assert '"...and JPEG artifacts, keep every detail. Keep the grain."' in warning
+    assert '"...and JPEG artifacts, keep every detail. Keep the colors."' in warning
+
+
+def test_the_same_prompt_up_to_spacing_and_old_loras_give_no_warning(caplog):
+    record = lora_record_from_metadata(_with_prompt(), "p.safetensors")
+    spaced = "  " + TRAINED_PROMPT.replace(" ", "  \n") + " "
+    assert resolve_restore_settings(record, prompt=spaced).warnings == ()
+    old = lora_record_from_metadata(_with_prompt(None), "old.safetensors")  # trained before the key
+    rs = resolve_restore_settings(old, prompt=OTHER_PROMPT)
+    assert old.prompt is None and rs.warnings == () and rs.prompt == OTHER_PROMPT
+    assert resolve_restore_settings(None, prompt=OTHER_PROMPT).warnings == ()
+
+
+def test_a_damaged_prompt_key_is_ignored_with_a_warning():
+    meta = _with_prompt("   ")
+    record = lora_record_from_metadata(meta, "d.safetensors")
+    assert record.prompt is None
+    assert any("d.safetensors" in w and "prompt='   '" in w for w in record.warnings)
+    rs = resolve_restore_settings(record, prompt=OTHER_PROMPT)
+    assert not any("differs from the prompt" in w for w in rs.warnings)
+
+
+def test_warnings_can_be_left_to_the_caller_to_show(caplog):
+    record = lora_record_from_metadata(_with_prompt(), "p.safetensors")
+    with caplog.at_level(logging.WARNING, logger="kontext_restore"):
+        rs = resolve_restore_settings(record, prompt=OTHER_PROMPT, log_warnings=False)
+    assert len(rs.warnings) == 1 and caplog.text == ""
+
+
+def test_the_trainer_records_the_time_shift_it_samples_with():
+    import inspect
+
+    meta = _trained()
+    shift_defaults = inspect.signature(flux_shift_mu).parameters
+    assert float(meta["kontext_restore.base_shift"]) == shift_defaults["base_shift"].default
+    assert float(meta["kontext_restore.max_shift"]) == shift_defaults["max_shift"].default
+    rs = resolve_restore_settings(lora_record_from_metadata(meta, "s.safetensors"))
+    assert rs.sources["base_shift"] == rs.sources["max_shift"] == FROM_LORA
+    # A LoRA recording another line is restored on that clock.
+    meta["kontext_restore.max_shift"] = "0.9"
+    rs = resolve_restore_settings(lora_record_from_metadata(meta, "s.safetensors"))
+    assert rs.max_shift == 0.9 and rs.mu(64, 64) == pytest.approx(
+        flux_shift_mu(image_tokens(64, 64), 0.5, 0.9)
+    )
+
+
+# -- the prompt text behind a node's CONDITIONING (ComfyUI's hidden PROMPT) ----------------------
+
+
+def _graph(**extra_nodes) -> dict:
+    graph = {
+        "2": {
+            "class_type": "DualCLIPLoader",
+            "inputs": {"clip_name1": "a", "clip_name2": "b", "type": "flux"},
+        },
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": TRAINED_PROMPT, "clip": ["2", 0]}},
+        "7": {"class_type": "KontextRestoreRestore", "inputs": {"conditioning": ["4", 0], "seed": 0}},
+    }
+    graph.update(extra_nodes)
+    return graph
+
+
+def test_prompt_from_graph_follows_the_conditioning_to_the_text_encoder():
+    assert prompt_from_graph(_graph(), "7") == TRAINED_PROMPT
+    assert prompt_from_graph(_graph(), 7) == TRAINED_PROMPT  # ids may arrive as numbers
+    # Through nodes that pass the conditioning on (FluxGuidance), and text from a string node.
+    graph = _graph(
+        **{
+            "9": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": OTHER_PROMPT}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"text": ["9", 0], "clip": ["2", 0]}},
+            "5": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 2.5}},
+            "7": {"class_type": "KontextRestoreRestore", "inputs": {"conditioning": ["5", 0]}},
+        }
+    )
+    assert prompt_from_graph(graph, "7") == OTHER_PROMPT
+
+
+@pytest.mark.parametrize(
+    "nodes",
+    [
+        # Two prompts combined: no single text.
+        {
+            "5": {
+                "class_type": "ConditioningCombine",
+                "inputs": {"conditioning_1": ["4", 0], "conditioning_2": ["4", 0]},
+            },
+            "7": {"class_type": "KontextRestoreRestore", "inputs": {"conditioning": ["5", 0]}},
+        },
+        # Text built by another node at run time.
+        {
+            "8": {"class_type": "StringConcatenate", "inputs": {"string_a": ["9", 0], "string_b": "x"}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"text": ["8", 0], "clip": ["2", 0]}},
+        },
+        # A loop of pass-through nodes, and a link to a node that is not there.
+        {
+            "5": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["6", 0]}},
+            "6": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["5", 0]}},
+            "7": {"class_type": "KontextRestoreRestore", "inputs": {"conditioning": ["5", 0]}},
+        },
+        {"7": {"class_type": "KontextRestoreRestore", "inputs": {"conditioning": ["404", 0]}}},
+    ],
+)
+def test_prompt_from_graph_is_none_when_the_text_cannot_be_known(nodes):
+    assert prompt_from_graph(_graph(**nodes), "7") is None
+
+
+def test_prompt_from_graph_without_a_graph():
+    assert prompt_from_graph(None, "7") is None and prompt_from_graph(_graph(), None) is None
+    assert prompt_from_graph(_graph(), "99") is None
