@@ -261,6 +261,29 @@ def test_restore_and_evaluate_use_the_trained_demo_lora(demo_run, tmp_path, caps
     assert "PSNR" in capsys.readouterr().out
 
 
+def test_the_training_prompt_is_recorded_and_a_different_one_warned_about(demo_run, tmp_path, capsys):
+    from kontext_train.lora import read_metadata
+    from kontext_train.options import DEFAULT_PROMPT
+
+    lora = demo_run[0] / "kontext_restore_demo.safetensors"
+    assert read_metadata(lora)["kontext_restore.prompt"] == DEFAULT_PROMPT
+    photo = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(2).random((40, 56, 3)) * 255).astype(np.uint8)).save(photo)
+    base = ["restore", "--lora", str(lora), "--input", str(photo), "--restore-steps", "1"]
+    capsys.readouterr()
+
+    other = "Make this photo look like an oil painting."
+    assert cli.main([*base, "--output-dir", str(tmp_path / "a"), "--prompt", other]) == 0
+    err = capsys.readouterr().err
+    assert "kontext-train: warning: The prompt" in err and lora.name in err
+    assert f'"{other}"' in err and '"Restore this photo: remove the blur' in err
+
+    # Without --prompt the LoRA's own prompt is used, and said so; nothing to warn about.
+    assert cli.main([*base, "--output-dir", str(tmp_path / "b")]) == 0
+    captured = capsys.readouterr()
+    assert "the LoRA's training prompt" in captured.out and "warning" not in captured.err
+
+
 # -- bad configurations: exit code 2, one line, no traceback ----------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -26,6 +27,7 @@ from .runtime import (
     prepare_output_dir,
 )
 from .settings import (
+    PROG,
     Settings,
     UsageError,
 )
@@ -39,7 +41,7 @@ def lora_restore_settings(lora_path: Path | None, settings: Settings) -> Restore
     def given(name: str):
         return settings.values[name] if settings.given(name) else None
 
-    return read_restore_settings(
+    rs = read_restore_settings(
         lora_path,
         steps=settings.restore_steps,
         sampler=settings.sampler,
@@ -48,7 +50,11 @@ def lora_restore_settings(lora_path: Path | None, settings: Settings) -> Restore
         guidance=given("guidance"),
         bucket_scale=given("bucket_scale"),
         prompt=given("prompt"),
+        log_warnings=False,  # printed here: the command configures no logging
     )
+    for warning in rs.warnings:  # a --prompt other than the training prompt, damaged metadata, ...
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+    return rs
 
 
 def _adopt_lora_settings(rs: RestoreSettings, settings: Settings) -> None:
@@ -59,6 +65,7 @@ def _adopt_lora_settings(rs: RestoreSettings, settings: Settings) -> None:
     _say(
         f"restoring as {rs.formulation}: {rs.steps} steps, guidance {rs.guidance:g}, "
         f"bucket scale {rs.bucket_scale:g}, bridge noise {rs.bridge_noise:g}"
+        + (", the LoRA's training prompt" if rs.sources.get("prompt") == FROM_LORA else "")
     )
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from ..training_prompt import PROMPT_KEY
 from .report import render_report
 from .restore_command import evaluate_samples, lora_restore_settings, patched_with_lora, write_evaluation
 from .runtime import (
@@ -172,7 +173,7 @@ def cmd_train(settings: Settings, ctx) -> int:
                 pipe.conditioning,
                 vae=pipe.vae,
                 hooks=hooks,
-                metadata={"trained_with": trained_with},
+                metadata={"trained_with": trained_with, PROMPT_KEY: settings.prompt},
                 base_model=pipe.base_model,
             )
         except KeyboardInterrupt:
