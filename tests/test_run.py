@@ -218,3 +218,28 @@ def test_a_cache_entry_that_is_a_folder_is_a_clear_error(tmp_path, tiny_vae):
     with pytest.raises(WriteError, match="a folder of that name is in the way") as e:
         warm_cache(_latents(folder, tiny_vae, cache))
     assert str(entry) in str(e.value)
+
+
+def test_the_lora_records_what_restoring_reads_back(run):
+    """The prompt its caller recorded, the bucket scale and the time shift: a restore with the
+    LoRA finds them all in the file, and a differing prompt is warned about."""
+    from kontext_train.restore_settings import FROM_LORA, read_restore_settings
+    from kontext_train.training_prompt import PROMPT_KEY
+
+    outputs, latents = run
+    prompt = "Restore this scan: remove the dust and the JPEG blocks."
+    train_lora(
+        latents,
+        make_tiny_flux(),
+        make_conditioning(),
+        _config(),
+        outputs,
+        metadata={PROMPT_KEY: prompt},
+    )
+    rs = read_restore_settings(outputs.lora_path)
+    assert (rs.prompt, rs.bucket_scale, rs.formulation) == (prompt, 0.0625, "bridge")
+    for name in ("prompt", "bucket_scale", "base_shift", "max_shift", "guidance", "formulation"):
+        assert rs.sources[name] == FROM_LORA, name
+    assert rs.warnings == ()
+    other = read_restore_settings(outputs.lora_path, prompt="Restore this photo.")
+    assert len(other.warnings) == 1 and prompt in other.warnings[0]
