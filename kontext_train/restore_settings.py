@@ -37,6 +37,7 @@ from .flow import (
     sampling_sigmas,
     starts_from_degraded,
 )
+from .train_config import TrainConfig
 from .training_prompt import PROMPT_KEY, prompt_mismatch
 
 log = logging.getLogger("kontext_restore")
@@ -47,9 +48,11 @@ AS_TRAINED = "as_trained"
 BRIDGE_STEPS = 8
 KONTEXT_STEPS = 28
 
-DEFAULT_FORMULATION = "bridge"  # the training default
-DEFAULT_GUIDANCE = 1.5  # TrainConfig.guidance
-DEFAULT_BUCKET_SCALE = 1.0
+# Without a LoRA (or with one that records nothing usable): the training defaults, read from
+# where they live so restoring and training cannot drift apart (tests/test_defaults.py).
+DEFAULT_FORMULATION = TrainConfig.formulation
+DEFAULT_GUIDANCE = TrainConfig.guidance
+DEFAULT_BUCKET_SCALE = 1.0  # build_dataset's bucket_scale (checked by tests/test_defaults.py)
 # The line flow.flux_shift_mu draws through (256 tokens, base) and (4096 tokens, max): the
 # resolution-dependent time shift training samples sigmas with.
 DEFAULT_BASE_SHIFT = 0.5
