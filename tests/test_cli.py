@@ -284,6 +284,24 @@ def test_the_training_prompt_is_recorded_and_a_different_one_warned_about(demo_r
     assert "the LoRA's training prompt" in captured.out and "warning" not in captured.err
 
 
+def test_the_command_prints_the_split_and_why(comfy_root, tmp_path, clean_env, capsys):
+    """6 photos with the default val_count (4): 1 held out, the reason and the few-images warning
+    in the summary the command prints (stopped right after it: nothing is loaded or trained)."""
+    from kontext_train import run
+
+    def stop(*args, **kwargs):
+        raise run.RunError("stopped after the dataset summary")
+
+    clean_env.setattr(run, "open_run", stop)
+    hq = _photos(tmp_path / "hq", 6)
+    args = ["train", "--hr-root", str(hq), "--output-dir", str(tmp_path / "out"), "--bucket-scale", "0.125"]
+    assert cli.main([*args, *_fake_weights(tmp_path / "weights")]) == 2
+    printed = capsys.readouterr().out
+    assert "used 6 image(s): 5 train, 1 held out for validation" in printed
+    assert "warning: val_count 4 reduced to 1: at most 20% of the 6 usable images" in printed
+    assert "warning: only 5 training image(s)" in printed and "add photos" in printed
+
+
 # -- bad configurations: exit code 2, one line, no traceback ----------------------------------
 
 

@@ -254,3 +254,18 @@ def test_pair_with_another_aspect_ratio_is_skipped_with_reason(tmp_path):
     assert reasons["turned.png"].startswith("aspect mismatch (HQ 96x64, LQ 64x96")
     assert "2%" in reasons["cropped.png"]
     assert "aspect mismatch: 2" in ds.summary()
+
+
+def test_the_dataset_node_shows_the_split_and_why(pack_nodes, comfy_dirs, tmp_path):
+    folder = _folder(comfy_dirs["input"] / f"six_{tmp_path.name}", 6)
+    cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreDataset"]
+    if hasattr(cls, "define_schema"):  # a V3 node: ComfyUI calls its execute classmethod
+        out = cls.execute(folder.name, SCALE, 4, 0)
+        (dataset, summary), shown = out.result, list(out.ui.as_dict()["text"])
+    else:
+        out = cls().load(folder.name, SCALE, 4, 0)
+        (dataset, summary), shown = out["result"], list(out["ui"]["text"])
+    assert (len(dataset.train), len(dataset.val)) == (5, 1)
+    assert shown == [summary]  # on the node, and the summary output
+    assert "5 train, 1 held out" in summary and "warning: val_count 4 reduced to 1" in summary
+    assert "warning: only 5 training image(s)" in summary
