@@ -338,3 +338,18 @@ def test_prompt_from_graph_is_none_when_the_text_cannot_be_known(nodes):
 def test_prompt_from_graph_without_a_graph():
     assert prompt_from_graph(None, "7") is None and prompt_from_graph(_graph(), None) is None
     assert prompt_from_graph(_graph(), "99") is None
+
+
+def test_prompt_from_graph_finds_the_prompt_in_the_shipped_api_workflows():
+    """The API-format templates are what ComfyUI's hidden PROMPT holds when they are queued."""
+    from pathlib import Path
+
+    found = 0
+    for path in sorted((Path(__file__).resolve().parents[1] / "workflows" / "api").glob("*.api.json")):
+        graph = json.loads(path.read_text())
+        (text,) = {n["inputs"]["text"] for n in graph.values() if n["class_type"] == "CLIPTextEncode"}
+        for node_id, node in graph.items():
+            if node["class_type"] in ("KontextRestoreTrainLoRA", "KontextRestoreRestore"):
+                assert prompt_from_graph(graph, node_id) == text, (path.name, node_id)
+                found += 1
+    assert found >= 4  # the trainer and the Restore node of the three templates
