@@ -1,9 +1,11 @@
 """Kontext Restore: train and use FLUX.1 Kontext restoration LoRAs inside ComfyUI.
 
 ComfyUI imports this folder as a package under whatever name it was cloned to, so everything
-below is imported relatively.
+below is imported relatively. The nodes are V3 nodes registered through ``comfy_entrypoint``
+only: a pack that also defines NODE_CLASS_MAPPINGS is registered from that alone, and
+comfy_entrypoint is never called (ComfyUI 0.3.75 and 0.33.0, ``nodes.load_custom_node``).
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes import comfy_entrypoint
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["comfy_entrypoint"]

@@ -27,7 +27,7 @@ from .flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING
 from .latent_cache import CONTROL_MODES, LatentCache
 from .lora import TARGET_SETS
 from .plots import render_loss_plot
-from .restore_settings import AS_TRAINED, BRIDGE_STEPS, MODES
+from .restore_settings import AS_TRAINED, BRIDGE_STEPS, DEFAULT_BUCKET_SCALE, DEFAULT_GUIDANCE, MODES
 from .train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
 
 NODE = "node"
@@ -39,6 +39,7 @@ WITH_WEIGHTS = ("train", "restore", "evaluate")  # the demo's model is built in;
 WITH_FOLDERS = ("train", "evaluate")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed widgets allow 64 bits
 DEFAULT_PROMPT = "Restore this photo: remove the blur, noise and JPEG artifacts, keep every detail."
+NO_LORA = "none"  # the Restore node's lora_name choice for "no LoRA file"
 KINDS_OF_SETTING = ("int", "float", "bool", "str", "path", "choice")
 
 
@@ -284,9 +285,17 @@ SETTINGS: tuple[Setting, ...] = (
     _s("scheduler", "choice", AS_TRAINED,
        "as_trained (recommended): from 1 to 0 with the time shift training used; or a ComfyUI scheduler.",
        surfaces=_NODE_ONLY),
-    _s("restore_lora", "str", "",
-       "LoRA file in the loras folder whose metadata sets mode auto and the bridge noise (empty: none).",
-       surfaces=_NODE_ONLY, node_name="lora_name"),
+    _s("restore_guidance", "float", 0.0,
+       "Flux guidance to restore with; 0: the guidance the LoRA was trained with (lora_name), else "
+       f"{DEFAULT_GUIDANCE}.",
+       min=0.0, max=100.0, step=0.1, surfaces=_NODE_ONLY, node_name="guidance"),
+    _s("restore_bucket_scale", "float", 0.0,
+       "Resolution scale to restore at (1.0: Kontext's ~1 MP, 0.5: ~512 px); 0: the scale the LoRA was "
+       f"trained at (lora_name), else {DEFAULT_BUCKET_SCALE}.", min=0.0, max=4.0, step=0.0625, surfaces=_NODE_ONLY,
+       node_name="bucket_scale"),
+    _s("restore_lora", "choice", NO_LORA,
+       "LoRA file in the loras folder whose metadata sets mode auto, guidance, bucket scale, bridge noise "
+       "and time shift (none: no LoRA).", surfaces=_NODE_ONLY, node_name="lora_name"),
     _s("lora", "path", None, "LoRA file to restore with.", "LoRA file (default OUTPUT_DIR/<name>.safetensors)",
        surfaces=_COMMAND_ONLY, commands=("restore", "evaluate")),
     _s("input", "path", None, "Image file or folder to restore.", surfaces=_COMMAND_ONLY,

@@ -1,11 +1,24 @@
-"""Thin ComfyUI nodes over the ``kontext_train`` library: one node family per module."""
+"""Thin ComfyUI V3 nodes over the ``kontext_train`` library: one node family per module.
 
+ComfyUI registers them through the pack's ``comfy_entrypoint`` (the repository's __init__.py).
+"""
+
+from ..kontext_train.comfyui.node_api import ComfyExtension, io
 from . import dataset_nodes, metrics_nodes, restore_nodes, train_nodes
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-for _module in (dataset_nodes, train_nodes, restore_nodes, metrics_nodes):
-    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
-    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+NODES: list[type[io.ComfyNode]] = [
+    *dataset_nodes.NODES,
+    *train_nodes.NODES,
+    *restore_nodes.NODES,
+    *metrics_nodes.NODES,
+]
 
-assert all(name.startswith("KontextRestore") for name in NODE_CLASS_MAPPINGS)
+
+class KontextRestoreExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> KontextRestoreExtension:
+    """What ComfyUI calls to register the pack's nodes (nodes.load_custom_node)."""
+    return KontextRestoreExtension()

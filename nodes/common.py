@@ -1,73 +1,96 @@
-"""Types and small helpers shared by the node modules: input specs from the settings table."""
+"""Types and small helpers shared by the node modules: V3 inputs from the settings table.
+
+The nodes are ComfyUI V3 nodes (``io.ComfyNode``). Every widget input is built here from its row
+of ``kontext_train.options`` (kind, default, range, choices, tooltip): the one mapping from the
+table's kinds to V3 inputs, so every node shows a setting the same way.
+"""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
+from ..kontext_train.comfyui.node_api import io
 from ..kontext_train.options import SettingError, check_value, setting
 
 CATEGORY = "Kontext Restore"
 
 # Custom socket types passed between this pack's nodes.
-DATASET = "KONTEXT_RESTORE_DATASET"
-DEGRADATION = "KONTEXT_RESTORE_DEGRADATION"
-LATENTS = "KONTEXT_RESTORE_LATENTS"
-LOSS = "KONTEXT_RESTORE_LOSS"
+DATASET = io.Custom("KONTEXT_RESTORE_DATASET")
+DEGRADATION = io.Custom("KONTEXT_RESTORE_DEGRADATION")
+LATENTS = io.Custom("KONTEXT_RESTORE_LATENTS")
+LOSS = io.Custom("KONTEXT_RESTORE_LOSS")
 
-_WIDGET_TYPES = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN", "str": "STRING", "path": "STRING"}
+# The table's kinds of setting as V3 widget types ("choice" is a Combo).
+_WIDGETS = {"int": io.Int, "float": io.Float, "bool": io.Boolean, "str": io.String, "path": io.String}
 
 
-def setting_input(name: str, choices: list[str] | None = None, tooltip: str | None = None) -> tuple:
-    """A ComfyUI V1 input spec for setting ``name`` of the table: its widget type (or choice
-    list), default, range and tooltip. ``choices`` supplies lists only ComfyUI knows (samplers);
-    ``tooltip`` replaces the table's where a node gives the setting a narrower meaning."""
+def setting_input(
+    name: str, choices: list[str] | None = None, tooltip: str | None = None, optional: bool = False
+) -> io.Input:
+    """The V3 input for setting ``name`` of the table, named as the table says (``input_name``),
+    with its widget type (or choice list), default, range and tooltip. ``choices`` supplies lists
+    only ComfyUI knows (samplers, LoRA files); ``tooltip`` replaces the table's where a node gives
+    the setting a narrower meaning."""
     s = setting(name)
     default = s.node_default if s.default is None else s.default
-    options: dict[str, Any] = {"default": default, "tooltip": tooltip or s.tooltip}
+    common: dict[str, Any] = {"default": default, "tooltip": tooltip or s.tooltip, "optional": optional}
     if s.kind == "choice":
         listed = list(choices if choices is not None else s.choices or ())
         if default not in listed:
             raise ValueError(f"setting {name}: default {default!r} is not among the choices {listed}")
-        return (listed, options)
-    for key in ("min", "max", "step"):
-        value = getattr(s, key)
-        if value is not None:
-            options[key] = value
-    return (_WIDGET_TYPES[s.kind], options)
+        return io.Combo.Input(s.input_name, options=listed, **common)
+    if s.kind in ("int", "float"):
+        common.update({k: getattr(s, k) for k in ("min", "max", "step") if getattr(s, k) is not None})
+    return _WIDGETS[s.kind].Input(s.input_name, **common)
 
 
-def setting_inputs(*names: str) -> dict[str, tuple]:
-    """``{input name: spec}`` for several settings, in the order given (the widgets' order)."""
-    return {setting(n).input_name: setting_input(n) for n in names}
+def setting_inputs(*names: str, optional: bool = False) -> list[io.Input]:
+    """The inputs of several settings, in the order given (the widgets' order)."""
+    return [setting_input(n, optional=optional) for n in names]
 
 
-SEED = setting_input("seed")
+def seed_input() -> io.Input:
+    return setting_input("seed")
 
 
-def socket(type_name: str, tooltip: str) -> tuple:
-    """An input that takes a connection (MODEL, IMAGE, ...) with its tooltip."""
-    return (type_name, {"tooltip": tooltip})
+def output(kind: type, name: str) -> io.Output:
+    """An output shown as ``name``. Its id is left to ComfyUI: V3 ids must differ from the input
+    ids, and several outputs are named like an input (the trainer's model and lora_name)."""
+    return kind.Output(display_name=name)
 
 
-def number_validator(*names: str):
-    """A ``VALIDATE_INPUTS`` classmethod that checks the named FLOAT/INT settings against the
-    table when a prompt is queued, so NaN, infinities and out-of-range values get ComfyUI's
-    HTTP 400 with ``node_errors`` instead of running.
+def input_validator(*names: str, zero_or: Mapping[str, str] | None = None):
+    """A ``validate_inputs`` classmethod that checks the named settings when a prompt is queued,
+    so NaN, infinities, out-of-range numbers and unknown choices get ComfyUI's HTTP 400 with
+    ``node_errors`` naming the input instead of running.
 
-    ComfyUI passes a validator only the inputs its signature names, and skips its own min/max
-    check for those (``execution.validate_inputs``); this one checks them all. Values that come
-    through links are not known yet at that point and are checked when the node runs.
+    ComfyUI passes a validator only the inputs its signature names and then skips its own
+    min/max/choice checks for those (``execution.validate_inputs``), so this one checks them all:
+    numbers against the table, choices against the options the node declares (ComfyUI 0.3.75
+    does not check a V3 combo's value at all, 0.33.0 does). Values that come through links are not
+    known yet at that point (None) and are checked when the node runs. ``zero_or`` maps a setting
+    whose 0 means "from the LoRA" to the setting any other value must satisfy.
     """
+    zero_or = dict(zero_or or {})
     by_input = {setting(n).input_name: n for n in names}
 
     def validate(cls, **values: Any) -> bool | str:
+        declared = {i.id: i for i in cls.define_schema().inputs}
         problems = []
         for input_name, value in values.items():
             if value is None:
                 continue
+            name = by_input[input_name]
+            widget = declared[input_name]
             try:
-                check_value(by_input[input_name], value, label=input_name)
+                if isinstance(widget, io.Combo.Input):
+                    _check_choice(name, input_name, value, widget.options)
+                else:
+                    check_value(name, value, label=input_name)
+                    if name in zero_or and value != 0:
+                        check_value(zero_or[name], value, label=f"{input_name} (0: from the LoRA)")
             except SettingError as e:
                 problems.append(str(e))
         return "; ".join(problems) if problems else True
@@ -76,3 +99,26 @@ def number_validator(*names: str):
     params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in by_input]
     validate.__signature__ = inspect.Signature(params)  # what ComfyUI's getfullargspec reads
     return classmethod(validate)
+
+
+def _check_choice(name: str, input_name: str, value: Any, options: list) -> None:
+    if value in options or _legacy_choice(name, value, options):
+        return
+    if len(options) <= 20:
+        problem = f"{input_name} {value!r} is not one of: {', '.join(map(str, options))}."
+    else:  # ComfyUI itself does not list long lists (model files) either
+        problem = f"{input_name} {value!r} is not among its {len(options)} choices."
+    raise SettingError(f"{problem} {_CHOICE_HINTS.get(name, '')}".strip())
+
+
+_CHOICE_HINTS = {
+    "restore_lora": "Put the LoRA file in ComfyUI's loras folder and refresh the page (R), or choose none."
+}
+
+
+def _legacy_choice(name: str, value: Any, options: list) -> bool:
+    """Values saved workflows hold from when lora_name was free text: "" (no LoRA) and a file
+    name without its .safetensors suffix."""
+    if name != "restore_lora" or not isinstance(value, str):
+        return False
+    return value.strip() == "" or f"{value.strip()}.safetensors" in options

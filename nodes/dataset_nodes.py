@@ -9,6 +9,7 @@ import torch
 from ..kontext_train import comfyui
 from ..kontext_train.buckets import bucket_resolutions, fit_to_bucket, nearest_bucket
 from ..kontext_train.comfyui.host import check_writable
+from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.dataset import build_dataset, resolve_dataset_path
 from ..kontext_train.degradations import DegradationConfig, degrade, describe
 from ..kontext_train.images import (
@@ -24,40 +25,41 @@ from .common import (
     DATASET,
     DEGRADATION,
     LATENTS,
-    SEED,
-    number_validator,
+    input_validator,
+    output,
+    seed_input,
     setting_inputs,
-    socket,
 )
 
 log = logging.getLogger("kontext_restore")
 
 
-class KontextRestoreDegradation:
+class KontextRestoreDegradation(io.ComfyNode):
     """Degradation settings: the original fixed pipeline, or randomised Real-ESRGAN-style."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": setting_inputs(
-                "degradation", "noise_sigma", "blur_radius", "jpeg_quality", "downscale"
-            ),
-            "optional": setting_inputs("second_order_prob", "shuffle_prob"),
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreDegradation",
+            display_name="Kontext Restore: Degradation Settings",
+            category=CATEGORY + "/dataset",
+            description="Fixed: blur -> down/up -> noise -> JPEG with these values. realesrgan: random ranges, "
+            "order and second pass.",
+            inputs=[
+                *setting_inputs("degradation", "noise_sigma", "blur_radius", "jpeg_quality", "downscale"),
+                *setting_inputs("second_order_prob", "shuffle_prob", optional=True),
+            ],
+            outputs=[output(DEGRADATION, "degradation"), output(io.String, "description")],
+        )
 
-    VALIDATE_INPUTS = number_validator(
-        "noise_sigma", "blur_radius", "downscale", "second_order_prob", "shuffle_prob"
+    validate_inputs = input_validator(
+        "degradation", "noise_sigma", "blur_radius", "downscale", "second_order_prob", "shuffle_prob"
     )
 
-    RETURN_TYPES = (DEGRADATION, "STRING")
-    RETURN_NAMES = ("degradation", "description")
-    FUNCTION = "make"
-    CATEGORY = CATEGORY + "/dataset"
-    DESCRIPTION = "Fixed: blur -> down/up -> noise -> JPEG with these values. realesrgan: random ranges, order and second pass."
-
-    def make(
-        self, kind, noise_sigma, blur_radius, jpeg_quality, downscale, second_order_prob=0.5, shuffle_prob=0.3
-    ):
+    @classmethod
+    def execute(
+        cls, kind, noise_sigma, blur_radius, jpeg_quality, downscale, second_order_prob=0.5, shuffle_prob=0.3
+    ) -> io.NodeOutput:
         config = DegradationConfig(
             kind=kind,
             noise_sigma=noise_sigma,
@@ -67,88 +69,97 @@ class KontextRestoreDegradation:
             second_order_prob=second_order_prob,
             shuffle_prob=shuffle_prob,
         )
-        return (config, describe(config))
+        return io.NodeOutput(config, describe(config))
 
 
-class KontextRestoreDegradeImage:
+class KontextRestoreDegradeImage(io.ComfyNode):
     """Degrades an IMAGE batch: previews, and test inputs made inside a graph."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {"images": socket("IMAGE", "The clean images to degrade."), "seed": SEED},
-            "optional": {
-                "degradation": socket(
-                    DEGRADATION, "From Degradation Settings; not connected: the fixed pipeline's defaults."
-                )
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreDegradeImage",
+            display_name="Kontext Restore: Degrade Image",
+            category=CATEGORY + "/dataset",
+            inputs=[
+                io.Image.Input("images", tooltip="The clean images to degrade."),
+                seed_input(),
+                DEGRADATION.Input(
+                    "degradation",
+                    tooltip="From Degradation Settings; not connected: the fixed pipeline's defaults.",
+                    optional=True,
+                ),
+            ],
+            outputs=[output(io.Image, "IMAGE")],
+        )
 
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "apply"
-    CATEGORY = CATEGORY + "/dataset"
-
-    def apply(self, images, seed, degradation=None):
+    @classmethod
+    def execute(cls, images, seed, degradation=None) -> io.NodeOutput:
         config = degradation or DegradationConfig()
         batch = comfy_image_to_tensors(images)
         out = torch.stack([degrade(img, config, seed + i) for i, img in enumerate(batch)])
-        return (tensors_to_comfy_image(out),)
+        return io.NodeOutput(tensors_to_comfy_image(out))
 
 
-class KontextRestoreBucketImage:
+class KontextRestoreBucketImage(io.ComfyNode):
     """Scales images to their nearest preferred Kontext resolution (like FluxKontextImageScale,
     with a scale for smaller GPUs)."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {"images": socket("IMAGE", "The images to scale."), **setting_inputs("bucket_scale")}
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreBucketImage",
+            display_name="Kontext Restore: Scale to Kontext Bucket",
+            category=CATEGORY + "/dataset",
+            inputs=[
+                io.Image.Input("images", tooltip="The images to scale."),
+                *setting_inputs("bucket_scale"),
+            ],
+            outputs=[output(io.Image, "IMAGE")],
+        )
 
-    VALIDATE_INPUTS = number_validator("bucket_scale")
+    validate_inputs = input_validator("bucket_scale")
 
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "scale"
-    CATEGORY = CATEGORY + "/dataset"
-
-    def scale(self, images, bucket_scale):
+    @classmethod
+    def execute(cls, images, bucket_scale) -> io.NodeOutput:
         buckets = bucket_resolutions(bucket_scale)
         h, w = images.shape[1], images.shape[2]
         bucket = nearest_bucket(w, h, buckets)
         out = [pil_to_tensor(fit_to_bucket(tensor_to_pil(t), bucket)) for t in comfy_image_to_tensors(images)]
-        return (tensors_to_comfy_image(torch.stack(out)),)
+        return io.NodeOutput(tensors_to_comfy_image(torch.stack(out)))
 
 
-class KontextRestoreDataset:
+class KontextRestoreDataset(io.ComfyNode):
     """A folder of high-quality images (and optionally their real degraded counterparts)."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": setting_inputs("hq_folder", "bucket_scale", "val_count", "seed"),
-            "optional": {
-                **setting_inputs("lq_folder"),
-                "degradation": socket(
-                    DEGRADATION,
-                    "How the degraded half of each pair is made, from Degradation Settings; not connected: "
-                    "the fixed pipeline's defaults.",
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreDataset",
+            display_name="Kontext Restore: Image Folder Dataset",
+            category=CATEGORY + "/dataset",
+            inputs=[
+                *setting_inputs("hq_folder", "bucket_scale", "val_count", "seed"),
+                *setting_inputs("lq_folder", optional=True),
+                DEGRADATION.Input(
+                    "degradation",
+                    tooltip="How the degraded half of each pair is made, from Degradation Settings; not "
+                    "connected: the fixed pipeline's defaults.",
+                    optional=True,
                 ),
-                **setting_inputs("min_size"),
-            },
-        }
+                *setting_inputs("min_size", optional=True),
+            ],
+            outputs=[output(DATASET, "dataset"), output(io.String, "summary")],
+            # Not an output node: ComfyUI would run it even when the trainer fails validation, drop
+            # the trainer with only a log line and report success. Its summary is an output (and
+            # shown on the node when it runs as part of a graph).
+            is_output_node=False,
+        )
 
-    VALIDATE_INPUTS = number_validator("bucket_scale")
-
-    RETURN_TYPES = (DATASET, "STRING")
-    RETURN_NAMES = ("dataset", "summary")
-    FUNCTION = "load"
-    CATEGORY = CATEGORY + "/dataset"
-    # Not an output node: ComfyUI would run it even when the trainer fails validation, drop the
-    # trainer with only a log line and report success. Its summary is an output (and shown on the
-    # node when it runs as part of a graph).
+    validate_inputs = input_validator("bucket_scale")
 
     @classmethod
-    def IS_CHANGED(
+    def fingerprint_inputs(
         cls, hq_folder, bucket_scale, val_count, seed, lq_folder="", degradation=None, min_size=64
     ):
         # ComfyUI re-runs a node only when this changes: follow the folders' contents, not just their names.
@@ -158,7 +169,10 @@ class KontextRestoreDataset:
             parts.append(folder_signature(resolve_dataset_path(lq_folder, base)))
         return "|".join(parts)
 
-    def load(self, hq_folder, bucket_scale, val_count, seed, lq_folder="", degradation=None, min_size=64):
+    @classmethod
+    def execute(
+        cls, hq_folder, bucket_scale, val_count, seed, lq_folder="", degradation=None, min_size=64
+    ) -> io.NodeOutput:
         base = str(comfyui.input_folder())
         hq = resolve_dataset_path(hq_folder, base)
         lq = resolve_dataset_path(lq_folder, base) if lq_folder and lq_folder.strip() else None
@@ -174,29 +188,35 @@ class KontextRestoreDataset:
         )
         summary = dataset.summary()
         log.info("Kontext Restore dataset:\n%s", summary)
-        return {"ui": {"text": [summary]}, "result": (dataset, summary)}
+        return io.NodeOutput(dataset, summary, ui=ui.PreviewText(summary))
 
 
-class KontextRestoreCacheLatents:
+class KontextRestoreCacheLatents(io.ComfyNode):
     """Encodes every training and validation pair with the loaded VAE into an on-disk cache."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "dataset": socket(DATASET, "The dataset from Image Folder Dataset."),
-                "vae": socket("VAE", "The Flux VAE (ae.safetensors) that encodes the images to latents."),
-                **setting_inputs("control_mode", "pool_size", "seed"),
-            },
-            "optional": setting_inputs("cache_folder"),
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreCacheLatents",
+            display_name="Kontext Restore: Cache Latents",
+            category=CATEGORY + "/dataset",
+            inputs=[
+                DATASET.Input("dataset", tooltip="The dataset from Image Folder Dataset."),
+                io.Vae.Input(
+                    "vae", tooltip="The Flux VAE (ae.safetensors) that encodes the images to latents."
+                ),
+                *setting_inputs("control_mode", "pool_size", "seed"),
+                *setting_inputs("cache_folder", optional=True),
+            ],
+            outputs=[output(LATENTS, "latents"), output(io.String, "cache_stats")],
+        )
 
-    RETURN_TYPES = (LATENTS, "STRING")
-    RETURN_NAMES = ("latents", "cache_stats")
-    FUNCTION = "cache"
-    CATEGORY = CATEGORY + "/dataset"
+    validate_inputs = input_validator("control_mode")
 
-    def cache(self, dataset, vae, control_mode, pool_size, seed, cache_folder="kontext_restore_cache"):
+    @classmethod
+    def execute(
+        cls, dataset, vae, control_mode, pool_size, seed, cache_folder="kontext_restore_cache"
+    ) -> io.NodeOutput:
         value = cache_folder or "kontext_restore_cache"
         folder = resolve_dataset_path(value, str(comfyui.output_folder()))
         # Refused before anything is created: a node writes only inside ComfyUI's own folders.
@@ -212,20 +232,13 @@ class KontextRestoreCacheLatents:
             on_progress=lambda done, total: progress.update(done),
             check_cancel=comfyui.check_interrupted,
         )
-        return (latents, summary)
+        return io.NodeOutput(latents, summary)
 
 
-NODE_CLASS_MAPPINGS = {
-    "KontextRestoreDegradation": KontextRestoreDegradation,
-    "KontextRestoreDegradeImage": KontextRestoreDegradeImage,
-    "KontextRestoreBucketImage": KontextRestoreBucketImage,
-    "KontextRestoreDataset": KontextRestoreDataset,
-    "KontextRestoreCacheLatents": KontextRestoreCacheLatents,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "KontextRestoreDegradation": "Kontext Restore: Degradation Settings",
-    "KontextRestoreDegradeImage": "Kontext Restore: Degrade Image",
-    "KontextRestoreBucketImage": "Kontext Restore: Scale to Kontext Bucket",
-    "KontextRestoreDataset": "Kontext Restore: Image Folder Dataset",
-    "KontextRestoreCacheLatents": "Kontext Restore: Cache Latents",
-}
+NODES: list[type[io.ComfyNode]] = [
+    KontextRestoreDegradation,
+    KontextRestoreDegradeImage,
+    KontextRestoreBucketImage,
+    KontextRestoreDataset,
+    KontextRestoreCacheLatents,
+]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.images import comfy_image_to_tensors, pil_to_tensor, tensors_to_comfy_image
 from ..kontext_train.metrics import evaluate_restoration
 from ..kontext_train.plots import render_loss_plot
-from .common import CATEGORY, LOSS, number_validator, setting_inputs, socket
+from .common import CATEGORY, LOSS, input_validator, output, setting_inputs
 
 
 def _nan_if_none(value: float | None) -> float:
@@ -15,28 +16,38 @@ def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-class KontextRestoreMetrics:
+class KontextRestoreMetrics(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "restored": socket("IMAGE", "The restored images to score."),
-                "reference": socket("IMAGE", "The clean ground truth, same size and count as restored."),
-            },
-            "optional": {"degraded": socket("IMAGE", "The degraded input, scored as the baseline to beat.")},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreMetrics",
+            display_name="Kontext Restore: Restoration Metrics",
+            category=CATEGORY + "/metrics",
+            description=(
+                "PSNR and SSIM (RGB and BT.601 Y) of restored vs reference, per image and mean; with degraded, "
+                "the baseline and the gain. LPIPS only if the lpips package and its weights are already on disk."
+            ),
+            inputs=[
+                io.Image.Input("restored", tooltip="The restored images to score."),
+                io.Image.Input(
+                    "reference", tooltip="The clean ground truth, same size and count as restored."
+                ),
+                io.Image.Input(
+                    "degraded", tooltip="The degraded input, scored as the baseline to beat.", optional=True
+                ),
+            ],
+            outputs=[
+                output(io.String, "table"),
+                output(io.Float, "psnr"),
+                output(io.Float, "ssim"),
+                output(io.Float, "psnr_y"),
+                output(io.Float, "ssim_y"),
+            ],
+            is_output_node=True,
+        )
 
-    RETURN_TYPES = ("STRING", "FLOAT", "FLOAT", "FLOAT", "FLOAT")
-    RETURN_NAMES = ("table", "psnr", "ssim", "psnr_y", "ssim_y")
-    FUNCTION = "score"
-    CATEGORY = CATEGORY + "/metrics"
-    OUTPUT_NODE = True
-    DESCRIPTION = (
-        "PSNR and SSIM (RGB and BT.601 Y) of restored vs reference, per image and mean; with degraded, the "
-        "baseline and the gain. LPIPS only if the lpips package and its weights are already on disk."
-    )
-
-    def score(self, restored, reference, degraded=None):
+    @classmethod
+    def execute(cls, restored, reference, degraded=None) -> io.NodeOutput:
         scores = evaluate_restoration(
             comfy_image_to_tensors(restored),
             comfy_image_to_tensors(degraded) if degraded is not None else None,
@@ -45,33 +56,35 @@ class KontextRestoreMetrics:
         )
         means = scores.means()
         table = scores.table()
-        result = (
+        return io.NodeOutput(
             table,
             _nan_if_none(means["psnr_restored"]),
             _nan_if_none(means["ssim_restored"]),
             _nan_if_none(means["psnr_y_restored"]),
             _nan_if_none(means["ssim_y_restored"]),
+            ui=ui.PreviewText(table),
         )
-        return {"ui": {"text": [table]}, "result": result}
 
 
-class KontextRestoreLossPlot:
+class KontextRestoreLossPlot(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {"loss": socket(LOSS, "The loss output of Kontext Restore: Train LoRA.")},
-            "optional": setting_inputs("smoothing", "log_scale"),
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreLossPlot",
+            display_name="Kontext Restore: Loss Plot",
+            category=CATEGORY + "/metrics",
+            description="Training loss (raw and smoothed) with validation PSNR (restored vs degraded) below it.",
+            inputs=[
+                LOSS.Input("loss", tooltip="The loss output of Kontext Restore: Train LoRA."),
+                *setting_inputs("smoothing", "log_scale", optional=True),
+            ],
+            outputs=[output(io.Image, "plot")],
+        )
 
-    VALIDATE_INPUTS = number_validator("smoothing")
+    validate_inputs = input_validator("smoothing")
 
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("plot",)
-    FUNCTION = "plot"
-    CATEGORY = CATEGORY + "/metrics"
-    DESCRIPTION = "Training loss (raw and smoothed) with validation PSNR (restored vs degraded) below it."
-
-    def plot(self, loss, smoothing=0.9, log_scale=False):
+    @classmethod
+    def execute(cls, loss, smoothing=0.9, log_scale=False) -> io.NodeOutput:
         if not isinstance(loss, dict) or "loss" not in loss:
             raise ValueError(
                 f"Expected the Kontext Restore trainer's loss output (a dict with 'loss'), got {type(loss).__name__}."
@@ -84,14 +97,7 @@ class KontextRestoreLossPlot:
             log_y=bool(log_scale),
             title=f"Training loss {name}".strip(),
         )
-        return (tensors_to_comfy_image(pil_to_tensor(image)),)
+        return io.NodeOutput(tensors_to_comfy_image(pil_to_tensor(image)))
 
 
-NODE_CLASS_MAPPINGS = {
-    "KontextRestoreMetrics": KontextRestoreMetrics,
-    "KontextRestoreLossPlot": KontextRestoreLossPlot,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "KontextRestoreMetrics": "Kontext Restore: Restoration Metrics",
-    "KontextRestoreLossPlot": "Kontext Restore: Loss Plot",
-}
+NODES: list[type[io.ComfyNode]] = [KontextRestoreMetrics, KontextRestoreLossPlot]

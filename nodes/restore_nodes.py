@@ -7,16 +7,18 @@ import logging
 import torch
 
 from ..kontext_train import comfyui
+from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.images import comfy_image_to_tensors, tensors_to_comfy_image
+from ..kontext_train.options import NO_LORA
 from ..kontext_train.restore import MAX_MEGAPIXELS, TILE_BELOW_SCALE, RestoreProgress, restore_images
 from ..kontext_train.restore_settings import (
     AS_TRAINED,
-    LoraRecord,
+    RestoreSettings,
     as_trained_sigmas,
     read_lora_record,
     resolve_restore_settings,
 )
-from .common import CATEGORY, SEED, number_validator, setting_input, setting_inputs, socket
+from .common import CATEGORY, input_validator, output, seed_input, setting_input, setting_inputs
 
 log = logging.getLogger("kontext_restore")
 
@@ -31,63 +33,82 @@ def _latent_samples(latent) -> torch.Tensor:
     return samples
 
 
-class KontextRestoreRestore:
+def _from_lora(value: float) -> float | None:
+    """guidance and bucket_scale: 0 means "what the LoRA was trained with" (None for the settings)."""
+    return None if value == 0 else value
+
+
+def settings_report(settings: RestoreSettings) -> str:
+    """What the node restores with and where each value came from, then every warning."""
+    src = settings.sources
+    lines = [
+        f"{settings.formulation} ({src.get('formulation')}), {settings.steps} steps ({src.get('steps')}), "
+        f"guidance {settings.guidance:g} ({src.get('guidance')}), bucket scale {settings.bucket_scale:g} "
+        f"({src.get('bucket_scale')}), bridge noise {settings.bridge_noise:g} ({src.get('bridge_noise')})"
+    ]
+    lines += [f"Warning: {w}" for w in settings.warnings]
+    return "\n".join(lines)
+
+
+class KontextRestoreRestore(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": socket(
-                    "MODEL",
-                    "Kontext with the restoration LoRA applied (LoraLoaderModelOnly or the trainer's MODEL).",
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreRestore",
+            display_name="Kontext Restore: Restore Image",
+            category=CATEGORY + "/restore",
+            description=(
+                "Restores degraded images with a Kontext Restore LoRA. Each image is scaled uniformly to fit "
+                "inside its nearest Kontext bucket (border reflected into the rest, nothing cropped), "
+                "VAE-encoded, sampled from the degraded latent (bridge modes) or from noise (kontext), decoded "
+                f"and scaled back to the input size. Images that would shrink below {TILE_BELOW_SCALE:.0%} of "
+                "their size to fit (a side more than 1.25x the bucket) are restored at their own scale in "
+                "overlapping bucket-size tiles, blended across the overlaps. Images above "
+                f"{MAX_MEGAPIXELS:g} MP are refused. With lora_name, mode auto takes the LoRA's formulation, "
+                "and guidance and bucket_scale at 0 take the values the LoRA was trained with (any other "
+                "value overrides them, with a warning on the node); bridge noise and the time shift always "
+                "come from the LoRA. Every scheduler runs on the training clock (the time shift for the "
+                "image's size)."
+            ),
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="Kontext with the restoration LoRA applied (LoraLoaderModelOnly or the trainer's MODEL).",
                 ),
-                "vae": socket("VAE", "The Flux VAE: encodes the degraded images and decodes the result."),
-                "conditioning": socket("CONDITIONING", "The restoration prompt, the same as in training."),
-                "images": socket("IMAGE", "The degraded images to restore."),
-                "mode": setting_input("mode"),
-                "steps": setting_input("restore_steps"),
-                "guidance": setting_input("guidance"),
-                "sampler_name": setting_input("sampler", comfyui.sampler_names()),
-                "scheduler": setting_input("scheduler", [AS_TRAINED] + comfyui.scheduler_names()),
-                "seed": SEED,
-                "bucket_scale": setting_input("bucket_scale"),
-            },
-            "optional": setting_inputs("restore_lora"),
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+                io.Vae.Input(
+                    "vae", tooltip="The Flux VAE: encodes the degraded images and decodes the result."
+                ),
+                io.Conditioning.Input(
+                    "conditioning", tooltip="The restoration prompt, the same as in training."
+                ),
+                io.Image.Input("images", tooltip="The degraded images to restore."),
+                setting_input("mode"),
+                setting_input("restore_steps"),
+                setting_input("restore_guidance"),
+                setting_input("sampler", comfyui.sampler_names()),
+                setting_input("scheduler", [AS_TRAINED] + comfyui.scheduler_names()),
+                seed_input(),
+                setting_input("restore_bucket_scale"),
+                # The loras folder is listed each time ComfyUI asks for the node's inputs.
+                setting_input("restore_lora", [NO_LORA] + comfyui.lora_names(), optional=True),
+            ],
+            outputs=[output(io.Image, "images")],
+            hidden=[io.Hidden.unique_id],
+        )
 
-    VALIDATE_INPUTS = number_validator("guidance", "bucket_scale")
-
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    FUNCTION = "restore"
-    CATEGORY = CATEGORY + "/restore"
-    DESCRIPTION = (
-        "Restores degraded images with a Kontext Restore LoRA. Each image is scaled uniformly to fit inside "
-        "its nearest Kontext bucket (border reflected into the rest, nothing cropped), VAE-encoded, sampled "
-        "from the degraded latent (bridge modes) or from noise (kontext), decoded and scaled back to the input "
-        f"size. Images that would shrink below {TILE_BELOW_SCALE:.0%} of their size to fit (a side more than "
-        "1.25x the bucket) are restored at their own scale in overlapping bucket-size tiles, blended across "
-        f"the overlaps. Images above {MAX_MEGAPIXELS:g} MP are refused. With lora_name, mode auto takes the "
-        "LoRA's formulation, and guidance and bucket_scale left at their defaults take the values the LoRA was "
-        "trained with (a changed value overrides them, with a warning); bridge noise and the time shift always "
-        "come from the LoRA. Every scheduler runs on the training clock (the time shift for the image's size)."
+    validate_inputs = input_validator(
+        "mode",
+        "restore_guidance",
+        "sampler",
+        "scheduler",
+        "restore_bucket_scale",
+        "restore_lora",
+        zero_or={"restore_guidance": "guidance", "restore_bucket_scale": "bucket_scale"},
     )
 
-    def _user_value(self, name: str, value, lora: LoraRecord | None):
-        """The node's value as an explicit override, or None to let the LoRA's metadata decide.
-
-        The node has no "from the LoRA" choice, so with a LoRA named an input left at its default
-        counts as unset; without a LoRA the node's value is simply used.
-        """
-        if lora is None:
-            return value
-        spec = type(self).INPUT_TYPES()
-        declared = {**spec.get("optional", {}), **spec.get("required", {})}[name]
-        default = declared[1].get("default") if len(declared) > 1 else None
-        return None if value == default else value
-
-    def restore(
-        self,
+    @classmethod
+    def execute(
+        cls,
         model,
         vae,
         conditioning,
@@ -99,13 +120,11 @@ class KontextRestoreRestore:
         scheduler,
         seed,
         bucket_scale,
-        lora_name="",
-        unique_id=None,
-    ):
+        lora_name=NO_LORA,
+    ) -> io.NodeOutput:
         comfyui.require_flux(model)
-        lora = (
-            read_lora_record(comfyui.find_lora_file(lora_name)) if lora_name and lora_name.strip() else None
-        )
+        named = (lora_name or "").strip()
+        lora = read_lora_record(comfyui.find_lora_file(named)) if named not in ("", NO_LORA) else None
         settings = resolve_restore_settings(
             lora,
             mode=mode,
@@ -113,22 +132,21 @@ class KontextRestoreRestore:
             sampler=sampler_name,
             scheduler=scheduler,
             seed=seed,
-            guidance=self._user_value("guidance", guidance, lora),
-            bucket_scale=self._user_value("bucket_scale", bucket_scale, lora),
+            guidance=_from_lora(guidance),
+            bucket_scale=_from_lora(bucket_scale),
         )
         pixels = comfy_image_to_tensors(images)
+        report = settings_report(settings)
+        # resolve_restore_settings logged the warnings; the node shows them with the settings.
         log.info(
-            "Kontext Restore: %d image(s) %dx%d, %s, %d steps, guidance %g, bucket scale %g (%s)",
+            "Kontext Restore: %d image(s) %dx%d: %s",
             pixels.shape[0],
             pixels.shape[-1],
             pixels.shape[-2],
-            settings.formulation,
-            settings.steps,
-            settings.guidance,
-            settings.bucket_scale,
-            ", ".join(f"{k}: {v}" for k, v in settings.sources.items() if v != "user"),
+            report,
         )
         bar = None
+        unique_id = cls.hidden.unique_id if cls.hidden else None
 
         def on_progress(p: RestoreProgress) -> None:
             nonlocal bar
@@ -143,73 +161,62 @@ class KontextRestoreRestore:
             on_progress=on_progress,
             check_cancel=comfyui.check_interrupted,
         )
-        return (tensors_to_comfy_image(torch.stack(outputs)),)
+        return io.NodeOutput(tensors_to_comfy_image(torch.stack(outputs)), ui=ui.PreviewText(report))
 
 
-class KontextRestoreDegradedNoise:
+class KontextRestoreDegradedNoise(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": socket("MODEL", "The model the sampler uses (for its latent space)."),
-                "latent": socket(
-                    "LATENT", "VAE Encode of the degraded image; also connect it as latent_image."
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreDegradedNoise",
+            display_name="Kontext Restore: Degraded Image as Start (NOISE)",
+            category=CATEGORY + "/restore",
+            description=(
+                "A NOISE for SamplerCustomAdvanced that is the degraded latent itself: with sigmas starting at "
+                "1 (Kontext Restore: Bridge Sigmas) sampling starts exactly at the degraded image, as a bridge "
+                "LoRA was trained. Add ReferenceLatent of the same latent for bridge_ref LoRAs."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the sampler uses (for its latent space)."),
+                io.Latent.Input(
+                    "latent", tooltip="VAE Encode of the degraded image; also connect it as latent_image."
                 ),
-                "bridge_noise": setting_input(
+                setting_input(
                     "bridge_noise", tooltip="The bridge_noise the LoRA was trained with (0 for most LoRAs)."
                 ),
-                "seed": SEED,
-            }
-        }
+                seed_input(),
+            ],
+            outputs=[output(io.Noise, "noise")],
+        )
 
-    VALIDATE_INPUTS = number_validator("bridge_noise")
+    validate_inputs = input_validator("bridge_noise")
 
-    RETURN_TYPES = ("NOISE",)
-    RETURN_NAMES = ("noise",)
-    FUNCTION = "make"
-    CATEGORY = CATEGORY + "/restore"
-    DESCRIPTION = (
-        "A NOISE for SamplerCustomAdvanced that is the degraded latent itself: with sigmas starting at 1 "
-        "(Kontext Restore: Bridge Sigmas) sampling starts exactly at the degraded image, as a bridge LoRA "
-        "was trained. Add ReferenceLatent of the same latent for bridge_ref LoRAs."
-    )
-
-    def make(self, model, latent, bridge_noise, seed):
-        return (
-            comfyui.degraded_start_noise(
-                model, _latent_samples(latent), seed=seed, bridge_noise=bridge_noise
-            ),
+    @classmethod
+    def execute(cls, model, latent, bridge_noise, seed) -> io.NodeOutput:
+        return io.NodeOutput(
+            comfyui.degraded_start_noise(model, _latent_samples(latent), seed=seed, bridge_noise=bridge_noise)
         )
 
 
-class KontextRestoreSigmas:
+class KontextRestoreSigmas(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                **setting_inputs("sigma_steps"),
-                "latent": socket("LATENT", "The latent being restored: its size sets the time shift."),
-            }
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreSigmas",
+            display_name="Kontext Restore: Bridge Sigmas",
+            category=CATEGORY + "/restore",
+            description="Sigmas from 1 to 0 with the time shift training used for this latent's resolution.",
+            inputs=[
+                *setting_inputs("sigma_steps"),
+                io.Latent.Input("latent", tooltip="The latent being restored: its size sets the time shift."),
+            ],
+            outputs=[output(io.Sigmas, "sigmas")],
+        )
 
-    RETURN_TYPES = ("SIGMAS",)
-    RETURN_NAMES = ("sigmas",)
-    FUNCTION = "make"
-    CATEGORY = CATEGORY + "/restore"
-    DESCRIPTION = "Sigmas from 1 to 0 with the time shift training used for this latent's resolution."
-
-    def make(self, steps, latent):
+    @classmethod
+    def execute(cls, steps, latent) -> io.NodeOutput:
         samples = _latent_samples(latent)
-        return (as_trained_sigmas(steps, samples.shape[-2], samples.shape[-1]),)
+        return io.NodeOutput(as_trained_sigmas(steps, samples.shape[-2], samples.shape[-1]))
 
 
-NODE_CLASS_MAPPINGS = {
-    "KontextRestoreRestore": KontextRestoreRestore,
-    "KontextRestoreDegradedNoise": KontextRestoreDegradedNoise,
-    "KontextRestoreSigmas": KontextRestoreSigmas,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "KontextRestoreRestore": "Kontext Restore: Restore Image",
-    "KontextRestoreDegradedNoise": "Kontext Restore: Degraded Image as Start (NOISE)",
-    "KontextRestoreSigmas": "Kontext Restore: Bridge Sigmas",
-}
+NODES: list[type[io.ComfyNode]] = [KontextRestoreRestore, KontextRestoreDegradedNoise, KontextRestoreSigmas]

@@ -6,13 +6,14 @@ import logging
 
 from ..kontext_train import comfyui
 from ..kontext_train.comfyui.host import check_writable
+from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.images import tensor_to_pil
 from ..kontext_train.lora import sanitize_lora_name
 from ..kontext_train.plots import image_grid
 from ..kontext_train.run import RunHooks, RunOutputs, train_lora
 from ..kontext_train.trainer import TrainConfig
 from ..kontext_train.validation import format_validation_report, format_validation_row
-from .common import CATEGORY, LATENTS, LOSS, number_validator, setting_inputs, socket
+from .common import CATEGORY, LATENTS, LOSS, input_validator, output, setting_inputs
 
 log = logging.getLogger("kontext_restore")
 DEFAULTS = TrainConfig()
@@ -35,19 +36,23 @@ def validation_preview(triples: list, max_rows: int = 4):
     return image_grid(rows, ["degraded", "restored", "clean"], cell=192)
 
 
-class KontextRestoreTrainLoRA:
+class KontextRestoreTrainLoRA(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": socket("MODEL", "FLUX.1 Kontext [dev] from any loader (fp8 weights work)."),
-                "conditioning": socket(
-                    "CONDITIONING",
-                    "The restoration prompt from CLIPTextEncode; restore with the same prompt.",
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KontextRestoreTrainLoRA",
+            display_name="Kontext Restore: Train LoRA",
+            category=CATEGORY + "/training",
+            description="Trains a restoration LoRA by flow matching between degraded and clean latents.",
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX.1 Kontext [dev] from any loader (fp8 weights work)."),
+                io.Conditioning.Input(
+                    "conditioning",
+                    tooltip="The restoration prompt from CLIPTextEncode; restore with the same prompt.",
                 ),
-                "latents": socket(LATENTS, "The cached dataset from Kontext Restore: Cache Latents."),
-                "vae": socket("VAE", "Decodes the held-out restorations to score them (PSNR/SSIM)."),
-                **setting_inputs(
+                LATENTS.Input("latents", tooltip="The cached dataset from Kontext Restore: Cache Latents."),
+                io.Vae.Input("vae", tooltip="Decodes the held-out restorations to score them (PSNR/SSIM)."),
+                *setting_inputs(
                     "name",
                     "steps",
                     "learning_rate",
@@ -62,32 +67,45 @@ class KontextRestoreTrainLoRA:
                     "seed",
                     "resume",
                 ),
-            },
-            "optional": setting_inputs(
-                "alpha",
-                "lr_schedule",
-                "timestep_sampling",
-                "loss_weighting",
-                "bridge_noise",
-                "lora_targets",
-                "gradient_checkpointing",
-                "lora_dtype",
-                "validation_steps",
-            ),
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+                *setting_inputs(
+                    "alpha",
+                    "lr_schedule",
+                    "timestep_sampling",
+                    "loss_weighting",
+                    "bridge_noise",
+                    "lora_targets",
+                    "gradient_checkpointing",
+                    "lora_dtype",
+                    "validation_steps",
+                    optional=True,
+                ),
+            ],
+            outputs=[
+                output(io.Model, "model"),
+                output(io.String, "lora_name"),
+                output(LOSS, "loss"),
+                output(io.String, "validation_report"),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
 
-    VALIDATE_INPUTS = number_validator("learning_rate", "guidance", "alpha", "bridge_noise")
+    validate_inputs = input_validator(
+        "learning_rate",
+        "guidance",
+        "alpha",
+        "bridge_noise",
+        "formulation",
+        "lr_schedule",
+        "timestep_sampling",
+        "loss_weighting",
+        "lora_targets",
+        "lora_dtype",
+    )
 
-    RETURN_TYPES = ("MODEL", "STRING", LOSS, "STRING")
-    RETURN_NAMES = ("model", "lora_name", "loss", "validation_report")
-    FUNCTION = "train"
-    CATEGORY = CATEGORY + "/training"
-    OUTPUT_NODE = True
-    DESCRIPTION = "Trains a restoration LoRA by flow matching between degraded and clean latents."
-
-    def train(
-        self,
+    @classmethod
+    def execute(
+        cls,
         model,
         conditioning,
         latents,
@@ -114,12 +132,11 @@ class KontextRestoreTrainLoRA:
         gradient_checkpointing=DEFAULTS.gradient_checkpointing,
         lora_dtype=DEFAULTS.lora_dtype,
         validation_steps=DEFAULTS.validation_steps,
-        unique_id=None,
-    ):
+    ) -> io.NodeOutput:
         comfyui.require_flux(model)
         config = TrainConfig.from_inputs(locals())  # inputs are named like its fields
         name, lora_path, run_dir = run_paths(lora_name)
-        progress = comfyui.NodeProgress(config.steps, unique_id)
+        progress = comfyui.NodeProgress(config.steps, cls.hidden.unique_id if cls.hidden else None)
 
         def on_step(info):
             progress.update(
@@ -156,8 +173,7 @@ class KontextRestoreTrainLoRA:
                 "Raise steps to continue it, or choose another lora_name.\n" + report
             )
         loss = {"loss": result.losses, "validation": result.validation, "lora": name}
-        return {"ui": {"text": [report]}, "result": (trained, name, loss, report)}
+        return io.NodeOutput(trained, name, loss, report, ui=ui.PreviewText(report))
 
 
-NODE_CLASS_MAPPINGS = {"KontextRestoreTrainLoRA": KontextRestoreTrainLoRA}
-NODE_DISPLAY_NAME_MAPPINGS = {"KontextRestoreTrainLoRA": "Kontext Restore: Train LoRA"}
+NODES: list[type[io.ComfyNode]] = [KontextRestoreTrainLoRA]

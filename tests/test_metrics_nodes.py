@@ -11,7 +11,8 @@ from kontext_train.metrics import evaluate_restoration
 
 
 def _node(pack_nodes, name):
-    return pack_nodes.NODE_CLASS_MAPPINGS[name]()
+    """The V3 node class ComfyUI registered; its ``execute`` is what ComfyUI calls."""
+    return pack_nodes.NODE_CLASS_MAPPINGS[name]
 
 
 def _images(n, h, w, seed):
@@ -27,8 +28,8 @@ def test_metrics_node_reports_the_library_numbers(pack_nodes):
     reference = _images(2, 32, 40, 0)
     restored = (reference + 0.05 * _images(2, 32, 40, 1)).clamp(0, 1)
     degraded = (reference + 0.3 * _images(2, 32, 40, 2)).clamp(0, 1)
-    out = _node(pack_nodes, "KontextRestoreMetrics").score(restored, reference, degraded)
-    table, psnr, ssim, psnr_y, ssim_y = out["result"]
+    out = _node(pack_nodes, "KontextRestoreMetrics").execute(restored, reference, degraded)
+    table, psnr, ssim, psnr_y, ssim_y = out.result
     expected = evaluate_restoration(_bchw(restored), _bchw(degraded), _bchw(reference), with_lpips=True)
     means = expected.means()
     assert psnr == pytest.approx(means["psnr_restored"])
@@ -36,14 +37,14 @@ def test_metrics_node_reports_the_library_numbers(pack_nodes):
     assert psnr_y == pytest.approx(means["psnr_y_restored"])
     assert ssim_y == pytest.approx(means["ssim_y_restored"])
     assert table == expected.table()
-    assert out["ui"]["text"] == [table]
+    assert list(out.ui.as_dict()["text"]) == [table]
     assert "baseline" in table and psnr > means["psnr_degraded"]
     assert all(isinstance(v, float) for v in (psnr, ssim, psnr_y, ssim_y))
 
 
 def test_metrics_node_without_degraded(pack_nodes):
     reference = _images(1, 24, 24, 3)
-    table, psnr, *_ = _node(pack_nodes, "KontextRestoreMetrics").score(reference.clone(), reference)["result"]
+    table, psnr, *_ = _node(pack_nodes, "KontextRestoreMetrics").execute(reference.clone(), reference).result
     assert math.isinf(psnr) and psnr > 0  # identical images: PSNR is +inf, reported as such
     assert "baseline" not in table and "inf" in table
 
@@ -52,11 +53,11 @@ def test_metrics_node_rejects_mismatched_inputs(pack_nodes):
     node = _node(pack_nodes, "KontextRestoreMetrics")
     reference = _images(2, 32, 32, 0)
     with pytest.raises(ValueError, match="resize the reference"):
-        node.score(_images(2, 32, 40, 1), reference)
+        node.execute(_images(2, 32, 40, 1), reference)
     with pytest.raises(ValueError, match="same number of images"):
-        node.score(_images(1, 32, 32, 1), reference)
+        node.execute(_images(1, 32, 32, 1), reference)
     with pytest.raises(ValueError, match="degraded"):
-        node.score(_images(2, 32, 32, 1), reference, _images(3, 32, 32, 2))
+        node.execute(_images(2, 32, 32, 1), reference, _images(3, 32, 32, 2))
 
 
 def test_loss_plot_node_returns_an_image(pack_nodes):
@@ -69,16 +70,16 @@ def test_loss_plot_node_returns_an_image(pack_nodes):
         "lora": "kontext_restore.safetensors",
     }
     node = _node(pack_nodes, "KontextRestoreLossPlot")
-    (image,) = node.plot(loss, 0.9, False)
+    (image,) = node.execute(loss, 0.9, False).result
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
     assert image.dtype == torch.float32 and 0.0 <= image.min() and image.max() <= 1.0
     assert image.std() > 0  # something was drawn
-    (log_image,) = node.plot(loss, 0.5, True)
+    (log_image,) = node.execute(loss, 0.5, True).result
     assert log_image.shape == image.shape and not torch.equal(log_image, image)
-    (empty,) = node.plot({"loss": [], "validation": [], "lora": "x"})
+    (empty,) = node.execute({"loss": [], "validation": [], "lora": "x"}).result
     assert empty.shape == image.shape
 
 
 def test_loss_plot_node_rejects_other_inputs(pack_nodes):
     with pytest.raises(ValueError, match="trainer's loss output"):
-        _node(pack_nodes, "KontextRestoreLossPlot").plot([0.1, 0.2])
+        _node(pack_nodes, "KontextRestoreLossPlot").execute([0.1, 0.2])

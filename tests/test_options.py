@@ -138,7 +138,7 @@ def test_node_inputs_come_from_the_table(pack_nodes):
     seen = set()
     for node, input_name, (kind, extra) in _node_widgets(pack_nodes):
         assert extra.get("tooltip", "").strip(), f"{node}.{input_name} has no tooltip"
-        widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "BOOLEAN", "STRING")
+        widget = kind in ("COMBO", "INT", "FLOAT", "BOOLEAN", "STRING")
         if not widget:
             continue
         rows = by_input.get(input_name, [])
@@ -223,15 +223,17 @@ def test_config_file_refuses_nan(tmp_path, capsys):
 
 
 def test_nodes_refuse_nan_when_a_prompt_is_queued(pack_nodes):
+    from comfy_api.internal import first_real_override
+
     cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreDegradation"]
-    # ComfyUI passes a validator the inputs its signature names (execution.validate_inputs).
-    names = inspect.getfullargspec(cls.VALIDATE_INPUTS).args
+    # ComfyUI passes a V3 node's validate_inputs the inputs its signature names (execution.validate_inputs).
+    names = inspect.getfullargspec(first_real_override(cls, "validate_inputs")).args
     assert {"noise_sigma", "blur_radius", "downscale"} <= set(names)
-    assert cls.VALIDATE_INPUTS(noise_sigma=0.02, blur_radius=1.5) is True
-    message = cls.VALIDATE_INPUTS(noise_sigma=math.nan, blur_radius=99.0)
+    assert cls.validate_inputs(noise_sigma=0.02, blur_radius=1.5) is True
+    message = cls.validate_inputs(noise_sigma=math.nan, blur_radius=99.0)
     assert "noise_sigma" in message and "blur_radius" in message and "0..10" in message
     restore = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"]
-    assert "guidance" in restore.VALIDATE_INPUTS(guidance=math.nan)
+    assert "guidance" in restore.validate_inputs(guidance=math.nan)
 
 
 def test_restore_settings_use_the_table():

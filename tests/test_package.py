@@ -78,6 +78,75 @@ def test_every_node_is_prefixed_and_categorised(pack_nodes):
         assert name in pack_nodes.NODE_DISPLAY_NAME_MAPPINGS
 
 
+def _pack_module():
+    """The pack's module as ComfyUI imported it (nodes.load_custom_node names it by its path)."""
+    return sys.modules[str(ROOT).replace(".", "_x_")]
+
+
+def test_the_pack_registers_through_comfy_entrypoint_only(pack_nodes):
+    import asyncio
+
+    from comfy_api.latest import ComfyExtension, io
+
+    pack = _pack_module()
+    # A pack with NODE_CLASS_MAPPINGS is registered from it alone (load_custom_node never calls
+    # comfy_entrypoint then), so the pack must not define it.
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and not hasattr(pack, "NODE_DISPLAY_NAME_MAPPINGS")
+    extension = asyncio.run(pack.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    listed = asyncio.run(extension.get_node_list())
+    assert len(listed) == len(set(listed)) >= 11
+    registered = {
+        k: v
+        for k, v in pack_nodes.NODE_CLASS_MAPPINGS.items()
+        if k.startswith("KontextRestore") and not k.startswith("KontextRestoreTest")
+    }
+    # What ComfyUI registered is exactly the extension's list, each under its class name.
+    assert {cls.__name__: cls for cls in listed} == registered
+    for cls in listed:
+        assert issubclass(cls, io.ComfyNode), cls
+        schema = cls.GET_SCHEMA()
+        assert schema.node_id == cls.__name__
+        assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] == schema.display_name
+
+
+def test_host_registers_a_pack_with_both_mechanisms_from_node_class_mappings(pack_nodes, tmp_path):
+    """Why the pack has comfy_entrypoint alone, pinned on each supported host."""
+    import asyncio
+
+    probe = tmp_path / "probe_pack_both"
+    probe.mkdir()
+    (probe / "__init__.py").write_text(
+        "from comfy_api.latest import ComfyExtension, io\n"
+        "class ProbeBothV1:\n"
+        "    @classmethod\n"
+        "    def INPUT_TYPES(cls):\n"
+        "        return {'required': {}}\n"
+        "    RETURN_TYPES = ()\n"
+        "    FUNCTION = 'run'\n"
+        "class ProbeBothV3(io.ComfyNode):\n"
+        "    @classmethod\n"
+        "    def define_schema(cls):\n"
+        "        return io.Schema(node_id='ProbeBothV3', inputs=[], outputs=[])\n"
+        "    @classmethod\n"
+        "    def execute(cls):\n"
+        "        return io.NodeOutput()\n"
+        "class Extension(ComfyExtension):\n"
+        "    async def get_node_list(self):\n"
+        "        return [ProbeBothV3]\n"
+        "async def comfy_entrypoint():\n"
+        "    return Extension()\n"
+        "NODE_CLASS_MAPPINGS = {'ProbeBothV1': ProbeBothV1}\n"
+    )
+    try:
+        assert asyncio.run(pack_nodes.load_custom_node(str(probe)))
+        assert "ProbeBothV1" in pack_nodes.NODE_CLASS_MAPPINGS
+        assert "ProbeBothV3" not in pack_nodes.NODE_CLASS_MAPPINGS
+    finally:
+        for name in ("ProbeBothV1", "ProbeBothV3"):
+            pack_nodes.NODE_CLASS_MAPPINGS.pop(name, None)
+
+
 HOST_IMPORT = (
     r"^\s*(import|from)\s+(comfy|comfy_extras|comfy_api|comfy_execution|folder_paths|nodes|node_helpers"
     r"|server|execution|latent_preview)\b"

@@ -37,7 +37,8 @@ def _one_thread():
 
 
 def _node(pack_nodes, name):
-    return pack_nodes.NODE_CLASS_MAPPINGS[name]()
+    """The V3 node class ComfyUI registered; its ``execute`` is what ComfyUI calls."""
+    return pack_nodes.NODE_CLASS_MAPPINGS[name]
 
 
 def _model_space(model, raw):
@@ -59,7 +60,9 @@ def _images(n, h, w, seed=0):
     return torch.rand(n, h, w, 3, generator=g)
 
 
-def _restore(pack_nodes, model, vae, images, mode="bridge_ref", steps=0, seed=0, lora_name="", **kw):
+def _restore_output(
+    pack_nodes, model, vae, images, mode="bridge_ref", steps=0, seed=0, lora_name="none", **kw
+):
     node = _node(pack_nodes, "KontextRestoreRestore")
     args = dict(
         model=model,
@@ -77,7 +80,11 @@ def _restore(pack_nodes, model, vae, images, mode="bridge_ref", steps=0, seed=0,
     )
     args.update(kw)
     with torch.inference_mode():  # as ComfyUI runs nodes
-        return node.restore(**args)[0]
+        return node.execute(**args)
+
+
+def _restore(*args, **kw):
+    return _restore_output(*args, **kw).result[0]
 
 
 def _write_lora(folder, name, **config):
@@ -111,8 +118,8 @@ def test_sampler_custom_advanced_with_degraded_noise_and_bridge_sigmas(pack_node
     raw = comfyui.vae_encode(tiny_vae, _images(1, 64, 96, seed=3).permute(0, 3, 1, 2))
     latent = {"samples": raw}
     with torch.inference_mode():
-        (noise,) = _node(pack_nodes, "KontextRestoreDegradedNoise").make(model, latent, 0.0, 5)
-        (sigmas,) = _node(pack_nodes, "KontextRestoreSigmas").make(6, latent)
+        (noise,) = _node(pack_nodes, "KontextRestoreDegradedNoise").execute(model, latent, 0.0, 5).result
+        (sigmas,) = _node(pack_nodes, "KontextRestoreSigmas").execute(6, latent).result
         guider = ncs.Guider_Basic(model)
         guider.set_conds(make_conditioning())
         sampler = comfy.samplers.sampler_object("euler")
@@ -258,14 +265,42 @@ def test_oversize_images_are_restored_in_bucket_tiles(pack_nodes, tiny_vae):
     assert all(run[0]["input"].shape[-2:] == (bh // 8, bw // 8) for run in runs)
 
 
+def _combo(spec, name):
+    """(options, default) of a V3 combo input as ComfyUI's V1 view of the node shows it."""
+    kind, extra = spec[name]
+    assert kind == "COMBO", (name, kind)
+    return extra["options"], extra.get("default")
+
+
 def test_node_defaults_are_valid_choices(pack_nodes):
-    spec = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"].INPUT_TYPES()["required"]
+    spec = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"].INPUT_TYPES()
     for name in ("mode", "sampler_name", "scheduler"):
-        choices, options = spec[name]
-        assert options["default"] in choices
-    assert spec["scheduler"][0][0] == "as_trained"
-    assert "simple" in spec["scheduler"][0]
+        options, default = _combo(spec["required"], name)
+        assert default in options
+    assert _combo(spec["required"], "scheduler")[0][0] == "as_trained"
+    assert "simple" in _combo(spec["required"], "scheduler")[0]
+    options, default = _combo(spec["optional"], "lora_name")
+    assert options[0] == default == "none"
     assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS["KontextRestoreSigmas"] == "Kontext Restore: Bridge Sigmas"
+
+
+def test_lora_name_is_a_picker_of_the_loras_folder(pack_nodes, comfy_dirs):
+    cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"]
+    before, _ = _combo(cls.INPUT_TYPES()["optional"], "lora_name")
+    assert "picked/placed.safetensors" not in before
+    _write_lora(comfy_dirs["loras"], "picked/placed.safetensors", formulation="bridge")
+    # ComfyUI caches folder listings by the folders' modification times; a new file shows up.
+    options, _ = _combo(cls.INPUT_TYPES()["optional"], "lora_name")
+    assert "picked/placed.safetensors" in options and options[0] == "none"
+    # Queued values are checked against the list: a clear error names the input and the folder.
+    assert cls.validate_inputs(lora_name="picked/placed.safetensors") is True
+    assert cls.validate_inputs(lora_name="none") is True
+    # Workflows saved when lora_name was text: "" (no LoRA) and a name without its suffix.
+    assert cls.validate_inputs(lora_name="") is True
+    assert cls.validate_inputs(lora_name="picked/placed") is True
+    message = cls.validate_inputs(lora_name="not_there.safetensors")
+    assert isinstance(message, str) and "lora_name 'not_there.safetensors'" in message
+    assert "loras folder" in message
 
 
 def test_existing_reference_latents_are_replaced_not_appended(comfy_root):
@@ -290,14 +325,37 @@ def _write_run_lora(folder, name, bucket_scale, **config):
     return atomic_save_safetensors(to_kohya_state_dict(adapters), folder / name, meta)
 
 
-def test_named_lora_sets_guidance_and_bucket_scale_unless_the_node_overrides(
+def test_guidance_and_bucket_scale_0_come_from_the_lora_and_other_values_override_it(
     pack_nodes, tiny_vae, comfy_dirs
 ):
     _write_run_lora(comfy_dirs["loras"], "run_meta.safetensors", 0.125, formulation="bridge", guidance=2.5)
     images = _images(1, 48, 80, seed=5)
-    # Node inputs at their defaults (guidance 1.5, bucket_scale 1.0): the LoRA's values are used.
+    spec = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"].INPUT_TYPES()["required"]
+    assert spec["guidance"][1]["default"] == 0.0 and spec["bucket_scale"][1]["default"] == 0.0
+    assert "0: the guidance the LoRA was trained with" in spec["guidance"][1]["tooltip"]
+    assert "0: the scale the LoRA was trained at" in spec["bucket_scale"][1]["tooltip"]
+    # 0 (the defaults): the values the LoRA recorded.
     model, calls = _recording(make_tiny_flux())
-    _restore(
+    out = _restore_output(
+        pack_nodes,
+        model,
+        tiny_vae,
+        images,
+        mode="auto",
+        steps=1,
+        guidance=0.0,
+        bucket_scale=0.0,
+        lora_name="run_meta.safetensors",
+    )
+    bw, bh = plan_restoration(80, 48, bucket_resolutions(0.125)).bucket
+    assert calls[0]["input"].shape[-2:] == (bh // 8, bw // 8)
+    assert calls[0]["guidance"] == 2.5 and calls[0]["refs"] is None  # bridge, as recorded
+    shown = "".join(out.ui.as_dict()["text"])
+    assert "guidance 2.5 (LoRA metadata)" in shown and "bucket scale 0.125 (LoRA metadata)" in shown
+    assert "Warning" not in shown
+    # Any other value overrides the LoRA, and the node shows the difference as a warning.
+    model, calls = _recording(make_tiny_flux())
+    out = _restore_output(
         pack_nodes,
         model,
         tiny_vae,
@@ -305,31 +363,32 @@ def test_named_lora_sets_guidance_and_bucket_scale_unless_the_node_overrides(
         mode="auto",
         steps=1,
         guidance=1.5,
-        bucket_scale=1.0,
-        lora_name="run_meta",
-    )
-    bw, bh = plan_restoration(80, 48, bucket_resolutions(0.125)).bucket
-    assert calls[0]["input"].shape[-2:] == (bh // 8, bw // 8)
-    assert calls[0]["guidance"] == 2.5 and calls[0]["refs"] is None  # bridge, as recorded
-    # Changed inputs override the LoRA.
-    model, calls = _recording(make_tiny_flux())
-    _restore(
-        pack_nodes,
-        model,
-        tiny_vae,
-        images,
-        mode="auto",
-        steps=1,
-        guidance=3.0,
         bucket_scale=SCALE,
-        lora_name="run_meta",
+        lora_name="run_meta.safetensors",
     )
     bw, bh = plan_restoration(80, 48, bucket_resolutions(SCALE)).bucket
-    assert calls[0]["input"].shape[-2:] == (bh // 8, bw // 8) and calls[0]["guidance"] == 3.0
-    # Without a LoRA the node's own values are used, defaults included.
+    assert calls[0]["input"].shape[-2:] == (bh // 8, bw // 8) and calls[0]["guidance"] == 1.5
+    shown = "".join(out.ui.as_dict()["text"])
+    assert "guidance 1.5 (user)" in shown
+    assert "Warning: guidance 1.5 differs from the 2.5" in shown and "Warning: bucket_scale" in shown
+    # Without a LoRA, 0 means the defaults (guidance 1.5, bucket scale 1.0) and a value is used as is.
     model, calls = _recording(make_tiny_flux())
-    _restore(pack_nodes, model, tiny_vae, _images(1, 64, 64), steps=1, guidance=1.5)
+    out = _restore_output(
+        pack_nodes, model, tiny_vae, _images(1, 64, 64), steps=1, guidance=0.0, bucket_scale=0.0
+    )
     assert calls[0]["guidance"] == 1.5
+    assert "guidance 1.5 (default)" in "".join(out.ui.as_dict()["text"])
+    model, calls = _recording(make_tiny_flux())
+    _restore(pack_nodes, model, tiny_vae, _images(1, 64, 64), steps=1, guidance=3.0)
+    assert calls[0]["guidance"] == 3.0
+
+
+def test_restore_inputs_are_checked_when_queued(pack_nodes):
+    cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"]
+    assert cls.validate_inputs(guidance=0.0, bucket_scale=0.0, mode="auto") is True
+    message = cls.validate_inputs(bucket_scale=0.03, guidance=float("nan"), mode="sideways", scheduler="nope")
+    assert "bucket_scale" in message and "0.0625..4" in message  # 0 or a real scale
+    assert "guidance" in message and "mode 'sideways'" in message and "scheduler 'nope'" in message
 
 
 def test_restore_node_runs_comfy_schedulers_on_the_trained_clock(pack_nodes, tiny_vae):

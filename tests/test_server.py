@@ -245,3 +245,192 @@ def test_same_lora_name_on_other_data_is_refused_and_the_lora_kept(comfy_server)
     message = str(err.value)
     assert "Cannot resume" in message and "dup_first" in message and "dup_second" in message, message
     assert lora.read_bytes() == first
+
+
+# ------------------------------------------------------------------ V3 nodes as the V1 nodes were
+
+V1_NODES = json.loads((Path(__file__).resolve().parent / "node_inputs_v1.json").read_text())["nodes"]
+# What the V3 conversion changed on purpose (issue 13): the Restore node's guidance and
+# bucket_scale gained 0 = "from the LoRA", and its lora_name became a picker of the loras folder.
+INTENDED_CHANGES = {
+    ("KontextRestoreRestore", "guidance"): {"default": 0.0, "tooltip": "0: the guidance the LoRA"},
+    ("KontextRestoreRestore", "bucket_scale"): {
+        "default": 0.0,
+        "min": 0.0,
+        "tooltip": "0: the scale the LoRA",
+    },
+    ("KontextRestoreRestore", "lora_name"): {"type": "COMBO", "default": "none", "options": None},
+}
+V1_DESCRIPTION_CHANGED = {"KontextRestoreRestore"}  # it explains the 0 = "from the LoRA" inputs
+
+
+def _served_inputs(node_info: dict) -> list[dict]:
+    """A node's inputs in widget order as /object_info serves them, combos as V3 writes them."""
+    inputs = []
+    for group in ("required", "optional"):
+        for name in node_info["input_order"].get(group, []):
+            kind, *rest = node_info["input"][group][name]
+            extra = dict(rest[0]) if rest else {}
+            if isinstance(kind, list):  # the V1 way of writing a combo
+                extra["options"], kind = kind, "COMBO"
+            inputs.append({"group": group, "name": name, "type": kind, **extra})
+    return inputs
+
+
+def _table_values(input_name: str, key: str) -> list:
+    """What the settings table now says for ``key`` of the node input ``input_name`` (one entry
+    per row of that name): rows edited since the V1 table was pinned are followed, not frozen."""
+    from kontext_train.options import NODE, on_surface
+
+    values = []
+    for s in on_surface(NODE):
+        if s.input_name != input_name:
+            continue
+        if key == "default":
+            values.append(s.node_default if s.default is None else s.default)
+        elif key == "options":
+            values.append(list(s.choices) if s.choices else None)
+        elif key in ("tooltip", "min", "max", "step"):
+            values.append(getattr(s, key))
+    return values
+
+
+def test_object_info_shows_every_node_with_its_v1_inputs_outputs_and_tooltips(comfy_server):
+    info = comfy_server.object_info()
+    served = {k: v for k, v in info.items() if v["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"}
+    assert sorted(served) == sorted(V1_NODES)
+    for name, before in V1_NODES.items():
+        now = served[name]
+        for key in ("display_name", "category", "output", "output_name", "output_node"):
+            assert now[key] == before[key], (name, key)
+        if name not in V1_DESCRIPTION_CHANGED:
+            assert now["description"] == before["description"], name
+        inputs = _served_inputs(now)
+        # Names, groups and order: the workflows' widgets_values depend on them.
+        assert [(i["group"], i["name"]) for i in inputs] == [
+            (i["group"], i["name"]) for i in before["inputs"]
+        ]
+        for old, new in zip(before["inputs"], inputs, strict=True):
+            changed = INTENDED_CHANGES.get((name, old["name"]), {})
+            assert new["type"] == changed.get("type", old["type"]), (name, old["name"])
+            for key in sorted((set(old) | set(new)) - {"group", "name", "type"}):
+                got = new.get(key)
+                if key in ("multiline", "multiselect"):  # V3 spells out these widget defaults
+                    assert not got, (name, old["name"], key)
+                    continue
+                expected = changed.get(key, old.get(key))
+                if key == "tooltip" and key in changed:
+                    assert expected in got, (name, old["name"])
+                elif key == "options" and expected is None:  # the host's own list
+                    assert isinstance(got, list) and got, (name, old["name"])
+                elif key in changed:
+                    assert got == expected, (name, old["name"], key, got, expected)
+                else:
+                    assert got == expected or got in _table_values(old["name"], key), (
+                        name,
+                        old["name"],
+                        key,
+                        got,
+                        expected,
+                    )
+    # The table of the V1 definitions pins exactly the widget order of the shipped workflows.
+    restore = [i["name"] for i in V1_NODES["KontextRestoreRestore"]["inputs"]][4:]
+    assert restore == [
+        "mode",
+        "steps",
+        "guidance",
+        "sampler_name",
+        "scheduler",
+        "seed",
+        "bucket_scale",
+        "lora_name",
+    ]
+
+
+def _restore_graph(lora_name, guidance: float = 0.0, bucket_scale: float = 0.0) -> dict:
+    return {
+        "1": {"class_type": "KontextRestoreTestTinyFlux", "inputs": {"seed": 0}},
+        "2": {"class_type": "KontextRestoreTestTinyVAE", "inputs": {"seed": 0}},
+        "3": {"class_type": "KontextRestoreTestTinyClip", "inputs": {"seed": 0}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": "restore"}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": "server_test_clean.png"}},
+        "6": {
+            "class_type": "KontextRestoreRestore",
+            "inputs": {
+                "model": ["1", 0],
+                "vae": ["2", 0],
+                "conditioning": ["4", 0],
+                "images": ["5", 0],
+                "mode": "auto",
+                "steps": 1,
+                "guidance": guidance,
+                "sampler_name": "euler",
+                "scheduler": "as_trained",
+                "seed": 0,
+                "bucket_scale": bucket_scale,
+                "lora_name": lora_name,
+            },
+        },
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+
+
+def _write_lora_with_settings(path: Path, guidance: float, bucket_scale: float) -> None:
+    from kontext_train.lora import atomic_save_safetensors, create_adapters, to_kohya_state_dict
+    from kontext_train.trainer import TrainConfig, lora_metadata
+
+    adapters = create_adapters({"double_blocks.0.img_attn.qkv": (384, 128)}, rank=2, alpha=2)
+    meta = lora_metadata(
+        TrainConfig(formulation="bridge", guidance=guidance), step=1, extra={"bucket_scale": bucket_scale}
+    )
+    atomic_save_safetensors(to_kohya_state_dict(adapters), path, meta)
+
+
+def test_restore_lora_name_picks_from_the_loras_folder_and_the_lora_sets_guidance(comfy_server):
+    lora = comfy_server.loras_dir / "server_pick" / "picked.safetensors"
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    _write_lora_with_settings(lora, guidance=2.5, bucket_scale=0.125)
+    info = comfy_server.get("/object_info/KontextRestoreRestore")["KontextRestoreRestore"]
+    kind, extra = info["input"]["optional"]["lora_name"]
+    assert kind == "COMBO" and extra["default"] == "none"
+    assert extra["options"][0] == "none" and "server_pick/picked.safetensors" in extra["options"]
+
+    write_png(comfy_server.input_dir / "server_test_clean.png", 200, 136, seed=3)
+    entry = comfy_server.run_prompt(_restore_graph("server_pick/picked.safetensors"), timeout=300)
+    shown = "".join(entry["outputs"]["6"]["text"])  # the settings, shown on the node
+    assert "guidance 2.5 (LoRA metadata)" in shown and "bucket scale 0.125 (LoRA metadata)" in shown
+    assert "Warning" not in shown
+    # An explicit value overrides the LoRA; the node shows the difference as a warning.
+    entry = comfy_server.run_prompt(
+        _restore_graph("server_pick/picked.safetensors", guidance=1.5), timeout=300
+    )
+    shown = "".join(entry["outputs"]["6"]["text"])
+    assert "guidance 1.5 (user)" in shown and "Warning: guidance 1.5 differs from the 2.5" in shown
+
+
+@pytest.mark.parametrize(
+    ("node", "name", "value", "named"),
+    [
+        ("6", "lora_name", "no_such_lora.safetensors", "loras folder"),
+        ("6", "scheduler", "no_such_scheduler", "scheduler 'no_such_scheduler'"),
+        ("6", "bucket_scale", 0.03, "0.0625..4"),
+    ],
+)
+def test_bad_restore_choices_are_refused_with_node_errors(comfy_server, node, name, value, named):
+    # ComfyUI 0.3.75 does not check a V3 combo's value itself; the node's validate_inputs does.
+    graph = _restore_graph("none")
+    graph[node]["inputs"][name] = value
+    with pytest.raises(ServerError) as err:
+        comfy_server.queue_prompt(graph)
+    message = str(err.value)
+    assert "HTTP 400" in message, message
+    detail = json.loads(message.split(": ", 1)[1])
+    assert named in json.dumps(detail["node_errors"][node]), detail
+
+
+def test_bad_degradation_kind_is_refused_with_node_errors(comfy_server):
+    graph = _image_graph("server_test_clean.png")
+    graph["2"]["inputs"]["kind"] = "sideways"
+    with pytest.raises(ServerError) as err:
+        comfy_server.queue_prompt(graph)
+    assert "HTTP 400" in str(err.value) and "kind 'sideways'" in str(err.value)

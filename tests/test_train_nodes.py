@@ -29,22 +29,25 @@ def image_folder(comfy_dirs, tmp_path):
 
 
 def _node(pack_nodes, name):
-    return pack_nodes.NODE_CLASS_MAPPINGS[name]()
+    """The V3 node class ComfyUI registered; its ``execute`` is what ComfyUI calls."""
+    return pack_nodes.NODE_CLASS_MAPPINGS[name]
 
 
 def _cached_latents(pack_nodes, folder, tiny_vae, seed=0):
-    (dataset, summary) = _node(pack_nodes, "KontextRestoreDataset").load(folder.name, 0.0625, 2, seed)[
-        "result"
-    ]
+    out = _node(pack_nodes, "KontextRestoreDataset").execute(folder.name, 0.0625, 2, seed)
+    dataset, summary = out.result
+    assert list(out.ui.as_dict()["text"]) == [summary]  # shown on the node
     assert "6" in summary
-    latents, stats = _node(pack_nodes, "KontextRestoreCacheLatents").cache(dataset, tiny_vae, "pool", 2, seed)
+    latents, stats = (
+        _node(pack_nodes, "KontextRestoreCacheLatents").execute(dataset, tiny_vae, "pool", 2, seed).result
+    )
     return dataset, latents, stats
 
 
 def _train(pack_nodes, model, latents, tiny_vae, name, steps=4, resume=True, **kw):
     node = _node(pack_nodes, "KontextRestoreTrainLoRA")
     with torch.inference_mode():  # ComfyUI runs nodes in inference mode
-        return node.train(
+        out = node.execute(
             model,
             make_conditioning(),
             latents,
@@ -63,7 +66,9 @@ def _train(pack_nodes, model, latents, tiny_vae, name, steps=4, resume=True, **k
             0,
             resume,
             **kw,
-        )["result"]
+        )
+    assert list(out.ui.as_dict()["text"]) == [out.result[3]]  # the validation report, on the node
+    return out.result
 
 
 def test_train_node_writes_lora_checkpoints_and_report(pack_nodes, comfy_dirs, image_folder, tiny_vae):
@@ -98,10 +103,10 @@ def test_existing_run_without_resume_is_refused(pack_nodes, image_folder, tiny_v
 
 def test_dataset_node_reruns_when_the_folder_changes(pack_nodes, image_folder):
     cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreDataset"]
-    before = cls.IS_CHANGED(image_folder.name, 1.0, 2, 0)
-    assert cls.IS_CHANGED(image_folder.name, 1.0, 2, 0) == before
+    before = cls.fingerprint_inputs(image_folder.name, 1.0, 2, 0)
+    assert cls.fingerprint_inputs(image_folder.name, 1.0, 2, 0) == before
     _photo_like(99).save(image_folder / "new.png")
-    assert cls.IS_CHANGED(image_folder.name, 1.0, 2, 0) != before
+    assert cls.fingerprint_inputs(image_folder.name, 1.0, 2, 0) != before
 
 
 def test_validation_shows_a_preview_grid_on_the_node(pack_nodes, image_folder, tiny_vae, monkeypatch):
@@ -116,7 +121,7 @@ def test_validation_shows_a_preview_grid_on_the_node(pack_nodes, image_folder, t
         def update(self, value, text=None, preview=None):
             updates.append((value, text, preview))
 
-    node_module = sys.modules[type(_node(pack_nodes, "KontextRestoreTrainLoRA")).__module__]
+    node_module = sys.modules[_node(pack_nodes, "KontextRestoreTrainLoRA").__module__]
     monkeypatch.setattr(node_module.comfyui, "NodeProgress", RecordingProgress)
     _, latents, _ = _cached_latents(pack_nodes, image_folder, tiny_vae)
     _train(pack_nodes, make_tiny_flux(), latents, tiny_vae, f"preview_{image_folder.name}", steps=3)

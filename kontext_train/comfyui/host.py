@@ -42,6 +42,13 @@ def lora_folder() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
 
+def lora_names() -> list[str]:
+    """The LoRA files ComfyUI lists in its loras folder(s), as its own LoRA loaders show them."""
+    import folder_paths
+
+    return list(folder_paths.get_filename_list("loras"))
+
+
 def find_lora_file(name: str) -> Path:
     """A LoRA named as the trainer outputs it: a name inside ComfyUI's loras folder(s), the
     ``.safetensors`` suffix optional."""
@@ -56,7 +63,7 @@ def find_lora_file(name: str) -> Path:
     folders = ", ".join(folder_paths.get_folder_paths("loras"))
     raise FileNotFoundError(
         f"LoRA {raw!r} was not found in the loras folder(s) ({folders}). Give the file name the "
-        "trainer's lora_name output shows (e.g. 'kontext_restore.safetensors'), or leave lora_name empty."
+        "trainer's lora_name output shows (e.g. 'kontext_restore.safetensors'), or choose none for no LoRA."
     )
 
 
