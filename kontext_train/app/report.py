@@ -41,6 +41,7 @@ def render_report(
         f"- data: {len(dataset.train)} training, {len(dataset.val)} held-out images from `{dataset.hq_dir}`; "
         f"{f'paired LQ from `{dataset.lq_dir}`' if dataset.lq_dir else describe(dataset.degradation)}; "
         f"bucket scale {dataset.bucket_scale:g} ({', '.join(dataset.bucket_histogram())})",
+        *(f"- warning: {w}" for w in dataset.split_warnings),  # val_count reduced, few images
         f"- training: {result.step} steps"
         + (f" (resumed from step {result.resumed_from})" if result.resumed_from else "")
         + f", global batch {config.batch_size * ctx.world_size}, rank {config.rank}, lr {config.learning_rate:g} "
@@ -77,7 +78,7 @@ def render_report(
             "",
         ]
     else:
-        lines += ["No held-out images (val_count 0): no restoration samples or metrics.", ""]
+        lines += ["No held-out images (val_count 0 or a single image): no samples or metrics.", ""]
     if result.validation:
         lines += [
             "## Validation during training",
