@@ -1,9 +1,11 @@
 """LoRA adapters for Flux Linear layers, and the file format they are saved in.
 
-An adapter is a callable ``weight -> weight + scale * up @ down``: exactly the shape of function
-ComfyUI accepts as a *weight wrapper* (``ModelPatcher.add_weight_wrapper``), so the base weights
-are never modified and any dtype ComfyUI stores them in (fp8 included) is cast first and only the
-low-rank delta is trained. The file format is kohya's (``lora_unet_<path>.lora_down.weight``),
+An adapter holds ``down`` and ``up`` and applies ``scale * up @ down`` in one of two ways: to a
+layer's input (``on_activations``, what the trainer uses by default, see
+``comfyui/lora_forward.py``) or as a callable ``weight -> weight + scale * up @ down``, the shape of
+function ComfyUI accepts as a *weight wrapper* (``ModelPatcher.add_weight_wrapper``). Either way the
+base weights are never modified, any dtype ComfyUI stores them in (fp8 included) is cast first,
+and only the low-rank delta is trained. The file format is kohya's (``lora_unet_<path>.lora_down.weight``),
 which both ComfyUI's ``LoraLoader`` and diffusers' ``load_lora_weights`` read; fused ``qkv`` and
 ``linear1`` are kept fused because both loaders expect them that way for Flux. diffusers loads
 the ``blocks`` and ``blocks+modulation`` sets whole and skips the outer layers of ``all_linear``
@@ -101,6 +103,13 @@ class LoraAdapter(torch.nn.Module):
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:  # ComfyUI weight-wrapper protocol
         delta = self.up.to(weight.dtype) @ self.down.to(weight.dtype)
         return weight + delta * self.scale
+
+    def on_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank term ``scale * (x @ down.T) @ up.T`` of an input ``x`` (..., in_features),
+        in ``x``'s dtype: the same delta as ``__call__`` adds to the weight, applied to the input,
+        so backward never forms a full (out, in) weight gradient."""
+        hidden = torch.nn.functional.linear(x, self.down.to(x.dtype))
+        return torch.nn.functional.linear(hidden * self.scale, self.up.to(x.dtype))
 
     # ComfyUI's memory manager asks weight functions how much memory they hold and moves them
     # together with the module they wrap.

@@ -109,7 +109,10 @@ def test_training_clone_of_a_dynamic_vram_model_is_a_plain_reloaded_model(dynami
     assert loads == [True]  # reloaded once, asking the loader for a non-dynamic model
     assert lm.patcher.model is not dynamic.model
     assert "diffusion_model.img_in.weight" in lm.patcher.patches  # the input's patches carry over
-    assert lm.patcher.weight_wrapper_patches and not dynamic.weight_wrapper_patches
+    # The LoRA forwards are object patches of the clone only (activations form, the default).
+    assert lm.lora_form == "activations"
+    lora_keys = {f"diffusion_model.{p}.forward" for p in lm.adapters}
+    assert lora_keys <= set(lm.patcher.object_patches) and not lora_keys & set(dynamic.object_patches)
     # A second trainer reuses the copy ComfyUI keeps on the input (no second reload).
     again = comfyui.FluxLoraModel(dynamic, rank=2, alpha=2, targets="blocks")
     assert loads == [True] and again.patcher.model is lm.patcher.model

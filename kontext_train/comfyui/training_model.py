@@ -14,6 +14,7 @@ import torch
 
 from ..grad_checkpoint import run_block
 from ..lora import LoraAdapter, create_adapters, select_targets
+from . import lora_forward
 from .host import require_flux
 
 log = logging.getLogger("kontext_restore")
@@ -189,11 +190,21 @@ class _BlockPatch:
 
 
 class FluxLoraModel:
-    """A clone of a ComfyUI Flux MODEL with trainable LoRA adapters attached as weight wrappers.
+    """A clone of a ComfyUI Flux MODEL with trainable LoRA adapters.
 
     The input MODEL is untouched: adapters and block patches live on the clone, and ComfyUI applies
     them only while the clone is the loaded copy. ``velocity`` calls the transformer directly, so
     a step costs one forward and one backward, without the sampler machinery.
+
+    ``lora_form`` says how the adapters act (``comfyui/lora_forward.py``):
+    - ``"activations"`` (default): each adapted layer runs its own ComfyUI forward and adds
+      ``scale * (x @ down.T) @ up.T``; backward needs no full-size weight gradient.
+    - ``"weights"``: each adapter is a ComfyUI weight wrapper (``W + scale * up @ down`` rebuilt on
+      every forward), the form used before.
+    ``"activations"`` falls back to ``"weights"`` for the whole model, with a warning in the log,
+    when a target layer is not Linear-like or already has a forward replaced on the instance (by
+    another custom node, or ComfyUI 0.33's bypass LoRA). ``self.lora_form`` is the form in use.
+    Adapters, their initialisation and the saved file are the same in both forms.
     """
 
     def __init__(
@@ -206,21 +217,23 @@ class FluxLoraModel:
         gradient_checkpointing: bool = True,
         seed: int = 0,
         adapters: Mapping[str, LoraAdapter] | None = None,
+        lora_form: str = lora_forward.ACTIVATIONS,
     ) -> None:
         require_flux(model)
         self.patcher = training_clone(model)
         self.base = self.patcher.model
         diffusion = self.base.diffusion_model
+        modules = dict(diffusion.named_modules())
         if adapters is None:
-            modules = dict(diffusion.named_modules())
             targets = select_targets(modules, targets=targets)
             if not targets:
                 raise ValueError("No LoRA target layers found in the Flux model.")
             shapes = {p: tuple(modules[p].weight.shape) for p in targets}
             adapters = create_adapters(shapes, rank=rank, alpha=alpha, dtype=lora_dtype, seed=seed)
         self.adapters: dict[str, LoraAdapter] = dict(adapters)
-        for path, adapter in self.adapters.items():
-            self.patcher.add_weight_wrapper(f"diffusion_model.{path}.weight", adapter)
+        self._modules = {p: modules[p] for p in self.adapters}
+        self.lora_form = lora_forward.choose_form(lora_form, self._modules)
+        lora_forward.install(self.patcher, self.lora_form, self._modules, self.adapters)
         self.gradient_checkpointing = gradient_checkpointing
         for i, block in enumerate(diffusion.double_blocks):
             self.patcher.set_model_patch_replace(_BlockPatch(block, True, self), "dit", "double_block", i)
@@ -267,6 +280,7 @@ class FluxLoraModel:
         reference: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The model's velocity at (x, sigma), latents in model space."""
+        self._ensure_applied()
         n = x.shape[0]
         g = torch.full((n,), float(guidance), device=x.device, dtype=self.dtype)
         refs = [reference.to(self.dtype)] if reference is not None else None
@@ -296,6 +310,20 @@ class FluxLoraModel:
             weight += entry.strength
         return total / weight
 
+    def _ensure_applied(self) -> None:
+        """Loads the clone (again) unless it is ComfyUI's loaded copy with the adapters in place:
+        ComfyUI may have unloaded it since ``load`` (to make room for the VAE during validation, or
+        to run another clone of the model), and the adapters act only while it is loaded."""
+        import comfy.model_management as mm
+
+        loaded = any(m.model is self.patcher for m in mm.current_loaded_models)
+        if loaded and (
+            self.lora_form != lora_forward.ACTIVATIONS
+            or lora_forward.forwards_in_place(self._modules, self.adapters)
+        ):
+            return
+        self.load()
+
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         """Autograd on inside ComfyUI's inference mode, and the version-specific training flag."""
@@ -320,5 +348,6 @@ class FluxLoraModel:
             a.requires_grad_(False)
         with contextlib.suppress(Exception):
             self.patcher.detach()
+        lora_forward.remove_restored_forwards(self._modules)
         with contextlib.suppress(Exception):
             mm.soft_empty_cache()
