@@ -1,7 +1,7 @@
-"""Training plots and comparison grids drawn with Pillow alone.
+"""Training plots drawn with Pillow alone (the before/after grids are in ``sample_grid``).
 
-matplotlib is not a dependency of the pack (ComfyUI does not ship it), and a loss curve plus a
-before/after grid only need lines, text and pasted images, which Pillow draws directly.
+matplotlib is not a dependency of the pack (ComfyUI does not ship it), and a loss curve only needs
+lines and text, which Pillow draws directly.
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+# image_grid lives in sample_grid; kept importable from here, where the nodes have always found it.
+from .sample_grid import BACKGROUND, TEXT_COLOR, image_grid
+from .sample_grid import font as _font
+from .sample_grid import text_size as _text_size
 
 __all__ = [
     "BASELINE_COLOR",
@@ -23,8 +28,6 @@ __all__ = [
     "render_loss_plot",
 ]
 
-BACKGROUND = (255, 255, 255)
-TEXT_COLOR = (40, 40, 40)
 AXIS_COLOR = (90, 90, 90)
 GRID_COLOR = (230, 230, 230)
 # The raw loss is drawn as a pale tint of the smoothed colour (no alpha needed on an RGB canvas).
@@ -35,20 +38,6 @@ BASELINE_COLOR = (128, 128, 128)
 
 Color = tuple[int, int, int]
 Box = tuple[int, int, int, int]
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    # Pillow >= 10.1 has a scalable built-in font; older builds or ones without FreeType only have
-    # the fixed bitmap font, which is still readable.
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
 
 
 def _finite(v: Any) -> float | None:
@@ -260,6 +249,9 @@ def _draw_panel(
         lx -= w + 34
 
 
+_METRIC_NAMES = {"psnr": "PSNR", "psnr_y": "PSNR-Y", "ssim": "SSIM", "latent_mse": "latent MSE"}
+
+
 def _validation_series(rows: Sequence[Mapping[str, Any]], metric: str) -> list[_Series]:
     parsed = []
     for row in rows:
@@ -272,7 +264,7 @@ def _validation_series(rows: Sequence[Mapping[str, Any]], metric: str) -> list[_
     # which _draw_panel skips.
     restored = [math.nan if _finite(r[1]) is None else float(r[1]) for r in parsed]
     baseline = [math.nan if _finite(r[2]) is None else float(r[2]) for r in parsed]
-    name = metric.upper()
+    name = _METRIC_NAMES.get(metric, metric.upper())
     return [
         _Series(steps, baseline, BASELINE_COLOR, 2, f"degraded ({name})", True),
         _Series(steps, restored, RESTORED_COLOR, 2, f"restored ({name})", True),
@@ -333,82 +325,17 @@ def render_loss_plot(
     )
     if validation is not None:
         draw.line((8, loss_bottom, width - 8, loss_bottom), fill=GRID_COLOR)
+        name = _METRIC_NAMES.get(validation_metric, validation_metric.upper())
         unit = " (dB)" if validation_metric.startswith("psnr") else ""
+        better = ", lower is better" if validation_metric.endswith("mse") else ""
         _draw_panel(
             draw,
             (0, loss_bottom, width, height),
             _validation_series(validation, validation_metric),
-            title=f"Validation {validation_metric.upper()}{unit}: restored vs degraded",
+            title=f"Validation {name}{unit}: restored vs degraded{better}",
             x_label="step",
-            y_label=validation_metric.upper(),
+            y_label=name,
             log_y=False,
             empty_text="no validation data yet",
         )
     return img
-
-
-def _fit(img: Image.Image, cell: int) -> Image.Image:
-    """Scale ``img`` to fit a ``cell`` square, keeping its aspect ratio."""
-    if img.mode != "RGB":
-        # Composite transparency onto the grid background instead of turning it black.
-        rgba = img.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        img = Image.alpha_composite(base, rgba).convert("RGB")
-    w, h = img.size
-    scale = cell / max(w, h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if size == img.size:
-        return img
-    # Enlarging with NEAREST shows the real pixels of small crops, which is what a before/after
-    # comparison is for; shrinking uses LANCZOS to avoid aliasing.
-    return img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
-
-
-def image_grid(
-    rows: Sequence[Sequence[Image.Image]],
-    labels: Sequence[str] | None = None,
-    cell: int = 256,
-    gap: int = 4,
-) -> Image.Image:
-    """Paste images into a grid of ``cell`` x ``cell`` squares, with column labels on top.
-
-    Each image is scaled to fit its cell (aspect kept, centred). Rows may be ragged; missing
-    cells stay blank. Size: ``cols * cell + (cols - 1) * gap`` wide, ``rows * cell +
-    (rows - 1) * gap`` high plus a label band when ``labels`` is given.
-    """
-    if cell < 1:
-        raise ValueError(f"cell must be positive, got {cell}")
-    n_rows = len(rows)
-    n_cols = max((len(r) for r in rows), default=0)
-    if n_rows == 0 or n_cols == 0:
-        raise ValueError("image_grid needs at least one image")
-    if labels is not None and len(labels) > n_cols:
-        raise ValueError(f"got {len(labels)} labels for {n_cols} columns; pass at most one label per column")
-
-    font = _font(max(10, min(18, cell // 12)))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    band = _text_size(probe, "Ag", font)[1] + 12 if labels is not None else 0
-
-    width = n_cols * cell + (n_cols - 1) * gap
-    height = band + n_rows * cell + (n_rows - 1) * gap
-    grid = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(grid)
-
-    for c, text in enumerate(labels or []):
-        base = text = str(text)
-        # Shorten labels wider than their column rather than letting them overlap.
-        while text and _text_size(draw, text, font)[0] > cell - 4:
-            base = base[:-1]
-            text = base + "..." if base else ""
-        w, _ = _text_size(draw, text, font)
-        draw.text((c * (cell + gap) + (cell - w) / 2, 4), text, fill=TEXT_COLOR, font=font)
-
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            if im is None:
-                continue
-            fitted = _fit(im, cell)
-            x = c * (cell + gap) + (cell - fitted.width) // 2
-            y = band + r * (cell + gap) + (cell - fitted.height) // 2
-            grid.paste(fitted, (x, y))
-    return grid

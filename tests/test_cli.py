@@ -102,13 +102,39 @@ def test_precedence_flags_over_config_over_env_over_defaults(tmp_path, clean_env
     )
 
 
-def test_without_a_model_train_is_the_demo_with_its_own_defaults(clean_env, capsys):
-    assert cli.main(["train", "--steps", "7", "--print-config"]) == 0
+def test_the_demo_has_its_own_defaults(clean_env, capsys):
+    assert cli.main(["demo", "--steps", "7", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["demo"]
     assert printed["settings"]["steps"] == {"value": 7, "source": "flag"}
     assert printed["settings"]["bucket_scale"]["source"] == "demo default"
     assert printed["settings"]["output_dir"]["value"] == "kontext-restore-demo"
+
+
+def test_train_without_weights_is_not_the_demo(clean_env, capsys):
+    assert cli.main(["train", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert not printed["demo"]
+    assert printed["settings"]["steps"] == {"value": 3000, "source": "default"}
+
+
+def test_each_subcommands_help_lists_only_its_flags(capsys):
+    import re
+
+    shown, text = {}, {}
+    for command in ("train", "demo", "restore"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--help"])
+        assert exit_info.value.code == 0
+        text[command] = capsys.readouterr().out
+        shown[command] = set(re.findall(r"--[a-z][a-z0-9-]*", text[command]))
+    assert {"--unet", "--hr-root"} <= shown["train"] and "--input" not in shown["train"]
+    assert "--demo-images" in shown["demo"]
+    assert not {"--unet", "--hr-root", "--input", "--lora"} & shown["demo"]
+    assert {"--input", "--lora"} <= shown["restore"]
+    assert not {"--demo-images", "--steps", "--hr-root"} & shown["restore"]
+    # `train` no longer advertises running the demo without weights.
+    assert "needs --unet" in text["train"]
 
 
 def test_json_config_and_bad_config_values(tmp_path, clean_env, capsys):
@@ -137,22 +163,33 @@ def test_json_config_and_bad_config_values(tmp_path, clean_env, capsys):
 
 @pytest.fixture(scope="module")
 def demo_run(comfy_root, tmp_path_factory):
-    """One tiny demo run through ``train`` without a model (the demo, with a notice)."""
+    """One tiny demo run; the keyword arguments its loss plot was drawn with are in ``plot_calls``."""
+    from kontext_train import plots
+
     out = tmp_path_factory.mktemp("demo_run")
     env = {
         o.env: os.environ.pop(o.env)
         for o in settings.OPTIONS
         if o.env and o.env in os.environ and o.env != "COMFYUI_PATH"
     }
+    real_plot = plots.render_loss_plot
+
+    def spy(losses, **kwargs):
+        plot_calls.append(kwargs)
+        return real_plot(losses, **kwargs)
+
+    plot_calls: list[dict] = []
     try:
-        rc = cli.main(["train", "--output-dir", str(out), "--steps", "4", *TINY])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(plots, "render_loss_plot", spy)
+            rc = cli.main(["demo", "--output-dir", str(out), "--steps", "4", *TINY])
     finally:
         os.environ.update(env)
-    return out, rc
+    return out, rc, plot_calls
 
 
 def test_demo_runs_end_to_end_and_writes_everything(demo_run):
-    out, rc = demo_run
+    out, rc, plot_calls = demo_run
     assert rc == 0
     lora = out / "kontext_restore_demo.safetensors"
     state = load_file(str(lora))
@@ -169,18 +206,82 @@ def test_demo_runs_end_to_end_and_writes_everything(demo_run):
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["n_images"] == 1 and "psnr_gain" in evaluation["mean"]
     assert evaluation["per_image"][0]["image"].endswith(".png")
-    for png in ("loss.png", "samples.png"):
-        with Image.open(out / png) as im:
-            assert im.width > 100 and im.height > 100
+    with Image.open(out / "loss.png") as im:
+        assert im.width > 100 and im.height > 100
+    # The demo's loss plot shows the held-out latent MSE (what its training moves), not the PSNR
+    # its random VAE caps: the validation rows drawn carry latent MSE.
+    assert [c.get("validation_metric") for c in plot_calls] == ["latent_mse"]
+    assert all("latent_mse_restored" in row for row in plot_calls[0]["validation"])
+    # degraded | restored | VAE round trip | clean: four 256 px cells and three 4 px gaps, and the
+    # round-trip cell holds a picture (not the blank background).
+    with Image.open(out / "samples.png") as im:
+        grid = np.asarray(im.convert("RGB"))
+    assert grid.shape[1] == 4 * 256 + 3 * 4
+    roundtrip_cell = grid[-256:, 2 * 260 : 2 * 260 + 256]
+    assert (roundtrip_cell != 255).any(axis=-1).mean() > 0.3
     report = (out / "report.md").read_text()
     assert "offline demo" in report and "What these numbers mean" in report
-    assert "kontext-train train" in report and "--unet" in report  # the real command
+    assert "train \\" in report and "--unet" in report  # the real command
+    assert "VAE round trip" in report
     assert "| PSNR dB |" in report and "![samples](samples.png)" in report
     assert len(json.loads((out / "loss_history.json").read_text())) == 4
 
 
+def _printed_command(report: str) -> str:
+    block = report.split("```bash\n")[-1].split("\n```")[0]
+    return block.replace("\\\n", " ")
+
+
+def test_the_demos_real_command_runs_as_printed_from_any_folder(demo_run, comfy_root, tmp_path):
+    import shlex
+
+    out, *_ = demo_run
+    command = _printed_command((out / "report.md").read_text())
+    words = shlex.split(command)
+    env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    assert Path(env["COMFYUI_PATH"]) == Path(comfy_root).resolve()
+    paths = [w for w in words if "/" in w and "=" not in w] + [v for v in env.values() if "/" in v]
+    assert paths and all(Path(p.split(os.pathsep)[0]).is_absolute() for p in paths), paths
+    program = next(w for w in words if "=" not in w)
+    assert Path(program).is_absolute() and Path(program).is_file(), program
+    # Run it from another folder (its settings only, as the weights are not here): everything it
+    # names is found without the demo's working directory.
+    clean = {k: v for k, v in os.environ.items() if k not in {o.env for o in settings.OPTIONS if o.env}}
+    proc = subprocess.run(
+        ["bash", "-c", command + " --print-config"],
+        cwd=tmp_path,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    resolved = json.loads(proc.stdout)["settings"]
+    assert resolved["comfyui"]["value"] == env["COMFYUI_PATH"]
+    assert resolved["unet"]["value"].endswith("models/diffusion_models/flux1-kontext-dev.safetensors")
+    assert Path(resolved["output_dir"]["value"]).parent == out.parent
+
+
+def test_the_command_is_found_however_it_was_started(tmp_path, monkeypatch):
+    from kontext_train.app.demo import invocation
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "kontext-train"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert invocation("kontext-train", "/usr/bin/python3") == ({}, str(script))  # found on PATH
+    # python -m kontext_train in a venv that has the console script beside its python.
+    assert invocation("/x/kontext_train/__main__.py", str(bin_dir / "python")) == ({}, str(script))
+    # Neither: this Python, with the pack on PYTHONPATH, by absolute paths.
+    env, program = invocation("/x/kontext_train/__main__.py", str(tmp_path / "other" / "python"))
+    assert program == f"{tmp_path / 'other' / 'python'} -m kontext_train"
+    assert Path(env["PYTHONPATH"], "kontext_train", "app", "demo.py").is_file()
+
+
 def test_resume_continues_and_no_resume_refuses(demo_run, capsys):
-    out, _ = demo_run
+    out, *_ = demo_run
     before = json.loads((out / "loss_history.json").read_text())
     assert cli.main(["demo", "--output-dir", str(out), "--steps", "6", *TINY]) == 0
     assert "resumed from step 4" in capsys.readouterr().out
@@ -230,7 +331,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(comfy_root, tmp_path, clean_env
 
 
 def test_restore_and_evaluate_use_the_trained_demo_lora(demo_run, tmp_path, capsys):
-    out, _ = demo_run
+    out, *_ = demo_run
     photo = tmp_path / "in" / "small.png"
     photo.parent.mkdir()
     Image.fromarray((np.random.default_rng(1).random((72, 100, 3)) * 255).astype(np.uint8)).save(photo)
@@ -320,17 +421,72 @@ def test_missing_or_empty_hr_root(comfy_root, tmp_path, clean_env, capsys):
     assert "no image files" in _error_line(capsys)
 
 
-def test_missing_weights(comfy_root, tmp_path, clean_env, capsys):
+def test_train_without_model_files_stops_naming_every_one_before_the_dataset(
+    comfy_root, tmp_path, clean_env, capsys
+):
+    """HR_ROOT set and no --unet once ran the whole demo. Now: exit 2 at once, every missing model
+    file named with its flag, variable and config key, the ComfyUI searched, and nothing written."""
+    from kontext_train import dataset
+
+    def must_not_scan(*args, **kwargs):
+        raise AssertionError("the dataset was scanned before the model files were checked")
+
+    clean_env.setattr(dataset, "build_dataset", must_not_scan)
+    clean_env.setenv("HR_ROOT", str(tmp_path / "does_not_exist"))  # a dataset error, were it scanned
+    out = tmp_path / "run"
+    assert cli.main(["train", "--output-dir", str(out), "--name", "loras/restore"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for label, flag, env in (
+        ("Kontext model", "--unet", "KONTEXT_UNET"),
+        ("clip_l", "--clip-l", "KONTEXT_CLIP_L"),
+        ("t5xxl", "--t5xxl", "KONTEXT_T5XXL"),
+        ("VAE", "--vae", "KONTEXT_VAE"),
+    ):
+        assert f"{label} not given (set {flag} / {env} / " in err, err
+    assert str(Path(comfy_root).resolve()) in err and "kontext-train demo" in err
+    assert "demo" not in captured.out.lower()  # the demo did not run
+    assert not out.exists()  # neither the output folder nor its loras/ sub-folder
+
+
+def test_missing_weights_are_reported_together_with_the_folders_searched(
+    comfy_root, tmp_path, clean_env, capsys
+):
     photos = _photos(tmp_path / "hq")
     weights = _fake_weights(tmp_path / "w")
-    weights[weights.index("--vae") + 1] = str(tmp_path / "w" / "missing_ae.safetensors")
-    base = ["train", "--output-dir", str(tmp_path / "out"), "--hr-root", str(photos)]
-    assert cli.main([*base, *weights]) == 2
+    out = tmp_path / "out"
+    base = ["train", "--output-dir", str(out), "--hr-root", str(photos)]
+    # A name that is not in ComfyUI's models/vae, and two encoders not given at all.
+    assert cli.main([*base, "--unet", weights[1], "--vae", "missing_ae.safetensors"]) == 2
     err = _error_line(capsys)
-    assert "VAE weights file not found" in err and "missing_ae.safetensors" in err
+    assert "'missing_ae.safetensors'" in err and "models/vae" in err and "KONTEXT_VAE" in err
+    assert "clip_l not given" in err and "t5xxl not given" in err
+    assert "Kontext model not given" not in err  # the one that was found is not listed
+    assert str(Path(comfy_root).resolve() / "models") in err
+    assert not out.exists()
 
-    assert cli.main([*base, "--unet", weights[1]]) == 2  # only the transformer given
-    assert "clip_l weights not given" in _error_line(capsys)
+
+def test_a_run_that_fails_at_its_checks_leaves_no_output_folder(comfy_root, tmp_path, clean_env, capsys):
+    photos = _photos(tmp_path / "hq")
+    weights = _fake_weights(tmp_path / "w")
+    out = tmp_path / "new" / "run"
+    # An empty HR_ROOT: refused while scanning the dataset, before OUTPUT_DIR is made.
+    (tmp_path / "empty").mkdir()
+    base = ["train", "--output-dir", str(out), *weights]
+    assert cli.main([*base, "--hr-root", str(tmp_path / "empty")]) == 2
+    assert "no image files" in _error_line(capsys)
+    assert not (tmp_path / "new").exists()
+    # A LoRA name too long for the filesystem: refused by the run's checks after OUTPUT_DIR was
+    # made; the folders made for it (and the loras/ sub-folder) are removed again.
+    assert cli.main([*base, "--hr-root", str(photos), "--name", "loras/" + "x" * 300]) == 2
+    assert "too long" in _error_line(capsys)
+    assert not (tmp_path / "new").exists()
+    # A folder that was there before is kept, even when empty.
+    out.mkdir(parents=True)
+    assert cli.main([*base, "--hr-root", str(photos), "--name", "loras/" + "x" * 300]) == 2
+    _error_line(capsys)
+    assert out.is_dir() and not any(out.iterdir())
 
 
 def test_unwritable_output_dir(tmp_path, clean_env, capsys):

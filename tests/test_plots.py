@@ -13,6 +13,7 @@ from kontext_train.plots import (
     image_grid,
     render_loss_plot,
 )
+from kontext_train.sample_grid import SAMPLE_COLUMNS, sample_rows
 
 # The legend sits on the title line; curves are drawn below this many pixels.
 _BELOW_LEGEND = 40
@@ -135,7 +136,55 @@ def test_validation_rows_without_metric_do_not_crash():
     assert not _mask(img, RESTORED_COLOR).any()
 
 
+def _panel_slope(img: Image.Image, top: int) -> tuple[float, float]:
+    """Mean row of the restored curve at its left and right ends, below ``top``."""
+    lower = _mask(img, RESTORED_COLOR)[top:]
+    assert lower.sum() > 100
+    cols = np.nonzero(lower.any(axis=0))[0]
+    left = np.nonzero(lower[:, cols.min() : cols.min() + 8].any(axis=1))[0].mean()
+    right = np.nonzero(lower[:, cols.max() - 8 : cols.max() + 1].any(axis=1))[0].mean()
+    return left, right
+
+
+def test_latent_mse_panel_draws_the_held_out_latent_error():
+    """The demo plots held-out latent MSE (what its training lowers) instead of the PSNR its random
+    VAE caps: the panel follows the latent MSE values."""
+    rows = [
+        {
+            "step": s,
+            "latent_mse_restored": 0.004 - s * 1e-5,
+            "latent_mse_degraded": 0.0001,
+            "psnr_restored": 19.0,
+        }
+        for s in (50, 100, 150, 200, 250, 300)
+    ]
+    height = 432
+    panel_curves = int(height * 0.58) + _BELOW_LEGEND  # the panel's plot area, below its legend
+    mse = render_loss_plot(_decaying(), validation=rows, validation_metric="latent_mse", height=height)
+    left, right = _panel_slope(mse, panel_curves)
+    assert left < right - 20  # 0.004 at the top left, 0.001 far lower on the right
+    # The same rows as PSNR: a flat line at 19 dB, the picture the demo's loss plot used to show.
+    psnr = render_loss_plot(_decaying(), validation=rows, validation_metric="psnr", height=height)
+    left, right = _panel_slope(psnr, panel_curves)
+    assert abs(left - right) <= 2
+
+
 # ---------------------------------------------------------------- image_grid
+
+
+def test_sample_grid_has_a_vae_round_trip_column():
+    degraded, restored, clean = (
+        Image.new("RGB", (40, 40), c) for c in ((200, 0, 0), (0, 200, 0), (0, 0, 200))
+    )
+    roundtrip = Image.new("RGB", (40, 40), (90, 90, 0))
+    rows = sample_rows([(degraded, restored, clean), (degraded, restored, clean)], [roundtrip])
+    assert SAMPLE_COLUMNS == ("degraded", "restored", "VAE round trip", "clean")
+    grid = image_grid(rows, list(SAMPLE_COLUMNS), cell=40, gap=4)
+    assert grid.width == 4 * 40 + 3 * 4  # columns x cell width (+ gaps)
+    bottom = grid.height - 1 - 40 - 4  # inside the first row, below the label band
+    assert grid.getpixel((2 * 44 + 20, bottom - 20)) == (90, 90, 0)  # the round trip, third column
+    assert grid.getpixel((3 * 44 + 20, bottom - 20)) == (0, 0, 200)  # clean moved to the fourth
+    assert grid.getpixel((2 * 44 + 20, grid.height - 20)) == (255, 255, 255)  # no round trip: blank
 
 
 def test_grid_size_and_content():

@@ -2,12 +2,13 @@
 
 It drives the same library code as the nodes (dataset -> LatentCache -> LatentBatches -> Trainer
 + Validator, and the Restore node's restoration) with ComfyUI's own loaders, imported in-process
-without a server. Without model weights it runs the offline demo (``demo.py``).
+without a server. ``demo`` runs the offline demo (``demo.py``) without weights; ``train`` needs the
+four model files and stops before any work, naming every missing one.
 
 Settings come from, highest first: command-line flags, a config file (``--config``, JSON or TOML),
 environment variables (``HR_ROOT``, ``LR_ROOT``, ``OUTPUT_DIR``, ``COMFYUI_PATH``,
 ``KONTEXT_UNET``, ``KONTEXT_CLIP_L``, ``KONTEXT_T5XXL``, ``KONTEXT_VAE``), then the defaults
-(the demo's own defaults when the tiny demo model is used). See docs/headless.md.
+(the demo's own defaults for ``demo``). See docs/headless.md.
 
 Exit codes: 0 done, 2 bad configuration (one line on stderr), 130 interrupted (a checkpoint is
 saved; the same command resumes), 1 anything else.
@@ -50,6 +51,10 @@ HANDLERS = {"train": cmd_train, "demo": cmd_train, "restore": cmd_restore, "eval
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kontext-train`` and ``python -m kontext_train``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # its own flags: see plan_command (no weights, no GPU)
+        from .plan_command import main as plan_main
+
+        return plan_main(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not ns.command:

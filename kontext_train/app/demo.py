@@ -10,6 +10,10 @@ metrics, plots, report - runs end to end, and the same command with real weights
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -118,7 +122,8 @@ def honest_paragraph(
     of the held-out images."""
     ceiling = (
         f" The random VAE alone (encode, then decode the clean image) scores {vae_roundtrip_psnr:.1f} dB "
-        "PSNR, so no restoration through it can score better than that."
+        'PSNR, so no restoration through it can score better than that: the samples\' "VAE round trip" '
+        "column shows what it does to a clean photo."
         if vae_roundtrip_psnr is not None
         else ""
     )
@@ -147,12 +152,47 @@ def honest_paragraph(
     )
 
 
-def real_command(prog: str = "kontext-train") -> str:
-    return (
-        f"HR_ROOT=/path/to/clean_photos OUTPUT_DIR=/path/to/run \\\n"
-        f"{prog} train \\\n"
-        "  --unet models/diffusion_models/flux1-kontext-dev.safetensors \\\n"
-        "  --clip-l models/text_encoders/clip_l.safetensors \\\n"
-        "  --t5xxl models/text_encoders/t5xxl_fp16.safetensors \\\n"
-        "  --vae models/vae/ae.safetensors"
-    )
+def invocation(argv0: str | None = None, executable: str | None = None) -> tuple[dict[str, str], str]:
+    """How to start ``kontext-train`` again from any folder: (environment it needs, program).
+
+    The console script that is running (absolute), else the one installed beside this Python (a
+    venv's ``bin/``), else this Python with ``-m kontext_train`` and the pack on PYTHONPATH."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    executable = sys.executable if executable is None else executable
+    if Path(argv0).name.removesuffix(".exe") == "kontext-train":
+        found = argv0 if ("/" in argv0 or os.sep in argv0) else shutil.which(argv0)
+        if found:
+            return {}, shlex.quote(str(Path(found).absolute()))
+    # Not resolved: a venv's python is a symlink to the base interpreter, which has no venv.
+    python = Path(executable).absolute()
+    beside = python.parent / "kontext-train"
+    if beside.is_file():
+        return {}, shlex.quote(str(beside))
+    pack = Path(__file__).resolve().parents[2]
+    return {"PYTHONPATH": str(pack)}, f"{shlex.quote(str(python))} -m kontext_train"
+
+
+def real_command(
+    comfyui_root: Path, output_dir: Path, argv0: str | None = None, executable: str | None = None
+) -> str:
+    """The command that trains on real data and weights, runnable as printed where the demo ran:
+    absolute paths, ComfyUI named, the program by its full path. HR_ROOT and the weight files are
+    the user's to provide (the weights at ComfyUI's usual places)."""
+    env, program = invocation(argv0, executable)
+    models = Path(comfyui_root) / "models"
+    q = shlex.quote
+    env_text = " ".join(f"{k}={q(v)}" for k, v in env.items())
+    weights = {
+        "--unet": models / "diffusion_models" / "flux1-kontext-dev.safetensors",
+        "--clip-l": models / "text_encoders" / "clip_l.safetensors",
+        "--t5xxl": models / "text_encoders" / "t5xxl_fp16.safetensors",
+        "--vae": models / "vae" / "ae.safetensors",
+    }
+    lines = [
+        f"COMFYUI_PATH={q(str(comfyui_root))} {env_text + ' ' if env_text else ''}"
+        f"HR_ROOT=/path/to/clean_photos OUTPUT_DIR={q(str(output_dir))} \\",
+        f"{program} train \\",
+        *(f"  {flag} {q(str(path))} \\" for flag, path in weights.items()),
+    ]
+    lines[-1] = lines[-1].removesuffix(" \\")
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ def render_report(
     settings, ctx, pipe, dataset, config, result, ev, out, lora_path, train_seconds, total_seconds
 ) -> str:
     from ..degradations import describe
-    from .demo import honest_paragraph, real_command
+    from .demo import honest_paragraph
 
     trained_now = len(result.losses) - result.resumed_from
     per_step = train_seconds / trained_now if trained_now > 0 else float("nan")
@@ -54,7 +54,7 @@ def render_report(
         f"- LoRA: `{lora_path.name}` (kohya format; ComfyUI's LoraLoaderModelOnly and diffusers load it)",
         f"- checkpoints: `checkpoints/` (resume: run the same command again), latent cache: `{Path(settings.cache_dir).name if settings.cache_dir else 'latent_cache'}/`",
         f"- validation metrics: `{lora_path.stem}.validation.json` / `.csv`",
-        "- loss plot: `loss.png`; restored samples: `samples.png` (degraded | restored | clean); `evaluation.json` / `.csv`",
+        "- loss plot: `loss.png`; restored samples: `samples.png` (degraded | restored | VAE round trip | clean); `evaluation.json` / `.csv`",
         "",
         "![loss](loss.png)",
         "",
@@ -103,11 +103,20 @@ def render_report(
                 result.step,
                 len(dataset.train),
                 ev.vae_roundtrip_psnr if ev is not None else None,
-                real_command(PROG),
+                demo_real_command(settings, out),
                 _latent_trend(result.validation),
             ),
         ]
     return "\n".join(lines) + "\n"
+
+
+def demo_real_command(settings, out: Path) -> str:
+    """The real-weights command the demo ends with, for the ComfyUI it ran on; its output folder
+    beside the demo's."""
+    from .demo import real_command
+    from .runtime import locate_comfyui
+
+    return real_command(locate_comfyui(settings), Path(out).absolute().parent / "kontext-restore-output")
 
 
 def _latent_trend(rows: list[dict]) -> tuple[float, float, float] | None:

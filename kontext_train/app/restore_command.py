@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ class Evaluation:
     keys: list[str]
     triples: list[tuple]  # (degraded, restored, clean) PIL images
     vae_roundtrip_psnr: float | None
+    roundtrips: list = field(default_factory=list)  # the clean images through the VAE and back
 
     def to_dict(self) -> dict:
         data = self.scores.to_dict()
@@ -128,7 +129,7 @@ def evaluate_samples(
     from ..images import tensor_to_pil
     from ..metrics import evaluate_restoration, psnr
 
-    parts, triples, keys, roundtrip = [], [], [], []
+    parts, triples, keys, roundtrip, roundtrip_images = [], [], [], [], []
     for i, sample in enumerate(samples):
         if progress:
             progress(i, len(samples))
@@ -138,20 +139,23 @@ def evaluate_samples(
         with torch.no_grad():
             rt = comfyui.vae_decode(pipe.vae, comfyui.vae_encode(pipe.vae, clean[None]))
         roundtrip.append(float(psnr(rt.clamp(0, 1), clean[None]).mean()))
+        roundtrip_images.append(tensor_to_pil(rt[0].clamp(0, 1)))
         triples.append((tensor_to_pil(degraded), tensor_to_pil(restored), tensor_to_pil(clean)))
         keys.append(sample.key)
     finite = [v for v in roundtrip if math.isfinite(v)]
-    return Evaluation(_merge_scores(parts), keys, triples, sum(finite) / len(finite) if finite else None)
+    mean_roundtrip = sum(finite) / len(finite) if finite else None
+    return Evaluation(_merge_scores(parts), keys, triples, mean_roundtrip, roundtrip_images)
 
 
 def write_evaluation(ev: Evaluation, folder: Path, stem: str = "evaluation") -> dict[str, Path]:
-    from ..plots import image_grid
+    from ..sample_grid import SAMPLE_COLUMNS, image_grid, sample_rows
 
     data = ev.to_dict()
     paths = {"json": folder / f"{stem}.json", "csv": folder / f"{stem}.csv", "grid": folder / "samples.png"}
     atomic_write_text(paths["json"], json.dumps(data, indent=2))
     atomic_write_csv(paths["csv"], data["per_image"])
-    _save_png(image_grid([list(t) for t in ev.triples], ["degraded", "restored", "clean"]), paths["grid"])
+    # The VAE round trip column shows the ceiling of any restoration through this VAE.
+    _save_png(image_grid(sample_rows(ev.triples, ev.roundtrips), list(SAMPLE_COLUMNS)), paths["grid"])
     return paths
 
 

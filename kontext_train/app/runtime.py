@@ -7,7 +7,8 @@ import io
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from ..atomic import atomic_write_bytes
 from .demo import DEMO_BASE_MODEL
 from .settings import (
     BY_NAME,
+    PROG,
     TRAIN_CONFIG_KEYS,
     WEIGHT_KEYS,
     Settings,
@@ -37,8 +39,9 @@ def _save_png(image, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def prepare_output_dir(value: str | os.PathLike | None) -> Path:
-    """Creates OUTPUT_DIR if needed and proves it is writable; UsageError otherwise."""
+def check_output_dir(value: str | os.PathLike | None) -> Path:
+    """OUTPUT_DIR as an absolute path, checked without creating anything: no file in the way, and
+    the nearest existing folder writable. UsageError otherwise."""
     if not value:
         raise UsageError("OUTPUT_DIR is empty: pass --output-dir or set OUTPUT_DIR to a writable folder")
     out = Path(value).expanduser().absolute()
@@ -48,7 +51,18 @@ def prepare_output_dir(value: str | os.PathLike | None) -> Path:
                 f"OUTPUT_DIR {out} cannot be created: {parent} is a file. Choose another --output-dir / OUTPUT_DIR"
             )
         if parent.exists():
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UsageError(
+                    f"OUTPUT_DIR {out} is not writable ({parent} is read-only for this user). "
+                    "Choose another --output-dir / OUTPUT_DIR"
+                )
             break
+    return out
+
+
+def prepare_output_dir(value: str | os.PathLike | None) -> Path:
+    """Creates OUTPUT_DIR if needed and proves it is writable; UsageError otherwise."""
+    out = check_output_dir(value)
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
@@ -61,6 +75,30 @@ def prepare_output_dir(value: str | os.PathLike | None) -> Path:
     return out
 
 
+@contextmanager
+def removed_if_failed_empty(folder: Path, enabled: bool = True) -> Iterator[None]:
+    """If the block fails, the folders it created for ``folder`` (``folder`` and missing parents)
+    are removed again when they hold nothing but empty folders: a failed run leaves no empty
+    output folder behind. A folder that existed before, or holds any file, is never touched."""
+    new = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        if enabled and new and new[0].is_dir():
+            # Everything under a folder this run created was created by this run too.
+            for sub in sorted((p for p in new[0].rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                try:
+                    sub.rmdir()
+                except OSError:
+                    pass
+            for p in new:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+        raise
+
+
 def locate_comfyui(settings: Settings) -> Path:
     """The ComfyUI folder; an explicitly given one must be a ComfyUI install (find_comfyui checks)."""
     from ..comfyui import ComfyUINotFound, find_comfyui
@@ -71,34 +109,65 @@ def locate_comfyui(settings: Settings) -> Path:
         raise UsageError(f"{e} ({settings.sources['comfyui']})") from None
 
 
+def bootstrap(settings: Settings) -> Path:
+    """Imports ComfyUI in this process (once); its folder."""
+    from .. import comfyui
+
+    root = locate_comfyui(settings)
+    # ComfyUI warns at import about optional packages (torchaudio ...) the trainer never uses.
+    logging.disable(logging.WARNING)
+    try:
+        comfyui.bootstrap_comfyui(root, cpu=True if settings.cpu else None)
+    finally:
+        logging.disable(logging.NOTSET)
+    return root
+
+
+# Where ComfyUI's loaders look for each weight file (folder_paths names; the first is the current one).
+WEIGHT_FOLDERS = {
+    "unet": ("diffusion_models", "unet"),
+    "clip_l": ("text_encoders", "clip"),
+    "t5xxl": ("text_encoders", "clip"),
+    "vae": ("vae",),
+}
+WEIGHT_LABELS = {"unet": "Kontext model", "clip_l": "clip_l", "t5xxl": "t5xxl", "vae": "VAE"}
+
+
 def resolve_weights(settings: Settings) -> dict[str, Path]:
-    """Paths of the four weight files (ComfyUI must be bootstrapped for name lookups)."""
+    """Paths of the four weight files, each given as a path or as a name inside ComfyUI's models
+    folders. Every missing one is reported in one UsageError, with the folders searched and the
+    flag, environment variable and config key that set it; called before the dataset is scanned."""
     from ..comfyui import resolve_model_file
 
-    folders = {
-        "unet": ("diffusion_models", "unet"),
-        "clip_l": ("text_encoders", "clip"),
-        "t5xxl": ("text_encoders", "clip"),
-        "vae": ("vae",),
-    }
-    labels = {"unet": "Kontext model", "clip_l": "clip_l", "t5xxl": "t5xxl", "vae": "VAE"}
-    out: dict[str, Path] = {}
-    for key in WEIGHT_KEYS:
-        value = settings.values.get(key)
+    root = locate_comfyui(settings)
+    values = {key: settings.values.get(key) for key in WEIGHT_KEYS}
+    if any(v and not Path(str(v)).expanduser().is_file() for v in values.values()):
+        bootstrap(settings)  # names are looked up by ComfyUI's folder_paths
+    found: dict[str, Path] = {}
+    problems: list[str] = []
+    for key, value in values.items():
         opt = BY_NAME[key]
+        how = f"{opt.flag} / {opt.env} / {key!r} in the config file"
+        folders = " or ".join(f"models/{f}" for f in WEIGHT_FOLDERS[key])
         if not value:
-            raise UsageError(
-                f"{labels[key]} weights not given: pass {opt.flag} or set {opt.env} "
-                "(all four of --unet, --clip-l, --t5xxl and --vae are needed; give none of them for the demo)"
-            )
-        path = resolve_model_file(str(value), folders[key])
+            problems.append(f"{WEIGHT_LABELS[key]} not given (set {how})")
+            continue
+        path = resolve_model_file(str(value), WEIGHT_FOLDERS[key])
         if path is None:
-            raise UsageError(
-                f"{labels[key]} weights file not found: {value!r} ({settings.sources[key]}). Give the path to the "
-                f".safetensors file or its name inside ComfyUI's models/{folders[key][0]} folder."
+            problems.append(
+                f"{WEIGHT_LABELS[key]} {str(value)!r} ({settings.sources[key]}) is neither a file nor in {folders} "
+                f"(fix {how})"
             )
-        out[key] = path
-    return out
+        else:
+            found[key] = path
+    if problems:
+        where = "found automatically" if settings.sources["comfyui"] == "default" else settings.sources["comfyui"]
+        raise UsageError(
+            f"{PROG} {settings.command}: model files missing: {'; '.join(problems)}. Searched ComfyUI at {root} "
+            f"({where}; --comfyui / COMFYUI_PATH to change): give full paths, or names inside {root / 'models'}. "
+            f"To try the pipeline without weights: {PROG} demo"
+        )
+    return found
 
 
 def degradation_config(settings: Settings):
@@ -195,17 +264,12 @@ class Pipeline:
     description: str
 
 
-def load_pipeline(settings: Settings) -> Pipeline:
-    """Imports ComfyUI in-process and loads the model, VAE and prompt conditioning."""
+def load_pipeline(settings: Settings, weights: dict[str, Path] | None = None) -> Pipeline:
+    """Imports ComfyUI in-process and loads the model, VAE and prompt conditioning (``weights``:
+    what ``resolve_weights`` found, resolved here when not given)."""
     from .. import comfyui
 
-    root = locate_comfyui(settings)
-    # ComfyUI warns at import about optional packages (torchaudio ...) the trainer never uses.
-    logging.disable(logging.WARNING)
-    try:
-        comfyui.bootstrap_comfyui(root, cpu=True if settings.cpu else None)
-    finally:
-        logging.disable(logging.NOTSET)
+    bootstrap(settings)
     if settings.demo and not any(settings.values.get(k) for k in WEIGHT_KEYS):
         from .demo import build_demo_models, parameter_count
 
@@ -219,7 +283,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
             DEMO_BASE_MODEL,
             f"tiny random Flux ({n / 1e6:.2f}M parameters) + random VAE",
         )
-    weights = resolve_weights(settings)
+    weights = weights or resolve_weights(settings)
     if settings.is_main:
         _say(
             f"loading {weights['unet'].name}, {weights['clip_l'].name}, {weights['t5xxl'].name}, {weights['vae'].name} ..."

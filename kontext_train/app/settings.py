@@ -184,7 +184,9 @@ def resolve_settings(
             where = BY_NAME[name].flag if sources[name] == "flag" else sources[name]
             raise UsageError(f"{e} (from {where})") from None
     given_weights = [k for k in WEIGHT_KEYS if values.get(k)]
-    demo = command == "demo" or not given_weights
+    # Only `demo` trains the tiny model: `train` without weights is an error naming them (once it
+    # silently ran the demo). restore/evaluate without weights use the demo's model.
+    demo = command == "demo" or (command != "train" and not given_weights)
     if demo and not given_weights:
         for key, value in DEMO_DEFAULTS.items():
             if sources.get(key) == "default":
@@ -203,13 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Train, apply and evaluate FLUX.1 Kontext restoration LoRAs without the ComfyUI UI. "
-        "Without model weights, runs the offline demo on bundled sample photos.",
+        "`kontext-train demo` runs the offline demo on bundled sample photos (no weights needed).",
         epilog="Precedence: flags > --config file > environment variables > defaults. See docs/headless.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     helps = {
-        "train": "train a LoRA on HR_ROOT (no --unet: the offline demo)",
+        "train": "train a LoRA on HR_ROOT (needs --unet, --clip-l, --t5xxl and --vae)",
         "demo": "the offline demo: sample photos, tiny random model, report (seconds on a CPU)",
         "restore": "restore images with a trained LoRA",
         "evaluate": "degrade held-out images, restore them and score PSNR/SSIM",
