@@ -27,12 +27,17 @@ _WIDGETS = {"int": io.Int, "float": io.Float, "bool": io.Boolean, "str": io.Stri
 
 
 def setting_input(
-    name: str, choices: list[str] | None = None, tooltip: str | None = None, optional: bool = False
+    name: str,
+    choices: list[str] | None = None,
+    tooltip: str | None = None,
+    optional: bool = False,
+    links: tuple[type, ...] = (),
 ) -> io.Input:
     """The V3 input for setting ``name`` of the table, named as the table says (``input_name``),
     with its widget type (or choice list), default, range and tooltip. ``choices`` supplies lists
     only ComfyUI knows (samplers, LoRA files); ``tooltip`` replaces the table's where a node gives
-    the setting a narrower meaning."""
+    the setting a narrower meaning; ``links`` are other socket types the widget's input also
+    takes (a combo of LoRA files that a STRING file name can be linked into)."""
     s = setting(name)
     default = s.node_default if s.default is None else s.default
     common: dict[str, Any] = {"default": default, "tooltip": tooltip or s.tooltip, "optional": optional}
@@ -40,7 +45,9 @@ def setting_input(
         listed = list(choices if choices is not None else s.choices or ())
         if default not in listed:
             raise ValueError(f"setting {name}: default {default!r} is not among the choices {listed}")
-        return io.Combo.Input(s.input_name, options=listed, **common)
+        combo = io.Combo.Input(s.input_name, options=listed, **common)
+        # MultiType keeps the combo widget (its widgetType) and types the socket "COMBO,STRING".
+        return io.MultiType.Input(combo, types=list(links)) if links else combo
     if s.kind in ("int", "float"):
         common.update({k: getattr(s, k) for k in ("min", "max", "step") if getattr(s, k) is not None})
     return _WIDGETS[s.kind].Input(s.input_name, **common)
@@ -84,6 +91,7 @@ def input_validator(*names: str, zero_or: Mapping[str, str] | None = None):
                 continue
             name = by_input[input_name]
             widget = declared[input_name]
+            widget = getattr(widget, "input_override", None) or widget  # a MultiType's widget
             try:
                 if isinstance(widget, io.Combo.Input):
                     _check_choice(name, input_name, value, widget.options)

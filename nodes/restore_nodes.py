@@ -90,7 +90,10 @@ class KontextRestoreRestore(io.ComfyNode):
                 seed_input(),
                 setting_input("restore_bucket_scale"),
                 # The loras folder is listed each time ComfyUI asks for the node's inputs.
-                setting_input("restore_lora", [NO_LORA] + comfyui.lora_names(), optional=True),
+                # A picker of the loras folder that also takes the trainer's lora_name output.
+                setting_input(
+                    "restore_lora", [NO_LORA] + comfyui.lora_names(), optional=True, links=(io.String,)
+                ),
             ],
             outputs=[output(io.Image, "images")],
             hidden=[io.Hidden.unique_id],

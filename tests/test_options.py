@@ -138,7 +138,7 @@ def test_node_inputs_come_from_the_table(pack_nodes):
     seen = set()
     for node, input_name, (kind, extra) in _node_widgets(pack_nodes):
         assert extra.get("tooltip", "").strip(), f"{node}.{input_name} has no tooltip"
-        widget = kind in ("COMBO", "INT", "FLOAT", "BOOLEAN", "STRING")
+        widget = extra.get("widgetType", kind) in ("COMBO", "INT", "FLOAT", "BOOLEAN", "STRING")
         if not widget:
             continue
         rows = by_input.get(input_name, [])

@@ -268,7 +268,7 @@ def test_oversize_images_are_restored_in_bucket_tiles(pack_nodes, tiny_vae):
 def _combo(spec, name):
     """(options, default) of a V3 combo input as ComfyUI's V1 view of the node shows it."""
     kind, extra = spec[name]
-    assert kind == "COMBO", (name, kind)
+    assert kind == "COMBO" or (kind == "COMBO,STRING" and extra["widgetType"] == "COMBO"), (name, kind)
     return extra["options"], extra.get("default")
 
 
@@ -281,6 +281,8 @@ def test_node_defaults_are_valid_choices(pack_nodes):
     assert "simple" in _combo(spec["required"], "scheduler")[0]
     options, default = _combo(spec["optional"], "lora_name")
     assert options[0] == default == "none"
+    # A combo widget whose socket also takes a STRING link (the trainer's lora_name output).
+    assert spec["optional"]["lora_name"][0] == "COMBO,STRING"
     assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS["KontextRestoreSigmas"] == "Kontext Restore: Bridge Sigmas"
 
 

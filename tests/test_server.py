@@ -251,7 +251,8 @@ def test_same_lora_name_on_other_data_is_refused_and_the_lora_kept(comfy_server)
 
 V1_NODES = json.loads((Path(__file__).resolve().parent / "node_inputs_v1.json").read_text())["nodes"]
 # What the V3 conversion changed on purpose (issue 13): the Restore node's guidance and
-# bucket_scale gained 0 = "from the LoRA", and its lora_name became a picker of the loras folder.
+# bucket_scale gained 0 = "from the LoRA", and its lora_name became a picker of the loras folder
+# whose socket also takes a STRING (the trainer's lora_name output, linked in train_then_evaluate).
 INTENDED_CHANGES = {
     ("KontextRestoreRestore", "guidance"): {"default": 0.0, "tooltip": "0: the guidance the LoRA"},
     ("KontextRestoreRestore", "bucket_scale"): {
@@ -259,7 +260,12 @@ INTENDED_CHANGES = {
         "min": 0.0,
         "tooltip": "0: the scale the LoRA",
     },
-    ("KontextRestoreRestore", "lora_name"): {"type": "COMBO", "default": "none", "options": None},
+    ("KontextRestoreRestore", "lora_name"): {
+        "type": "COMBO,STRING",
+        "widgetType": "COMBO",
+        "default": "none",
+        "options": None,
+    },
 }
 V1_DESCRIPTION_CHANGED = {"KontextRestoreRestore"}  # it explains the 0 = "from the LoRA" inputs
 
@@ -392,7 +398,7 @@ def test_restore_lora_name_picks_from_the_loras_folder_and_the_lora_sets_guidanc
     _write_lora_with_settings(lora, guidance=2.5, bucket_scale=0.125)
     info = comfy_server.get("/object_info/KontextRestoreRestore")["KontextRestoreRestore"]
     kind, extra = info["input"]["optional"]["lora_name"]
-    assert kind == "COMBO" and extra["default"] == "none"
+    assert kind == "COMBO,STRING" and extra["widgetType"] == "COMBO" and extra["default"] == "none"
     assert extra["options"][0] == "none" and "server_pick/picked.safetensors" in extra["options"]
 
     write_png(comfy_server.input_dir / "server_test_clean.png", 200, 136, seed=3)
@@ -406,6 +412,22 @@ def test_restore_lora_name_picks_from_the_loras_folder_and_the_lora_sets_guidanc
     )
     shown = "".join(entry["outputs"]["6"]["text"])
     assert "guidance 1.5 (user)" in shown and "Warning: guidance 1.5 differs from the 2.5" in shown
+
+
+def test_restore_lora_name_takes_a_linked_file_name(comfy_server):
+    # The trainer's lora_name output (STRING) is linked into lora_name in train_then_evaluate.
+    lora = comfy_server.loras_dir / "server_link.safetensors"
+    _write_lora_with_settings(lora, guidance=3.5, bucket_scale=0.125)
+    write_png(comfy_server.input_dir / "server_test_clean.png", 200, 136, seed=3)
+    graph = _restore_graph(["8", 0])
+    graph["8"] = {"class_type": "PrimitiveString", "inputs": {"value": "server_link.safetensors"}}
+    entry = comfy_server.run_prompt(graph, timeout=300)
+    assert "guidance 3.5 (LoRA metadata)" in "".join(entry["outputs"]["6"]["text"])
+    # A linked name that is not a LoRA file fails when the node runs, naming it.
+    graph["8"]["inputs"]["value"] = "server_missing.safetensors"
+    with pytest.raises(ServerError) as err:
+        comfy_server.run_prompt(graph, timeout=300)
+    assert "server_missing.safetensors" in str(err.value) and "loras folder" in str(err.value)
 
 
 @pytest.mark.parametrize(
