@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,17 +20,92 @@ def test_pyproject_parses_with_comfyuis_own_config_parser(comfy_root):
     from comfy_config import config_parser
 
     cfg = config_parser.extract_node_configuration(str(ROOT))
-    assert cfg.project.name == "comfyui-kontext-restore"
+    # The Registry asks for node ids without "ComfyUI" in them.
+    assert cfg.project.name == "kontext-restore" and "comfyui" not in cfg.project.name.lower()
     assert cfg.project.version and cfg.project.description
     assert cfg.project.urls.repository.startswith("https://")
-    assert cfg.project.license.file == "LICENSE"
+    # The SPDX string form (setuptools >= 77) reaches the Registry's parser as the license text.
+    assert cfg.project.license.text == "GPL-3.0-only"
     assert cfg.tool_comfy.publisher_id and cfg.tool_comfy.display_name
+    assert cfg.tool_comfy.icon.startswith("https://")
     assert cfg.project.supported_comfyui_version.startswith(">=")
     requirements = [
         line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
     ]
     requirements = [r for r in requirements if r]
     assert sorted(cfg.project.dependencies) == sorted(requirements)
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_license_is_the_gpl_3_text_the_pyproject_names():
+    project = _pyproject()["project"]
+    assert project["license"] == "GPL-3.0-only" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "GNU GENERAL PUBLIC LICENSE" in text and "Version 3, 29 June 2007" in text
+    requires = _pyproject()["build-system"]["requires"]
+    assert any(r.replace(" ", "").startswith("setuptools>=77") for r in requires), requires
+
+
+def test_package_metadata_builds_without_deprecation_warnings(tmp_path):
+    """setuptools builds the metadata offline (this venv's setuptools) with no deprecation warning
+    (the license table of old was one) and the license expression and file in it."""
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    assert major >= 77, f"setuptools {setuptools.__version__}: the build needs >= 77 (pyproject.toml)"
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "LICENSE", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(
+        ROOT / "kontext_train", src / "kontext_train", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (tmp_path / "meta").mkdir()
+    build = (
+        "import sys, setuptools.build_meta as backend; "
+        "print(backend.prepare_metadata_for_build_wheel(sys.argv[1]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "always", "-c", build, str(tmp_path / "meta")],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Deprecat" not in proc.stdout + proc.stderr, proc.stderr
+    metadata = (tmp_path / "meta" / proc.stdout.strip().splitlines()[-1] / "METADATA").read_text()
+    assert "Name: kontext-restore\n" in metadata
+    assert "License-Expression: GPL-3.0-only\n" in metadata and "License-File: LICENSE\n" in metadata
+
+
+def test_registry_icon_is_the_committed_square_png():
+    from urllib.parse import urlparse
+
+    from PIL import Image
+
+    config = _pyproject()
+    icon_url = config["tool"]["comfy"]["Icon"]
+    repository = urlparse(config["project"]["urls"]["Repository"]).path.strip("/")  # owner/name
+    url = urlparse(icon_url)
+    assert url.scheme == "https" and url.netloc == "raw.githubusercontent.com"
+    assert url.path.startswith(f"/{repository}/main/"), icon_url
+    committed = url.path.removeprefix(f"/{repository}/main/")
+    assert committed == "docs/icon.png"
+    with Image.open(ROOT / committed) as icon:
+        assert icon.format == "PNG" and icon.width == icon.height >= 200
+        drawn = np.asarray(icon.convert("RGB")).astype(np.int16)
+    # docs/icon.py draws it: the committed picture is what the script makes (small codec leeway).
+    spec = importlib.util.spec_from_file_location("icon_script", ROOT / "docs" / "icon.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    again = np.asarray(script.draw_icon(drawn.shape[0])).astype(np.int16)
+    assert np.abs(drawn - again).mean() < 2.0
 
 
 def test_requirements_never_name_torch():
