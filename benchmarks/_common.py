@@ -100,15 +100,20 @@ class StepClock:
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
+        # This process's CPU time (user + system, all threads) at the same moments: on a shared
+        # machine it measures the work of a step whatever share of the cores the process got.
+        self.cpu_stamps: list[float] = []
         self._handle = None
+
+    def _stamp(self, *args, **kwargs) -> None:
+        self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
 
     def __enter__(self) -> StepClock:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        self.stamps = []
-        self._handle = register_optimizer_step_post_hook(
-            lambda *a, **k: self.stamps.append(time.perf_counter())
-        )
+        self.stamps, self.cpu_stamps = [], []
+        self._handle = register_optimizer_step_post_hook(self._stamp)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -117,6 +122,11 @@ class StepClock:
     def intervals(self, skip: int = 1) -> list[float]:
         """Step intervals, dropping the first ``skip`` ones (warm-up after setup)."""
         d = [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:])]
+        return d[skip:]
+
+    def cpu_intervals(self, skip: int = 1) -> list[float]:
+        """CPU seconds of this process per step, like ``intervals``."""
+        d = [b - a for a, b in zip(self.cpu_stamps[:-1], self.cpu_stamps[1:])]
         return d[skip:]
 
 
