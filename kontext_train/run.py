@@ -21,6 +21,8 @@ warms the cache, validates and writes; every rank trains its slice of each batch
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -231,6 +233,7 @@ class TrainingRun:
         name = base_model or comfyui.model_name(model)
         meta = _metadata(latents, self.config, self.identity, self.ctx, name, metadata)
         paths = (self.lora_path, self.run_dir)
+        _check_memory(model, latents, conditioning, self.config, hooks, self.ctx)
         result = _train(
             latents, model, conditioning, self.config, paths, vae, self.resume, hooks, meta, self.ctx
         )
@@ -287,6 +290,24 @@ def train_lora(
 def _say(hooks: RunHooks, ctx: DistContext, text: str) -> None:
     if hooks.on_message is not None and ctx.is_main:
         hooks.on_message(text)
+
+
+def _check_memory(model, latents, conditioning, config, hooks, ctx) -> None:
+    """Warns through ``on_message`` when the memory plan (``comfyui.memory_probe``) says the run
+    will not fit the GPU's free memory, naming settings that would. CUDA only; the plan costs
+    seconds of CPU once per settings. ``KONTEXT_MEMORY_PLAN=0`` skips it."""
+    if not ctx.is_main or os.environ.get("KONTEXT_MEMORY_PLAN") == "0":
+        return
+    try:
+        from .comfyui.memory_probe import check_run_memory
+
+        buckets = sorted({s.bucket for s in latents.dataset.train})
+        warning = check_run_memory(model, config, buckets, int(conditioning[0][0].shape[1]))
+    except Exception as e:  # a planning failure must never stop a run
+        logging.getLogger("kontext_restore").warning("Kontext Restore: no memory plan (%s)", e)
+        return
+    if warning:
+        _say(hooks, ctx, warning)
 
 
 def _metadata(latents, config, identity, ctx, base_model, extra) -> dict:

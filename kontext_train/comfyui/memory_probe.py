@@ -1,0 +1,402 @@
+"""The VRAM planner's probe: the real training step of a Flux model, run once with counted memory.
+
+``plan_memory`` builds the transformer for the chosen settings on the meta device through
+ComfyUI's own classes (``comfy.supported_models.Flux``), wraps it in the trainer's own
+``FluxLoraModel`` and runs ``Trainer.batch_loss`` plus ``backward`` on meta tensors shaped like the
+bucket, under ``memory_plan.LiveBytes``. Meta tensors have shapes and dtypes but no memory, so the
+full 11.9 B-parameter model is planned on a CPU in seconds. ``measure_step`` runs the same step for
+real on a built model (the tests compare the two on the CPU).
+
+While planning (and only then) three things of ComfyUI are patched and restored afterwards:
+``get_free_memory`` answers for the meta device (it raises otherwise); with ``attention="flash"``
+Flux's attention call is replaced by ``memory_plan.FlashAttention`` (the footprint of CUDA's
+kernel; ``"native"`` keeps ComfyUI's function, which on meta takes torch's math path); with
+``autocast=True`` the blocks run under ``memory_plan.AutocastEmulation`` (the trainer uses
+``torch.autocast`` on CUDA, which does nothing to meta tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..batches import LatentBatch
+from ..buckets import KONTEXT_RESOLUTIONS, bucket_resolutions
+from ..memory_plan import (
+    DEFAULT_OVERHEAD_BYTES,
+    AutocastEmulation,
+    LiveBytes,
+    MemoryPlan,
+    advise,
+    flash_attention,
+    tensor_bytes,
+)
+from ..train_config import LORA_DTYPES, TrainConfig
+from ..trainer import Trainer
+from .tiny_models import flux_unet_config
+from .training_model import FluxLoraModel, PreparedConditioning
+
+WEIGHT_DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+ATTENTION = ("flash", "native")
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What decides the memory of a training step. Defaults: the full FLUX.1 Kontext model."""
+
+    weight_dtype: str = "bf16"  # how the base weights are stored (WEIGHT_DTYPES)
+    width: int = 1024
+    height: int = 1024
+    reference: bool = True  # Kontext reference tokens (formulations bridge_ref and kontext)
+    rank: int = 16
+    lora_targets: str = "blocks"
+    batch_size: int = 1
+    gradient_checkpointing: bool = True
+    lora_dtype: str = "float32"
+    text_tokens: int = 512
+    hidden_size: int = 3072
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    context_in_dim: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"weight dtype must be one of {', '.join(WEIGHT_DTYPES)}; got {self.weight_dtype!r}"
+            )
+        if self.width % 16 or self.height % 16 or min(self.width, self.height) < 16:
+            raise ValueError(
+                f"bucket {self.width}x{self.height}: sides must be multiples of 16 (at least 16)"
+            )
+        for name in ("rank", "batch_size", "text_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def bucket(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    def label(self) -> dict:
+        """The settings a user chooses, for tables and messages."""
+        return {
+            "bucket": self.bucket,
+            "reference": "on" if self.reference else "off",
+            "weights": self.weight_dtype,
+            "rank": self.rank,
+            "targets": self.lora_targets,
+            "batch": self.batch_size,
+            "checkpointing": "on" if self.gradient_checkpointing else "off",
+        }
+
+
+def parse_bucket(text: str | int, scale: float = 1.0) -> tuple[int, int]:
+    """``"1024"`` (a square side), ``"1184x880"`` (width x height) or the index 0-16 of a Kontext
+    bucket; ``scale`` then scales it like the training's bucket scale (sides rounded to 16)."""
+    raw = str(text).strip().lower()
+    try:
+        if "x" in raw:
+            w, h = (int(v) for v in raw.split("x", 1))
+        elif int(raw) < len(KONTEXT_RESOLUTIONS):
+            w, h = KONTEXT_RESOLUTIONS[int(raw)]
+        else:
+            w = h = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"bucket {text!r}: give a side (1024), WIDTHxHEIGHT (1184x880) or a Kontext bucket index 0-16"
+        ) from None
+    if scale != 1.0:
+        index = KONTEXT_RESOLUTIONS.index((w, h)) if (w, h) in KONTEXT_RESOLUTIONS else None
+        scaled = bucket_resolutions(scale)
+        if index is not None and len(scaled) == len(KONTEXT_RESOLUTIONS):
+            return scaled[index]
+        w, h = (max(16, round(v * scale / 16) * 16) for v in (w, h))
+    return w, h
+
+
+# -- planning patches ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def _meta_free_memory() -> Iterator[None]:
+    import comfy.model_management as mm
+
+    original = mm.get_free_memory
+
+    def get_free_memory(dev=None, torch_free_too=False):
+        if getattr(dev, "type", None) == "meta":
+            big = 1 << 50  # meta tensors use no memory: every model "fits"
+            return (big, big) if torch_free_too else big
+        return original(dev, torch_free_too)
+
+    mm.get_free_memory = get_free_memory
+    try:
+        yield
+    finally:
+        mm.get_free_memory = original
+
+
+@contextlib.contextmanager
+def _flash_attention(dtype: torch.dtype | None) -> Iterator[None]:
+    """Flux's ``attention`` calls ``optimized_attention`` as imported into comfy.ldm.flux.math."""
+    import comfy.ldm.flux.math as flux_math
+
+    original = flux_math.optimized_attention
+
+    def optimized_attention(q, k, v, heads, skip_reshape=False, mask=None, **kwargs):
+        if not skip_reshape or mask is not None:
+            raise NotImplementedError("the planner models Flux's attention call (skip_reshape, no mask)")
+        b, h, length, d = q.shape
+        # ComfyUI's pytorch attention returns (batch, tokens, heads * head_dim): a copy of the
+        # kernel's (batch, heads, tokens, head_dim) output.
+        return flash_attention(q, k, v, dtype).transpose(1, 2).reshape(b, length, h * d)
+
+    flux_math.optimized_attention = optimized_attention
+    try:
+        yield
+    finally:
+        flux_math.optimized_attention = original
+
+
+@contextlib.contextmanager
+def _autocast_blocks(dtype: torch.dtype) -> Iterator[None]:
+    """Autocast's casts in every block run, checkpoint recomputation included (function modes do
+    not reach the recomputation in backward, so the block function itself enters the mode)."""
+    from .. import grad_checkpoint
+
+    original = grad_checkpoint._run_out_of_place
+
+    def run(block, *args):
+        with AutocastEmulation(dtype):
+            return original(block, *args)
+
+    grad_checkpoint._run_out_of_place = run
+    try:
+        with AutocastEmulation(dtype):
+            yield
+    finally:
+        grad_checkpoint._run_out_of_place = original
+
+
+# -- the step -----------------------------------------------------------------------------------
+def _train_config(s: PlanSettings) -> TrainConfig:
+    formulation = "bridge_ref" if s.reference else "bridge"
+    return TrainConfig(
+        rank=s.rank,
+        batch_size=s.batch_size,
+        lora_targets=s.lora_targets,
+        gradient_checkpointing=s.gradient_checkpointing,
+        lora_dtype=s.lora_dtype,
+        formulation=formulation,
+        bridge_noise=0.1,
+    )
+
+
+def _step(model: FluxLoraModel, s: PlanSettings, counter: LiveBytes, extra=None) -> None:
+    """``Trainer.batch_loss`` + backward once, inputs created inside the counter like a data batch
+    arriving on the device. Gradients stay on the parameters (they are part of the peak)."""
+    device, dtype = model.device, model.dtype
+    trainer = Trainer(_train_config(s), model, None, None, tempfile.gettempdir())
+    with model.training(), counter, extra or contextlib.nullcontext():
+        context = torch.zeros(1, s.text_tokens, s.context_in_dim, device=device, dtype=dtype)
+        pooled = torch.zeros(1, 768, device=device, dtype=dtype)
+        trainer.cond = PreparedConditioning(context, pooled)
+        shape = (s.batch_size, 16, s.height // 8, s.width // 8)
+        clean = torch.randn(shape, device=device)
+        batch = LatentBatch(0, 0, clean, torch.randn(shape, device=device), ["plan"] * s.batch_size)
+        loss = trainer.batch_loss(batch)
+        loss.backward()
+        del loss, batch, clean, context, pooled
+        trainer.cond = None
+
+
+def lora_state_bytes(model: FluxLoraModel) -> int:
+    """LoRA parameters and AdamW's exp_avg and exp_avg_sq (each the parameter's size and dtype)."""
+    return 3 * tensor_bytes(model.parameters())
+
+
+def build_meta_flux(s: PlanSettings):
+    """A ComfyUI Flux MODEL of the given size and weight dtype whose tensors are all on meta."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = flux_unet_config(s.hidden_size, s.num_heads, s.depth, s.depth_single_blocks, s.context_in_dim)
+    cfg = comfy.supported_models.Flux(config)
+    dtype = WEIGHT_DTYPES[s.weight_dtype]
+    # fp8 weights compute in bf16: ComfyUI's cast ops copy each weight to bf16 as its layer runs.
+    manual = torch.bfloat16 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else None
+    cfg.set_inference_dtype(dtype, manual)
+    meta = torch.device("meta")
+    with torch.inference_mode(False):
+        base = cfg.get_model({}, device=meta)
+    return comfy.model_patcher.ModelPatcher(base, load_device=meta, offload_device=meta)
+
+
+def _forget_loaded(patcher) -> None:
+    import comfy.model_management as mm
+
+    mm.current_loaded_models[:] = [
+        m for m in mm.current_loaded_models if getattr(m, "model", None) is not patcher
+    ]
+
+
+def plan_memory(
+    settings: PlanSettings,
+    attention: str = "flash",
+    autocast: bool = True,
+    overhead: int = DEFAULT_OVERHEAD_BYTES,
+) -> MemoryPlan:
+    """The predicted peak memory of one training step with ``settings`` (see the module docstring).
+
+    ``attention="flash"`` and ``autocast=True`` plan a CUDA step; ``"native"`` without autocast
+    is a CPU float32 step (what the tests measure for real).
+    """
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
+    s = settings
+    patcher = build_meta_flux(s)
+    compute = torch.bfloat16 if autocast else None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_meta_free_memory())
+        if attention == "flash":
+            stack.enter_context(_flash_attention(compute))
+        model = FluxLoraModel(
+            patcher,
+            rank=s.rank,
+            alpha=float(s.rank),
+            lora_dtype=LORA_DTYPES[s.lora_dtype],
+            targets=s.lora_targets,
+            gradient_checkpointing=s.gradient_checkpointing,
+        )
+        try:
+            model.load()
+            counter = LiveBytes("meta")
+            _step(model, s, counter, _autocast_blocks(compute) if autocast else None)
+            weights = tensor_bytes(t for t in patcher.model.diffusion_model.state_dict().values())
+            lora = lora_state_bytes(model)
+        finally:
+            model.release()
+            _forget_loaded(patcher)
+    notes = [f"attention {attention}" + (", CUDA autocast bf16" if autocast else ", no autocast")]
+    return MemoryPlan(s.label(), weights, lora, counter.peak, overhead, notes)
+
+
+def measure_step(model: FluxLoraModel, settings: PlanSettings, counter: LiveBytes) -> None:
+    """Runs the same step as ``plan_memory`` for real on a loaded ``model`` under ``counter``."""
+    _step(model, settings, counter)
+
+
+def full_size(**changes) -> PlanSettings:
+    """``PlanSettings`` of the full model with ``changes``."""
+    return replace(PlanSettings(), **changes)
+
+
+# -- the check before a training run ------------------------------------------------------------
+_DTYPE_NAMES = {v: k for k, v in WEIGHT_DTYPES.items()}
+
+
+@functools.lru_cache(maxsize=32)
+def cached_plan(settings: PlanSettings) -> MemoryPlan:
+    """``plan_memory`` for a CUDA step, once per settings in this process. The trainer uses
+    autocast on CUDA unless the model computes in float32."""
+    return plan_memory(settings, autocast=settings.weight_dtype != "fp32")
+
+
+def settings_for_run(model, config: TrainConfig, buckets, text_tokens: int) -> PlanSettings:
+    """The plan settings of a run: the MODEL's size and weight dtype, the largest bucket used."""
+    from ..flow import uses_reference
+
+    unet = model.model.model_config.unet_config
+    dtype = model.model.get_dtype()
+    width, height = max(buckets, key=lambda b: b[0] * b[1])
+    return PlanSettings(
+        weight_dtype=_DTYPE_NAMES.get(dtype, "bf16"),
+        width=width,
+        height=height,
+        reference=uses_reference(config.formulation),
+        rank=config.rank,
+        lora_targets=config.lora_targets,
+        batch_size=config.batch_size,
+        gradient_checkpointing=config.gradient_checkpointing,
+        lora_dtype=config.lora_dtype,
+        text_tokens=text_tokens,
+        hidden_size=unet["hidden_size"],
+        num_heads=unet["num_heads"],
+        depth=unet["depth"],
+        depth_single_blocks=unet["depth_single_blocks"],
+        context_in_dim=unet["context_in_dim"],
+    )
+
+
+def savings(s: PlanSettings) -> list[tuple[str, PlanSettings]]:
+    """The usual ways to need less memory that differ from ``s``, cheapest in quality first."""
+    out = []
+    if s.weight_dtype not in ("fp8_e4m3fn", "fp8_e5m2"):
+        out.append(("fp8 base weights (weight_dtype fp8_e4m3fn)", replace(s, weight_dtype="fp8_e4m3fn")))
+    if not s.gradient_checkpointing:
+        out.append(("gradient_checkpointing on", replace(s, gradient_checkpointing=True)))
+    if s.batch_size > 1:
+        out.append(("batch_size 1", replace(s, batch_size=1)))
+    for scale in (0.75, 0.5):
+        w, h = (max(16, round(v * scale / 16) * 16) for v in (s.width, s.height))
+        if w * h >= 256 * 256:
+            out.append((f"bucket_scale x{scale:g} ({w}x{h})", replace(s, width=w, height=h)))
+    if s.rank > 16:
+        out.append(("rank 16", replace(s, rank=16)))
+    return out
+
+
+def memory_warning(settings: PlanSettings, free_bytes: int, planner=cached_plan) -> str | None:
+    """The warning for a run with ``settings`` on a device with ``free_bytes`` free (None: fits)."""
+    alternatives = [(change, functools.partial(planner, other)) for change, other in savings(settings)]
+    return advise(planner(settings), free_bytes, alternatives)
+
+
+def device_free_bytes(device) -> int:
+    """Free memory of ``device`` for a training run: free now, plus what ComfyUI's loaded models
+    hold there (it unloads them to load the training model)."""
+    import comfy.model_management as mm
+
+    free = int(mm.get_free_memory(device))
+    for loaded in list(mm.current_loaded_models):
+        with contextlib.suppress(Exception):
+            if torch.device(loaded.device) == torch.device(device):
+                free += int(loaded.model_loaded_memory())
+    return free
+
+
+def check_run_memory(model, config: TrainConfig, buckets, text_tokens: int = 512) -> str | None:
+    """The warning before a CUDA training run that would not fit (None on other devices, or when
+    it fits). Planning takes seconds to a minute of CPU; each setting is planned once per process."""
+    import comfy.model_management as mm
+
+    device = torch.device(mm.get_torch_device())
+    if device.type != "cuda" or not buckets:
+        return None
+    settings = settings_for_run(model, config, buckets, text_tokens)
+    return memory_warning(settings, device_free_bytes(device))
+
+
+__all__ = [
+    "check_run_memory",
+    "memory_warning",
+    "savings",
+    "ATTENTION",
+    "WEIGHT_DTYPES",
+    "PlanSettings",
+    "build_meta_flux",
+    "full_size",
+    "lora_state_bytes",
+    "measure_step",
+    "parse_bucket",
+    "plan_memory",
+]

@@ -1,0 +1,269 @@
+"""The VRAM planner: the live-bytes counter, the attention and autocast models, the planner against
+the same training step run for real on the CPU, and the warning before a run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kontext_train.memory_plan import (
+    GIB,
+    AutocastEmulation,
+    FlashAttention,
+    LiveBytes,
+    MemoryPlan,
+    advise,
+    allocator_peak,
+    format_table,
+    gib,
+    tensor_bytes,
+)
+
+
+# -- the counter --------------------------------------------------------------------------------
+def test_views_count_once_and_preexisting_storages_not_at_all():
+    weight = torch.empty(64, 32)  # made before counting: like a model weight
+    with LiveBytes() as counter:
+        a = torch.empty(1000)
+        views = [a.view(10, 100), a[::2], a.reshape(100, 10), a.unsqueeze(0)]
+        wt = weight.t()  # a view of a weight: not new memory
+        same = weight.to(torch.float32)  # a no-op cast returns the weight itself
+        assert counter.live == 4000 and counter.allocations == 1
+        b = a + 1  # a new storage
+        assert counter.live == 8000 and counter.allocations == 2
+    assert views and wt.data_ptr() == weight.data_ptr() and same is weight
+    del b
+
+
+def test_a_freed_tensor_leaves_the_live_count_but_not_the_peak():
+    with LiveBytes() as counter:
+        a = torch.empty(256, dtype=torch.float64)
+        v = a.view(16, 16)
+        del a
+        assert counter.live == 2048  # the view still holds the storage
+        del v
+        assert counter.live == 0
+        c = torch.empty(100, dtype=torch.uint8)
+        assert counter.live == 100 and counter.peak == 2048
+    del c
+
+
+def test_counter_can_be_restricted_to_one_device():
+    with LiveBytes("meta") as counter:
+        cpu = torch.empty(1000)
+        meta = torch.empty(1000, device="meta")
+        assert counter.live == 4000
+    assert cpu.numel() == meta.numel()
+
+
+def test_tensor_bytes_counts_shared_storage_once():
+    w = torch.empty(10, 10)
+    assert tensor_bytes([w, w.t(), w[0]]) == 400
+    assert tensor_bytes([w, torch.empty(5, dtype=torch.float16)]) == 410
+
+
+# -- attention and autocast models ----------------------------------------------------------------
+def test_flash_attention_keeps_qkv_output_and_float32_logsumexp():
+    q, k, v = (
+        torch.empty(2, 3, 40, 8, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    with LiveBytes("meta") as counter:
+        out = FlashAttention.apply(q, k, v)
+        # The output (B, H, L, D) bf16 and a float32 logsumexp (B, H, L) are new; q, k, v existed.
+        assert counter.live == 2 * 3 * 40 * 8 * 2 + 2 * 3 * 40 * 4
+        out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.dtype == torch.bfloat16
+
+
+def test_autocast_emulation_casts_like_cuda_autocast():
+    x = torch.randn(4, 8, device="meta")
+    w = torch.randn(6, 8, device="meta")
+    with AutocastEmulation(torch.bfloat16):
+        assert torch.nn.functional.linear(x, w).dtype == torch.bfloat16
+        assert (x @ w.t()).dtype == torch.bfloat16
+        assert torch.nn.functional.layer_norm(x.bfloat16(), (8,)).dtype == torch.float32
+        assert torch.softmax(x.bfloat16(), -1).dtype == torch.float32
+        assert (x.bfloat16() * 2).dtype == torch.bfloat16  # not on either list: unchanged
+        assert x.double().sum().dtype == torch.float64  # float64 is never cast
+
+
+# -- the plan and the warning -----------------------------------------------------------------------
+def _plan(total_gib: float, **settings) -> MemoryPlan:
+    return MemoryPlan(settings or {"bucket": "1024x1024"}, int(total_gib * GIB), 0, 0, overhead=0)
+
+
+def test_advise_is_silent_when_the_plan_fits_and_names_what_would_fit_otherwise():
+    tried = []
+
+    def option(name, total):
+        def make():
+            tried.append(name)
+            return _plan(total)
+
+        return name, make
+
+    assert advise(_plan(10), free_bytes=16 * GIB, alternatives=[option("fp8", 8)]) is None
+    assert tried == []  # alternatives are only planned when needed
+    text = advise(_plan(30), 16 * GIB, [option("fp8", 20), option("smaller bucket", 12)])
+    assert "30.0 GiB" in text and "16.0 GiB" in text
+    assert "smaller bucket (12.0 GiB)" in text and "fp8" not in text.split("would fit")[1]
+    assert "None of the usual" in advise(_plan(30), 16 * GIB, [option("fp8", 20)])
+
+
+def test_format_table_and_gib():
+    table = format_table([_plan(17.84, bucket="1024x1024", weights="fp8_e4m3fn")], ["bucket", "weights"])
+    assert "| 1024x1024 | fp8_e4m3fn |" in table and "**17.8 GiB**" in table
+    assert gib(1.5 * GIB) == "1.5 GiB"
+
+
+# -- against the real step ------------------------------------------------------------------------
+TINY = dict(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1, context_in_dim=64)
+
+
+def _tiny_settings(**changes):
+    from kontext_train.comfyui.memory_probe import PlanSettings
+
+    base = dict(weight_dtype="fp32", width=256, height=256, reference=True, rank=8, text_tokens=64, **TINY)
+    return PlanSettings(**{**base, **changes})
+
+
+def _measured_peak(settings, attention: str) -> tuple[int, int]:
+    """The step run for real on the CPU (tiny random weights): the peak the CPU allocator saw
+    (torch.profiler's memory events, independent of the planner's counter) and ``LiveBytes``'s."""
+    import comfy.ldm.flux.math as flux_math
+    import comfy.ldm.modules.attention as comfy_attention
+
+    from kontext_train import comfyui
+    from kontext_train.comfyui.memory_probe import measure_step
+
+    patcher = comfyui.build_tiny_flux(**{k: v for k, v in TINY.items()})
+    model = comfyui.FluxLoraModel(
+        patcher, rank=settings.rank, alpha=float(settings.rank),
+        gradient_checkpointing=settings.gradient_checkpointing,
+    )  # fmt: skip
+    model.load()
+    original = flux_math.optimized_attention
+    if attention == "flash":
+        # torch's own SDPA: on the CPU it takes its flash kernel (output + logsumexp kept).
+        flux_math.optimized_attention = comfy_attention.attention_pytorch
+    counter = LiveBytes("cpu")
+    try:
+        measure_step(model, settings, counter)
+        for p in model.parameters():
+            p.grad = None
+        allocated = allocator_peak(lambda: measure_step(model, settings, LiveBytes("cpu")))
+    finally:
+        flux_math.optimized_attention = original
+        model.release()
+    return allocated, counter.peak
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointed", "full-graph"])
+@pytest.mark.parametrize("attention", ["native", "flash"])
+def test_planned_peak_matches_the_real_cpu_step(comfy_root, checkpointing, attention):
+    """The planner (meta device) against the same step for real on the CPU, with the same
+    attention: ComfyUI's CPU attention ("native") or torch's SDPA kernel, whose footprint is what
+    ``FlashAttention`` models. The reference tokens make the attention the larger part."""
+    from kontext_train.comfyui.memory_probe import plan_memory
+
+    settings = _tiny_settings(gradient_checkpointing=checkpointing)
+    planned = plan_memory(settings, attention=attention, autocast=False)
+    allocated, counted = _measured_peak(settings, attention)
+    assert allocated > 1_000_000
+    assert abs(planned.step_peak - allocated) <= 0.10 * allocated, (planned.step_peak, allocated)
+    assert abs(planned.step_peak - counted) <= 0.10 * counted, (planned.step_peak, counted)
+    # The LoRA state and the resident weights are what the model holds.
+    assert planned.weights == 4 * sum(p.numel() for p in _tiny_weights(TINY))
+
+
+def _tiny_weights(size):
+    """The parameters and buffers of a tiny Flux of ``size`` (float32)."""
+    from kontext_train import comfyui
+
+    base = comfyui.build_tiny_flux(**size).model.diffusion_model
+    return list(base.state_dict().values())
+
+
+def test_checkpointing_and_flash_attention_plan_less_memory(comfy_root):
+    from kontext_train.comfyui.memory_probe import plan_memory
+
+    s = _tiny_settings(width=512, height=512)
+    on = plan_memory(s, attention="flash", autocast=False).step_peak
+    off = plan_memory(
+        _tiny_settings(width=512, height=512, gradient_checkpointing=False), autocast=False
+    ).step_peak
+    native_off = plan_memory(
+        _tiny_settings(width=512, height=512, gradient_checkpointing=False),
+        attention="native",
+        autocast=False,
+    ).step_peak
+    assert on < off < native_off
+
+
+def test_fp8_weights_are_half_of_bf16_and_cast_per_layer(comfy_root):
+    from kontext_train.comfyui.memory_probe import plan_memory
+
+    bf16 = plan_memory(_tiny_settings(weight_dtype="bf16"))
+    fp8 = plan_memory(_tiny_settings(weight_dtype="fp8_e4m3fn"))
+    assert fp8.weights < 0.6 * bf16.weights
+    assert fp8.step_peak > bf16.step_peak  # the bf16 copies made as each layer runs
+    assert fp8.lora == bf16.lora > 0
+
+
+def test_run_check_warns_on_cuda_when_free_memory_is_short(comfy_root, monkeypatch):
+    """The check before a run, with the device and its free memory injected (no GPU here)."""
+    import comfy.model_management as mm
+
+    from kontext_train import comfyui
+    from kontext_train.comfyui import memory_probe
+    from kontext_train.train_config import TrainConfig
+
+    model = comfyui.build_tiny_flux(**TINY)
+    config = TrainConfig(rank=8, formulation="bridge", gradient_checkpointing=False)
+    buckets = [(128, 128), (256, 256)]
+    assert memory_probe.check_run_memory(model, config, buckets, 64) is None  # CPU: skipped
+
+    settings = memory_probe.settings_for_run(model, config, buckets, 64)
+    assert (settings.width, settings.hidden_size, settings.weight_dtype) == (256, 256, "fp32")
+    needed = memory_probe.cached_plan(settings).total
+    with_checkpointing = memory_probe.cached_plan(replace(settings, gradient_checkpointing=True)).total
+    assert with_checkpointing < needed
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(memory_probe, "device_free_bytes", lambda device: int(needed * 1.2))
+    assert memory_probe.check_run_memory(model, config, buckets, 64) is None
+    free = int(with_checkpointing / 0.95) + 1  # checkpointing fits with the 5% margin, the run does not
+    assert needed > free * 0.95
+    monkeypatch.setattr(memory_probe, "device_free_bytes", lambda device: free)
+    warning = memory_probe.check_run_memory(model, config, buckets, 64)
+    assert warning is not None and "gradient_checkpointing on" in warning
+
+
+def test_parse_bucket():
+    from kontext_train.comfyui.memory_probe import parse_bucket
+
+    assert parse_bucket("1024") == (1024, 1024)
+    assert parse_bucket("1184x880") == (1184, 880)
+    assert parse_bucket(0) == (672, 1568)
+    assert parse_bucket("1024", 0.5) == (512, 512)
+    with pytest.raises(ValueError, match="bucket 'big'"):
+        parse_bucket("big")
+
+
+def test_plan_command_refuses_a_bad_bucket_and_plans_the_table_combinations(capsys):
+    from kontext_train.app.cli import main
+    from kontext_train.app.plan_command import build_parser, pivot, settings_from, table_settings
+
+    assert main(["plan", "--bucket", "huge"]) == 2
+    assert "bucket 'huge'" in capsys.readouterr().err
+    ns = build_parser().parse_args(
+        ["--bucket", "1024", "--bucket-scale", "0.5", "--rank", "32", "--reference"]
+    )
+    s = settings_from(ns)
+    assert (s.width, s.height, s.rank, s.reference) == (512, 512, 32, True)
+    combos = table_settings(s)
+    assert len({c.label().values().__str__() for c in combos}) == len(combos) == 48
+    plans = [MemoryPlan(c.label(), GIB, 0, 0, overhead=0) for c in combos]
+    table = pivot(plans)
+    assert table.count("\n") == 2 + 6 - 1 and "| 1024x1024 | on | 1.0 GiB |" in table
