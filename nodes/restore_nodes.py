@@ -18,6 +18,7 @@ from ..kontext_train.restore_settings import (
     read_lora_record,
     resolve_restore_settings,
 )
+from ..kontext_train.training_prompt import prompt_from_graph
 from .common import CATEGORY, input_validator, output, seed_input, setting_input, setting_inputs
 
 log = logging.getLogger("kontext_restore")
@@ -96,7 +97,8 @@ class KontextRestoreRestore(io.ComfyNode):
                 ),
             ],
             outputs=[output(io.Image, "images")],
-            hidden=[io.Hidden.unique_id],
+            # PROMPT: the queued workflow, to compare its prompt text with the LoRA's training prompt.
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     validate_inputs = input_validator(
@@ -126,6 +128,7 @@ class KontextRestoreRestore(io.ComfyNode):
         lora_name=NO_LORA,
     ) -> io.NodeOutput:
         comfyui.require_flux(model)
+        hidden = cls.hidden or io.HiddenHolder.from_dict(None)  # None when called outside ComfyUI
         named = (lora_name or "").strip()
         lora = read_lora_record(comfyui.find_lora_file(named)) if named not in ("", NO_LORA) else None
         settings = resolve_restore_settings(
@@ -137,6 +140,7 @@ class KontextRestoreRestore(io.ComfyNode):
             seed=seed,
             guidance=_from_lora(guidance),
             bucket_scale=_from_lora(bucket_scale),
+            prompt=prompt_from_graph(hidden.prompt, hidden.unique_id),
         )
         pixels = comfy_image_to_tensors(images)
         report = settings_report(settings)
@@ -149,7 +153,7 @@ class KontextRestoreRestore(io.ComfyNode):
             report,
         )
         bar = None
-        unique_id = cls.hidden.unique_id if cls.hidden else None
+        unique_id = hidden.unique_id
 
         def on_progress(p: RestoreProgress) -> None:
             nonlocal bar

@@ -12,6 +12,7 @@ from ..kontext_train.lora import sanitize_lora_name
 from ..kontext_train.plots import image_grid
 from ..kontext_train.run import RunHooks, RunOutputs, train_lora
 from ..kontext_train.trainer import TrainConfig
+from ..kontext_train.training_prompt import PROMPT_KEY, prompt_from_graph
 from ..kontext_train.validation import format_validation_report, format_validation_row
 from .common import CATEGORY, LATENTS, LOSS, input_validator, output, setting_inputs
 
@@ -86,7 +87,8 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
                 output(LOSS, "loss"),
                 output(io.String, "validation_report"),
             ],
-            hidden=[io.Hidden.unique_id],
+            # PROMPT: the queued workflow, to record the prompt text behind the conditioning.
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             is_output_node=True,
         )
 
@@ -136,7 +138,12 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
         comfyui.require_flux(model)
         config = TrainConfig.from_inputs(locals())  # inputs are named like its fields
         name, lora_path, run_dir = run_paths(lora_name)
-        progress = comfyui.NodeProgress(config.steps, cls.hidden.unique_id if cls.hidden else None)
+        hidden = cls.hidden or io.HiddenHolder.from_dict(None)  # None when called outside ComfyUI
+        progress = comfyui.NodeProgress(config.steps, hidden.unique_id)
+        metadata = {"trained_with": "ComfyUI node KontextRestoreTrainLoRA"}
+        prompt = prompt_from_graph(hidden.prompt, hidden.unique_id)
+        if prompt is not None:  # unknown when the conditioning is not a text encoder's widget
+            metadata[PROMPT_KEY] = prompt
 
         def on_step(info):
             progress.update(
@@ -163,7 +170,7 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
                 on_message=lambda text: log.info("Kontext Restore: %s", text),
                 check_cancel=comfyui.check_interrupted,
             ),
-            metadata={"trained_with": "ComfyUI node KontextRestoreTrainLoRA"},
+            metadata=metadata,
         )
         trained = comfyui.apply_lora(model, result.lora_state)
         report = format_validation_report(result.validation)

@@ -385,6 +385,44 @@ def test_guidance_and_bucket_scale_0_come_from_the_lora_and_other_values_overrid
     assert calls[0]["guidance"] == 3.0
 
 
+def test_restore_node_shows_a_prompt_other_than_the_training_prompt(
+    pack_nodes, tiny_vae, comfy_dirs, monkeypatch
+):
+    from comfy_api.latest import io
+
+    from kontext_train.training_prompt import PROMPT_KEY
+
+    adapters = create_adapters({"double_blocks.0.img_attn.qkv": (384, 128)}, rank=2, alpha=2)
+    meta = lora_metadata(
+        TrainConfig(formulation="bridge"), step=10, extra={PROMPT_KEY: "Restore this old photo."}
+    )
+    atomic_save_safetensors(to_kohya_state_dict(adapters), comfy_dirs["loras"] / "prompted.safetensors", meta)
+    cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"]
+
+    def shown_for(text: str) -> str:
+        # What ComfyUI hands the node as its hidden PROMPT: the queued API workflow.
+        graph = {
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": text}},
+            "6": {"class_type": "KontextRestoreRestore", "inputs": {"conditioning": ["4", 0]}},
+        }
+        hidden = io.HiddenHolder.from_dict({io.Hidden.prompt: graph, io.Hidden.unique_id: "6"})
+        monkeypatch.setattr(cls, "hidden", hidden)
+        out = _restore_output(
+            pack_nodes,
+            make_tiny_flux(),
+            tiny_vae,
+            _images(1, 32, 32),
+            mode="auto",
+            steps=1,
+            lora_name="prompted.safetensors",
+        )
+        return "".join(out.ui.as_dict()["text"])
+
+    assert "Warning" not in shown_for("Restore  this old photo.")  # whitespace aside, the same
+    shown = shown_for("Make it sharp.")
+    assert "Warning: The prompt" in shown and "Make it sharp." in shown and "Restore this old photo." in shown
+
+
 def test_restore_inputs_are_checked_when_queued(pack_nodes):
     cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"]
     assert cls.validate_inputs(guidance=0.0, bucket_scale=0.0, mode="auto") is True

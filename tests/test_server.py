@@ -381,14 +381,16 @@ def _restore_graph(lora_name, guidance: float = 0.0, bucket_scale: float = 0.0) 
     }
 
 
-def _write_lora_with_settings(path: Path, guidance: float, bucket_scale: float) -> None:
+def _write_lora_with_settings(
+    path: Path, guidance: float, bucket_scale: float, prompt: str = "restore"
+) -> None:
     from kontext_train.lora import atomic_save_safetensors, create_adapters, to_kohya_state_dict
     from kontext_train.trainer import TrainConfig, lora_metadata
+    from kontext_train.training_prompt import PROMPT_KEY
 
     adapters = create_adapters({"double_blocks.0.img_attn.qkv": (384, 128)}, rank=2, alpha=2)
-    meta = lora_metadata(
-        TrainConfig(formulation="bridge", guidance=guidance), step=1, extra={"bucket_scale": bucket_scale}
-    )
+    extra = {"bucket_scale": bucket_scale, PROMPT_KEY: prompt}  # _restore_graph's prompt is "restore"
+    meta = lora_metadata(TrainConfig(formulation="bridge", guidance=guidance), step=1, extra=extra)
     atomic_save_safetensors(to_kohya_state_dict(adapters), path, meta)
 
 
@@ -417,12 +419,15 @@ def test_restore_lora_name_picks_from_the_loras_folder_and_the_lora_sets_guidanc
 def test_restore_lora_name_takes_a_linked_file_name(comfy_server):
     # The trainer's lora_name output (STRING) is linked into lora_name in train_then_evaluate.
     lora = comfy_server.loras_dir / "server_link.safetensors"
-    _write_lora_with_settings(lora, guidance=3.5, bucket_scale=0.125)
+    _write_lora_with_settings(lora, guidance=3.5, bucket_scale=0.125, prompt="Restore the old photo.")
     write_png(comfy_server.input_dir / "server_test_clean.png", 200, 136, seed=3)
     graph = _restore_graph(["8", 0])
     graph["8"] = {"class_type": "PrimitiveString", "inputs": {"value": "server_link.safetensors"}}
     entry = comfy_server.run_prompt(graph, timeout=300)
-    assert "guidance 3.5 (LoRA metadata)" in "".join(entry["outputs"]["6"]["text"])
+    shown = "".join(entry["outputs"]["6"]["text"])
+    assert "guidance 3.5 (LoRA metadata)" in shown
+    # The prompt of the queued workflow (ComfyUI's hidden PROMPT) differs from the training prompt.
+    assert 'Warning: The prompt "restore" differs' in shown and "Restore the old photo." in shown
     # A linked name that is not a LoRA file fails when the node runs, naming it.
     graph["8"]["inputs"]["value"] = "server_missing.safetensors"
     with pytest.raises(ServerError) as err:

@@ -93,6 +93,28 @@ def test_train_node_writes_lora_checkpoints_and_report(pack_nodes, comfy_dirs, i
     assert len(loss2["loss"]) == 6 and loss2["loss"][:4] == loss["loss"]
 
 
+def test_train_node_records_the_prompt_of_the_queued_workflow(
+    pack_nodes, comfy_dirs, image_folder, tiny_vae, monkeypatch
+):
+    from comfy_api.latest import io
+    from safetensors import safe_open
+
+    cls = _node(pack_nodes, "KontextRestoreTrainLoRA")
+    graph = {  # what ComfyUI hands the node as its hidden PROMPT: the queued API workflow
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "Restore this photo."}},
+        "8": {"class_type": "KontextRestoreTrainLoRA", "inputs": {"conditioning": ["4", 0]}},
+    }
+    monkeypatch.setattr(
+        cls, "hidden", io.HiddenHolder.from_dict({io.Hidden.prompt: graph, io.Hidden.unique_id: "8"})
+    )
+    _, latents, _ = _cached_latents(pack_nodes, image_folder, tiny_vae)
+    _, name, _, _ = _train(
+        pack_nodes, make_tiny_flux(), latents, tiny_vae, f"prompted_{image_folder.name}", steps=1
+    )
+    with safe_open(str(comfy_dirs["loras"] / name), "pt") as f:
+        assert f.metadata()["kontext_restore.prompt"] == "Restore this photo."
+
+
 def test_existing_run_without_resume_is_refused(pack_nodes, image_folder, tiny_vae):
     model = make_tiny_flux()
     _, latents, _ = _cached_latents(pack_nodes, image_folder, tiny_vae)
