@@ -214,8 +214,6 @@ def test_fp8_weights_are_half_of_bf16_and_cast_per_layer(comfy_root):
 
 def test_run_check_warns_on_cuda_when_free_memory_is_short(comfy_root, monkeypatch):
     """The check before a run, with the device and its free memory injected (no GPU here)."""
-    import comfy.model_management as mm
-
     from kontext_train import comfyui
     from kontext_train.comfyui import memory_probe
     from kontext_train.train_config import TrainConfig
@@ -230,7 +228,7 @@ def test_run_check_warns_on_cuda_when_free_memory_is_short(comfy_root, monkeypat
     needed = memory_probe.cached_plan(settings).total
     with_checkpointing = memory_probe.cached_plan(replace(settings, gradient_checkpointing=True)).total
     assert with_checkpointing < needed
-    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(memory_probe, "run_device", lambda model: torch.device("cuda"))
     monkeypatch.setattr(memory_probe, "device_free_bytes", lambda device: int(needed * 1.2))
     assert memory_probe.check_run_memory(model, config, buckets, 64) is None
     free = int(with_checkpointing / 0.95) + 1  # checkpointing fits with the 5% margin, the run does not
@@ -267,3 +265,35 @@ def test_plan_command_refuses_a_bad_bucket_and_plans_the_table_combinations(caps
     plans = [MemoryPlan(c.label(), GIB, 0, 0, overhead=0) for c in combos]
     table = pivot(plans)
     assert table.count("\n") == 2 + 6 - 1 and "| 1024x1024 | on | 1.0 GiB |" in table
+
+
+def test_a_training_run_shows_the_memory_warning_and_still_trains(
+    comfy_root, tiny_vae, tmp_path, monkeypatch
+):
+    """run.py plans before training (the node and the command share it) and says the warning
+    through on_message; the device and its free memory are injected (no GPU here)."""
+    from _bad_images import write_good
+    from conftest import make_conditioning, make_tiny_flux
+
+    from kontext_train.comfyui import memory_probe
+    from kontext_train.dataset import build_dataset
+    from kontext_train.run import RunHooks, RunOutputs, latents_from_vae, train_lora
+    from kontext_train.train_config import TrainConfig
+
+    for i in range(2):
+        write_good(tmp_path / "hq" / f"p{i}.png", 96, 64, seed=i)
+    dataset = build_dataset(tmp_path / "hq", val_count=0, seed=0, bucket_scale=0.0625, min_size=8)
+    latents = latents_from_vae(dataset, tiny_vae, tmp_path / "cache", "pool", 1, 0)
+    config = TrainConfig(
+        steps=1, rank=2, warmup_steps=0, validate_every_epochs=0, gradient_checkpointing=False
+    )
+    outputs = RunOutputs(tmp_path / "loras" / "r.safetensors", tmp_path / "run")
+    planned = []
+    monkeypatch.setattr(memory_probe, "run_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(memory_probe, "device_free_bytes", lambda device: planned.append(device) or 1024)
+    messages = []
+    hooks = RunHooks(on_message=messages.append)
+    result = train_lora(latents, make_tiny_flux(), make_conditioning(), config, outputs, hooks=hooks)
+    warnings = [m for m in messages if m.startswith("Memory plan:")]
+    assert len(warnings) == 1 and "0.0 GiB is free" in warnings[0] and "None of the usual" in warnings[0]
+    assert planned == [torch.device("cuda")] and result.step == 1 and outputs.lora_path.exists()

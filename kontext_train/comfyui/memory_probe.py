@@ -374,12 +374,15 @@ def device_free_bytes(device) -> int:
     return free
 
 
+def run_device(model) -> torch.device:
+    """Where training will load ``model``: its patcher's load device."""
+    return torch.device(model.load_device)
+
+
 def check_run_memory(model, config: TrainConfig, buckets, text_tokens: int = 512) -> str | None:
     """The warning before a CUDA training run that would not fit (None on other devices, or when
     it fits). Planning takes seconds to a minute of CPU; each setting is planned once per process."""
-    import comfy.model_management as mm
-
-    device = torch.device(mm.get_torch_device())
+    device = run_device(model)
     if device.type != "cuda" or not buckets:
         return None
     settings = settings_for_run(model, config, buckets, text_tokens)
