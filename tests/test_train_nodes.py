@@ -124,7 +124,11 @@ def test_existing_run_without_resume_is_refused(pack_nodes, image_folder, tiny_v
 
 
 def test_dataset_node_reruns_when_the_folder_changes(pack_nodes, image_folder):
+    from comfy_api.internal import first_real_override
+
     cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreDataset"]
+    # What ComfyUI's IsChangedCache calls for a V3 node (execution.py) instead of IS_CHANGED.
+    assert first_real_override(cls, "fingerprint_inputs") is not None
     before = cls.fingerprint_inputs(image_folder.name, 1.0, 2, 0)
     assert cls.fingerprint_inputs(image_folder.name, 1.0, 2, 0) == before
     _photo_like(99).save(image_folder / "new.png")
