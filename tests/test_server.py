@@ -461,3 +461,34 @@ def test_bad_degradation_kind_is_refused_with_node_errors(comfy_server):
     with pytest.raises(ServerError) as err:
         comfy_server.queue_prompt(graph)
     assert "HTTP 400" in str(err.value) and "kind 'sideways'" in str(err.value)
+
+
+def test_every_combo_of_every_pack_node_is_checked_by_its_validator(pack_nodes):
+    # ComfyUI 0.3.75 checks no V3 combo's value itself (0.33.0 does): each pack node's
+    # validate_inputs must name every combo input, or a bad value would run on 0.3.75.
+    import inspect
+
+    from comfy_api.internal import first_real_override
+
+    checked = 0
+    for name, cls in pack_nodes.NODE_CLASS_MAPPINGS.items():
+        if not name.startswith("KontextRestore") or name.startswith("KontextRestoreTest"):
+            continue
+        spec = cls.INPUT_TYPES()
+        combos = [
+            input_name
+            for group in ("required", "optional")
+            for input_name, (kind, *_) in spec.get(group, {}).items()
+            if "COMBO" in str(kind).split(",")
+        ]
+        if not combos:
+            continue
+        validator = first_real_override(cls, "validate_inputs")
+        assert validator is not None, name
+        named = set(inspect.getfullargspec(validator).args)
+        assert set(combos) <= named, (name, set(combos) - named)
+        for input_name in combos:
+            message = cls.validate_inputs(**{input_name: "no_such_choice"})
+            assert isinstance(message, str) and f"{input_name} 'no_such_choice'" in message, (name, message)
+            checked += 1
+    assert checked >= 12  # Degradation, Cache Latents, Train LoRA (6), Restore (4)
