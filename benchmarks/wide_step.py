@@ -27,8 +27,10 @@ Each variant runs 1 + ``--steps`` optimizer steps per round; a step is the inter
 consecutive ``optimizer.step()`` returns (``_common.StepClock``), so the first step (setup, first
 call) is never timed. It is measured twice: in this process's CPU seconds (user + system; the
 headline, since on a shared machine it does not depend on the share of the cores the process
-got) and in wall seconds. Rounds rotate and alternately reverse the variant order; ratios are the
-median of per-round ratios. ``--memory`` runs each variant (and ``model``: the model built, no
+got) and in wall seconds; user CPU time alone is reported too (system time here is mostly page
+faults on freshly allocated large tensors, which the CPU allocator hands back to the OS). Rounds
+rotate and alternately reverse the variant order; ratios are the median of per-round ratios.
+``--memory`` runs each variant (and ``model``: the model built, no
 training) in a fresh process and reports its peak RSS (``getrusage``).
 """
 
@@ -229,16 +231,9 @@ def timing(args, variants: list[str], report: dict) -> None:
                     bench.run_variant(v, side, ref, 1 + args.steps)
                     wall = time.perf_counter() - t0
                 steps, cpu = clock.intervals(skip=0), clock.cpu_intervals(skip=0)
-                report["runs"].append(
-                    {
-                        "config": config,
-                        "round": r,
-                        "variant": v,
-                        "steps_s": steps,
-                        "cpu_s": cpu,
-                        "wall_s": wall,
-                    }
-                )
+                run = {"config": config, "round": r, "variant": v, "steps_s": steps, "cpu_s": cpu}
+                run.update(user_s=clock.cpu_intervals(skip=0, user_only=True), wall_s=wall)
+                report["runs"].append(run)
                 line = " ".join(f"{s:.2f}" for s in steps) + " | cpu " + " ".join(f"{s:.2f}" for s in cpu)
                 print(f"{config:>6} round {r} {v:>12} {line}", flush=True)
                 write_json(args.json, report)  # partial results survive an interrupted run
@@ -399,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(md_table(headers, report["memory_summary"]))
     else:
         timing(args, variants, report)
-        for key, what in (("cpu_s", "CPU"), ("steps_s", "wall")):
+        for key, what in (("cpu_s", "CPU"), ("user_s", "user CPU"), ("steps_s", "wall")):
             times, ratios = summarise(report["runs"], key)
             report[f"times_{key}"], report[f"ratios_{key}"] = times, ratios
             print(md_table(["config", "variant", f"median {what} s/step", "steps", "min", "max"], times))
