@@ -134,7 +134,7 @@ def honest_paragraph(
         beat = "below" if last < degraded else "still above"
         latent = (
             f" In latent space, the one place a model this small can learn anything, the held-out error "
-            f"{trend} from {first:.4g} to {last:.4g} during training ({beat} the degraded latents' {degraded:.4g})."
+            f"{trend} from {first:.4g} to {last:.4g} during training ({beat} the degraded latents' {degraded:.4g}): the lower panel of the loss plot."
         )
     return (
         "**What these numbers mean.** This run used a tiny, randomly initialised Flux transformer "
@@ -145,9 +145,9 @@ def honest_paragraph(
         "to end on real photographs: synthetic degradation, Kontext buckets, the latent cache, LoRA "
         "training with checkpoints and resume, restoration with ComfyUI's own sampler starting from the "
         "degraded latent, PSNR/SSIM scoring, the loss plot and this report.\n\n"
-        "The same command with FLUX.1 Kontext [dev] weights, ComfyUI's text encoders and the Flux VAE "
-        "does the real job (real-run defaults: 3000 steps, rank 16, lr 1e-4, cosine with 100 warm-up "
-        "steps, ~1024 px buckets):\n\n"
+        "With FLUX.1 Kontext [dev] weights, ComfyUI's text encoders and the Flux VAE in place and your "
+        "photos in HR_ROOT, this command does the real job, from any folder of this machine (real-run "
+        "defaults: 3000 steps, rank 16, lr 1e-4, cosine with 100 warm-up steps, ~1024 px buckets):\n\n"
         f"```bash\n{real_command}\n```\n"
     )
 
