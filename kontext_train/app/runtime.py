@@ -161,7 +161,9 @@ def resolve_weights(settings: Settings) -> dict[str, Path]:
         else:
             found[key] = path
     if problems:
-        where = "found automatically" if settings.sources["comfyui"] == "default" else settings.sources["comfyui"]
+        where = (
+            "found automatically" if settings.sources["comfyui"] == "default" else settings.sources["comfyui"]
+        )
         raise UsageError(
             f"{PROG} {settings.command}: model files missing: {'; '.join(problems)}. Searched ComfyUI at {root} "
             f"({where}; --comfyui / COMFYUI_PATH to change): give full paths, or names inside {root / 'models'}. "
