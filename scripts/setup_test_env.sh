@@ -40,7 +40,10 @@ build_venv() { # $1 venv folder, $2 host requirements file (may be empty)
   # past the other's pins (e.g. 0.3.75 needs transformers < 5).
   $pip install --quiet "${TORCH_PINS[@]}" ${host_req:+-r "$host_req"} -r requirements-test.txt -r requirements.txt
   # The pack itself, editable, for the `kontext-train` console script.
-  $pip install --quiet "setuptools>=68" wheel
+  # setuptools 77 reads the SPDX license string in pyproject.toml. The pack was published as
+  # comfyui-kontext-restore before it took the Registry id kontext-restore: drop that install.
+  $pip install --quiet "setuptools>=77" wheel
+  $pip uninstall --quiet --yes comfyui-kontext-restore 2>/dev/null || true
   $pip install --quiet --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 }
