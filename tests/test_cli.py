@@ -137,6 +137,19 @@ def test_each_subcommands_help_lists_only_its_flags(capsys):
     assert "needs --unet" in text["train"]
 
 
+def test_top_level_help_names_every_subcommand_and_plan_keeps_its_own_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    top = capsys.readouterr().out
+    for command in ("train", "demo", "restore", "evaluate", "plan"):
+        assert f"    {command} " in top, command
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--help"])
+    plan_help = capsys.readouterr().out
+    assert "--table" in plan_help and "--reference" in plan_help and "--hr-root" not in plan_help
+
+
 def test_json_config_and_bad_config_values(tmp_path, clean_env, capsys):
     good = tmp_path / "c.json"
     good.write_text(json.dumps({"learning-rate": 3e-4, "gradient_checkpointing": False}))

@@ -246,4 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(opt.flag, choices=opt.choices, help=help_text)
             else:
                 p.add_argument(opt.flag, help=help_text, metavar="PATH" if opt.kind == "path" else "TEXT")
+    # Listed here so that `kontext-train --help` names it; cli.main hands `plan` its own parser
+    # (plan_command.build_parser) before this one runs.
+    sub.add_parser("plan", help="predict the peak GPU memory of one training step (see plan --help)")
     return parser
