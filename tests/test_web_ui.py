@@ -5,10 +5,12 @@ Checks what a user sees, in a way that holds for every frontend version (1.32 wi
 0.3.75, 1.49 with 0.33): every node type is registered, no node drawn red (``has_errors``), no
 error text on the page (missing-nodes dialog, errors overlay), no console or page error, and the
 frontend's own UI -> API conversion (app.graphToPrompt) gives the committed API file's nodes and
-inputs. The same detector is shown to fire on a workflow with an unknown node type. The server's
+inputs, no node is smaller than the frontend computes for it and no two nodes overlap as drawn.
+The same detector is shown to fire on a workflow with an unknown node type. The template browser
+lists each template by its title with its thumbnail. A template queued from the page (on the
+tiny test models) shows the dataset summary and the validation report on the page. The server's
 model folders hold placeholder files named like the workflows' models, as a user's install would,
-so the loaders are not flagged for missing files. A screenshot per workflow goes to
-test-artifacts/.
+so the loaders are not flagged for missing files. Screenshots go to test-artifacts/.
 
 Skipped only when Chromium is absent and $CI is unset; in CI a missing browser is a failure
 (scripts/setup_test_env.sh installs it with WITH_BROWSER=1).
@@ -25,15 +27,24 @@ import time
 from pathlib import Path
 
 import pytest
-from server_host import chromium_path, server_fixture, write_png
+from server_host import PACK_LINK_NAME, chromium_path, server_fixture, write_png
+from tiny_templates import shrink_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 ARTIFACTS = ROOT / "test-artifacts"
 sys.path.insert(0, str(WORKFLOWS))
+sys.path.insert(0, str(ROOT / "scripts"))
 import build_workflows  # noqa: E402
+from template_thumbnails import (  # noqa: E402
+    close_dialogs,
+    load_workflow,
+    node_boxes,
+    undersized,
+    write_placeholder_models,
+)
 
-pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.timeout(600)]
 
 CHROMIUM = chromium_path()
 if CHROMIUM is None:
@@ -94,7 +105,8 @@ def ui(comfy_server):
     # Images the workflows' LoadImage nodes name, so their previews load.
     for name in ("clean_photo.png", "degraded_photo.png"):
         write_png(comfy_server.input_dir / name, 176, 128, seed=len(name))
-    write_placeholder_models(comfy_server.base / "models")
+    # Removed at the end: other modules share this server and test what happens without them.
+    placeholders = write_placeholder_models(comfy_server.base / "models")
     ARTIFACTS.mkdir(exist_ok=True)
     console = Console()
     with sync_playwright() as pw, tempfile.TemporaryDirectory(prefix="kontext_restore_chromium_") as profile:
@@ -127,33 +139,8 @@ def ui(comfy_server):
             yield page, console
         finally:
             context.close()
-
-
-def write_placeholder_models(models_dir: Path) -> None:
-    """Tiny valid safetensors files under the names and folders the workflows' loaders use."""
-    import torch
-    from safetensors.torch import save_file
-
-    files = [(folder, name) for name, (_, folder) in build_workflows.MODEL_URLS.items()]
-    files.append(("loras", f"{build_workflows.LORA_NAME}.safetensors"))
-    for folder, name in files:
-        path = models_dir / folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"placeholder": torch.zeros(1)}, str(path))
-
-
-def close_dialogs(page) -> None:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and page.locator(".p-dialog").count():
-        page.keyboard.press("Escape")
-        page.wait_for_timeout(200)
-
-
-def load_workflow(page, workflow: dict) -> None:
-    close_dialogs(page)
-    page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", workflow)
-    # Dialogs and overlays (missing nodes / models, errors) open asynchronously after the load.
-    page.wait_for_timeout(1500)
+            for path in placeholders:
+                path.unlink(missing_ok=True)
 
 
 def problems(page) -> dict:
@@ -184,7 +171,7 @@ def object_info(comfy_server) -> dict:
 @pytest.mark.parametrize("name", sorted(build_workflows.WORKFLOWS))
 def test_example_workflow_loads_in_the_web_ui(ui, object_info, name):
     page, console = ui
-    workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    workflow = json.loads(build_workflows.ui_path(name).read_text())
     types = sorted({n["type"] for n in workflow["nodes"]})
     mark = console.mark()
     load_workflow(page, workflow)
@@ -204,13 +191,19 @@ def test_example_workflow_loads_in_the_web_ui(ui, object_info, name):
     # The frontend's own conversion to what it would queue: the committed API file's nodes and
     # inputs (titles are display names, which differ between versions).
     prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
-    api = json.loads((build_workflows.API_DIR / f"{name}.api.json").read_text())
+    api = json.loads(build_workflows.api_path(name).read_text())
     assert build_workflows.api_essence(strip_frontend_only_inputs(prompt, object_info)) == (
         build_workflows.api_essence(api)
     )
 
     errors = console.errors_since(mark)
     assert not errors, "\n".join(errors)
+
+    # As the frontend lays the nodes out: each at least its computed minimum, none on another.
+    drawn = node_boxes(page)
+    assert undersized(drawn) == []
+    boxes = [(f"{b['id']} {b['title']}", b["box"]) for b in drawn]
+    assert build_workflows.overlapping(boxes) == []
 
     page.evaluate(
         "async () => { try { await app.extensionManager.command.execute('Comfy.Canvas.FitView') }"
@@ -228,7 +221,7 @@ def test_missing_node_is_detected_and_a_template_after_it_is_clean(ui):
     red and reported on the page (1.32: a dialog, 1.49: an overlay); the pack's template loaded
     next shows neither."""
     page, _ = ui
-    workflow = json.loads((WORKFLOWS / "restore_with_lora.json").read_text())
+    workflow = json.loads(build_workflows.ui_path("restore_with_lora").read_text())
     workflow["nodes"][-1]["type"] = "KontextRestoreNoSuchNode"
     unknown_id = str(workflow["nodes"][-1]["id"])
     load_workflow(page, workflow)
@@ -239,6 +232,151 @@ def test_missing_node_is_detected_and_a_template_after_it_is_clean(ui):
     assert "KontextRestoreNoSuchNode" in seen["text"], seen["messages"]
     page.screenshot(path=str(ARTIFACTS / "web_ui_missing_node.png"))
 
-    load_workflow(page, json.loads((WORKFLOWS / "restore_with_lora.json").read_text()))
+    load_workflow(page, json.loads(build_workflows.ui_path("restore_with_lora").read_text()))
     seen = problems(page)
     assert not seen["red_nodes"] and not seen["messages"], (seen["red_nodes"], seen["messages"])
+
+
+def test_template_browser_shows_each_title_with_its_thumbnail(ui):
+    """The Templates dialog, as a user opens it: the pack's category lists every template under
+    its title, each card's picture being the .jpg beside the workflow (640 px square)."""
+    page, console = ui
+    mark = console.mark()
+    close_dialogs(page)
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates') }")
+    # The pack's category in the dialog's side bar (its folder name).
+    page.get_by_text(PACK_LINK_NAME, exact=True).first.click()
+    titles = sorted(t.title for t in build_workflows.TEMPLATES.values())
+    for title in titles:
+        page.get_by_text(title, exact=True).first.wait_for(state="visible")
+    # Both frontends fetch the thumbnail and show it as an <img> (1.49 through a blob: URL); no
+    # other template in this category and no core thumbnail is 640 px square.
+    page.wait_for_function(
+        "(n) => [...document.querySelectorAll('img')].filter(i => i.complete"
+        " && i.naturalWidth === 640 && i.naturalHeight === 640).length >= n",
+        arg=len(titles),
+        timeout=STEP_S * 1000,
+    )
+    page.screenshot(path=str(ARTIFACTS / "web_ui_template_browser.png"))
+    close_dialogs(page)
+    errors = console.errors_since(mark)
+    assert not errors, "\n".join(errors)
+
+
+def _text_shown_in_node(page, node_id: str, needle: str) -> dict:
+    """Brings the node to the middle of the page at full size and looks for ``needle`` in what
+    is drawn in it: text of elements (a preview's Markdown) and values of text boxes, visible
+    (not hidden, inside the viewport, not covered) and inside the node's rectangle on the screen."""
+    return page.evaluate(
+        """([id, needle]) => {
+            const c = app.canvas, n = app.graph.nodes.find(n => String(n.id) === id);
+            const r = c.canvas.getBoundingClientRect();
+            c.ds.scale = 1;
+            c.ds.offset[0] = innerWidth / 2 - r.left - n.pos[0] - n.size[0] / 2;
+            c.ds.offset[1] = innerHeight / 2 - r.top - n.pos[1] - n.size[1] / 2;
+            c.setDirty(true, true);
+            c.draw(true, true);
+            return new Promise(done => setTimeout(() => {
+                const box = {left: r.left + (n.pos[0] + c.ds.offset[0]), top: r.top + (n.pos[1] + c.ds.offset[1])};
+                box.right = box.left + n.size[0]; box.bottom = box.top + n.size[1];
+                const found = [];
+                for (const el of document.querySelectorAll('textarea, input')) {
+                    if ((el.value || '').includes(needle)) found.push(el);
+                }
+                const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+                while (walker.nextNode()) {
+                    if (walker.currentNode.textContent.includes(needle)) found.push(walker.currentNode.parentElement);
+                }
+                const shown = found.filter(el => {
+                    const e = el.getBoundingClientRect();
+                    const visible = el.checkVisibility({checkOpacity: true, checkVisibilityCSS: true});
+                    if (!(visible && e.width > 0 && e.height > 0 && e.left < box.right && e.right > box.left
+                          && e.top < box.bottom && e.bottom > box.top && e.top < innerHeight && e.bottom > 0)) {
+                        return false;
+                    }
+                    // Not covered by anything (a dialog, another node's widget): the topmost
+                    // element at the text's first visible point is it or inside it.
+                    const x = Math.max(e.left, box.left, 0) + 4, y = Math.max(e.top, box.top, 0) + 4;
+                    const top = document.elementFromPoint(x, y);
+                    return top !== null && (el === top || el.contains(top));
+                });
+                done({found: found.length, shown: shown.length, box});
+            }, 600));
+        }""",
+        [node_id, needle],
+    )
+
+
+def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, comfy_server, object_info):
+    """The train-and-evaluate template, on the tiny test models and CPU-sized settings, queued
+    from the page with the frontend's own Queue command: when it has run, the dataset summary
+    (images used and skipped, split), the trainer's validation report and the metrics are
+    readable on the page in their Preview as Text nodes, and the nodes, grown by what they
+    show after a run, still do not overlap."""
+    page, console = ui
+    dataset = "web_ui_dataset"
+    for i in range(3):
+        write_png(comfy_server.input_dir / dataset / f"photo_{i}.png", 176, 128, seed=40 + i)
+    write_png(comfy_server.input_dir / dataset / "too_small.png", 40, 40, seed=49)
+    clean = write_png(comfy_server.input_dir / "web_ui_clean.png", 176, 128, seed=48).name
+    template = build_workflows.TEMPLATES["train_then_evaluate"]
+    nodes = shrink_nodes(template.nodes(), object_info, dataset, {"clean_photo.png": clean}, "web_ui_run")
+    workflow = build_workflows.to_ui(nodes, object_info)
+    previews = {n.title: str(n.id) for n in nodes if n.type == "PreviewAny"}
+    assert set(previews) == {"Dataset summary and validation report", "Metrics"}
+
+    before = set(comfy_server.get("/history"))
+    load_workflow(page, workflow)
+    mark = console.mark()
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.QueuePrompt') }")
+    deadline = time.monotonic() + 420
+    new = []
+    while time.monotonic() < deadline and not new:
+        history = comfy_server.get("/history")
+        new = [
+            k
+            for k in history
+            if k not in before and history[k].get("status", {}).get("completed") is not None
+        ]
+        time.sleep(0.5)
+    assert new, f"nothing queued from the page ran\n{comfy_server.log_tail()}"
+    status = history[new[0]]["status"]
+    assert status["status_str"] == "success", json.dumps(status.get("messages"))[-3000:]
+
+    # The detector sees the text, and sees it covered when a dialog lies over it.
+    needle = "used 3 image(s)"
+    page.wait_for_function(
+        "(n) => document.body.innerText.includes(n) || [...document.querySelectorAll('textarea')]"
+        ".some(t => t.value.includes(n))",
+        arg=needle,
+        timeout=STEP_S * 1000,
+    )
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates') }")
+    page.wait_for_timeout(1500)
+    covered = _text_shown_in_node(page, previews["Dataset summary and validation report"], needle)
+    assert covered["found"] and not covered["shown"], covered
+    close_dialogs(page)
+
+    expected = {
+        "Dataset summary and validation report": [
+            "used 3 image(s): 2 train, 1 held out for validation",
+            "skipped 1",
+            "PSNR",
+        ],
+        "Metrics": ["SSIM"],
+    }
+    for title, needles in expected.items():
+        for needle in needles:
+            deadline = time.monotonic() + STEP_S
+            seen = _text_shown_in_node(page, previews[title], needle)
+            while not seen["shown"] and time.monotonic() < deadline:
+                page.wait_for_timeout(500)
+                seen = _text_shown_in_node(page, previews[title], needle)
+            if not seen["shown"]:
+                page.screenshot(path=str(ARTIFACTS / "web_ui_text_not_shown.png"))
+            assert seen["shown"], f"{title}: {needle!r} is not shown in the node ({seen})"
+        page.screenshot(path=str(ARTIFACTS / f"web_ui_{title.lower().replace(' ', '_')}.png"))
+    drawn = node_boxes(page)
+    assert build_workflows.overlapping([(f"{b['id']} {b['title']}", b["box"]) for b in drawn]) == []
+    errors = console.errors_since(mark)
+    assert not errors, "\n".join(errors)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
-from server_host import server_fixture, write_png
+from server_host import PACK_LINK_NAME, server_fixture, write_png
+from tiny_templates import shrink_api
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -21,20 +25,33 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 comfy_server = server_fixture()
 
 NAMES = sorted(build_workflows.WORKFLOWS)
-# Loader swaps for the tiny test-only models in tests/host_nodes.
-TINY_LOADERS = {
-    "UNETLoader": "KontextRestoreTestTinyFlux",
-    "DualCLIPLoader": "KontextRestoreTestTinyClip",
-    "VAELoader": "KontextRestoreTestTinyVAE",
+TRAINING = ["train_restoration_lora", "train_then_evaluate"]
+NOTE = build_workflows.NOTE_TYPE
+# Combo inputs whose choices are the files of a folder: the templates name the documented files,
+# which a test server does not have.
+FILE_INPUTS = {
+    ("UNETLoader", "unet_name"),
+    ("DualCLIPLoader", "clip_name1"),
+    ("DualCLIPLoader", "clip_name2"),
+    ("VAELoader", "vae_name"),
+    ("LoadImage", "image"),
+    ("LoraLoaderModelOnly", "lora_name"),
+    ("KontextRestoreRestore", "lora_name"),
 }
 
 
 def load_ui(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+    return json.loads(build_workflows.ui_path(name).read_text())
 
 
 def load_api(name: str) -> dict:
-    return json.loads((build_workflows.API_DIR / f"{name}.api.json").read_text())
+    return json.loads(build_workflows.api_path(name).read_text())
+
+
+def note_text(name: str) -> str:
+    notes = [n for n in load_ui(name)["nodes"] if n["type"] == NOTE]
+    assert len(notes) == 1, f"{name}: {len(notes)} Note nodes"
+    return notes[0]["widgets_values"][0]
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +59,34 @@ def object_info(comfy_server) -> dict:
     return comfy_server.object_info()
 
 
-def test_every_workflow_is_committed_in_both_formats():
-    ui = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+def test_every_workflow_is_committed_in_both_formats_with_a_thumbnail():
+    assert NAMES == ["restore_with_lora", "train_restoration_lora", "train_then_evaluate"]
+    titles = sorted(build_workflows.TEMPLATES[n].title for n in NAMES)
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == titles
     api = sorted(p.name.removesuffix(".api.json") for p in build_workflows.API_DIR.glob("*.api.json"))
-    assert ui == api == NAMES == ["restore_with_lora", "train_restoration_lora", "train_then_evaluate"]
+    assert api == NAMES
+    assert build_workflows.unexpected_files() == []
+    from PIL import Image
+
+    for name in NAMES:
+        thumb = build_workflows.thumbnail_path(name)
+        assert thumb.stem == build_workflows.ui_path(name).stem, "the browser looks for <file name>.jpg"
+        with Image.open(thumb) as img:
+            assert img.format == "JPEG" and img.size == (640, 640), (thumb, img.format, img.size)
+            # A rendered graph, not a blank picture: many distinct colours.
+            assert len(img.convert("RGB").getcolors(1 << 20) or []) > 500, f"{thumb} looks blank"
+
+
+def test_titles_are_readable_file_names():
+    """The template browser (frontends 1.32 and 1.49) shows a custom-node template's file name
+    as its title and, with '-' and '_' turned into spaces, as its description: titles use
+    neither, and no character a URL path would need escaped beyond spaces."""
+    for name in NAMES:
+        title = build_workflows.TEMPLATES[name].title
+        assert re.fullmatch(r"[A-Za-z0-9 ]+", title), title
+        assert "Kontext" in title and len(title) <= 60, title
+        description = build_workflows.TEMPLATES[name].description
+        assert "\n" not in description and 40 < len(description) < 200, description
 
 
 def test_committed_files_equal_generator_output(object_info):
@@ -98,7 +139,9 @@ def _socket_type(spec) -> str:
 
 
 def _types_match(out_type: str, in_type: str) -> bool:
-    return out_type == in_type or "*" in (out_type, in_type)
+    """As ComfyUI validates a link: any type, or a type in common ("COMBO,STRING" takes STRING)."""
+    outs, ins = set(out_type.split(",")), set(in_type.split(","))
+    return "*" in outs | ins or bool(outs & ins)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,7 +149,7 @@ def test_ui_workflow_nodes_links_and_widgets_are_valid(name, object_info):
     ui = load_ui(name)
     assert ui["version"] == 0.4
     nodes = {n["id"]: n for n in ui["nodes"]}
-    unknown = sorted({n["type"] for n in ui["nodes"]} - set(object_info))
+    unknown = sorted({n["type"] for n in ui["nodes"]} - set(object_info) - {NOTE})
     assert not unknown, f"node types not in /object_info: {unknown}"
     assert ui["last_node_id"] == max(nodes) and ui["last_link_id"] == max(link[0] for link in ui["links"])
     uses_pack = [n for n in ui["nodes"] if n["type"].startswith("KontextRestore")]
@@ -125,6 +168,9 @@ def test_ui_workflow_nodes_links_and_widgets_are_valid(name, object_info):
         assert target["link"] == link_id and target["type"] == in_type
         assert link_id in nodes[src]["outputs"][src_slot]["links"]
     for node in ui["nodes"]:
+        if node["type"] == NOTE:
+            assert node["inputs"] == node["outputs"] == [] and len(node["widgets_values"]) == 1
+            continue
         specs = build_workflows.node_inputs(object_info[node["type"]])
         widgets = [s for s in specs if s.is_widget]
         expected = len(widgets) + sum(len(s.extra_widget_values()) for s in widgets)
@@ -149,17 +195,21 @@ def test_api_workflow_values_are_within_the_node_limits(name, object_info):
                 assert _types_match(out_type, _socket_type(spec)), f"{node_id}.{key}"
                 continue
             options = spec[1] if len(spec) > 1 else {}
-            if isinstance(spec[0], list) and spec[0]:  # combos with a fixed option list
-                if node["class_type"] not in ("LoadImage", "LoraLoaderModelOnly", *TINY_LOADERS):
-                    assert value in spec[0], f"{node_id}.{key}={value!r}"
+            choices = spec[0] if isinstance(spec[0], list) else options.get("options")
+            if choices:  # combos
+                if (node["class_type"], key) not in FILE_INPUTS:
+                    assert value in choices, f"{node_id}.{key}={value!r}"
             elif spec[0] in ("INT", "FLOAT"):
                 assert options.get("min", value) <= value <= options.get("max", value), f"{node_id}.{key}"
 
 
-def test_loader_files_are_the_documented_ones():
-    api = load_api("train_restoration_lora")
+@pytest.mark.parametrize("name", NAMES)
+def test_loader_files_are_the_documented_ones(name):
+    api = load_api(name)
     by_type = {n["class_type"]: n["inputs"] for n in api.values()}
     assert by_type["UNETLoader"]["unet_name"] == "flux1-kontext-dev.safetensors"
+    # Training templates load the base model in fp8 (fits a 24 GB card); restoring keeps the default.
+    assert by_type["UNETLoader"]["weight_dtype"] == ("fp8_e4m3fn" if name in TRAINING else "default")
     assert (by_type["DualCLIPLoader"]["clip_name1"], by_type["DualCLIPLoader"]["clip_name2"]) == (
         "clip_l.safetensors",
         "t5xxl_fp16.safetensors",
@@ -169,44 +219,101 @@ def test_loader_files_are_the_documented_ones():
     assert "restore" in by_type["CLIPTextEncode"]["text"].lower()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_note_says_which_models_where_and_what_fits(name):
+    text = note_text(name)
+    template = build_workflows.TEMPLATES[name]
+    assert text.startswith(f"{template.title}\n{template.description}\n")
+    for needed in (
+        "FLUX.1 Kontext [dev]",
+        "models/diffusion_models/flux1-kontext-dev.safetensors",
+        "models/vae/ae.safetensors",
+        "models/text_encoders/clip_l.safetensors",
+        "t5xxl_fp16.safetensors",
+        "huggingface.co/black-forest-labs/FLUX.1-Kontext-dev",
+        "accept its licence",
+        "logged in",
+        'README "Will it fit?"',
+    ):
+        assert needed in text, f"{name}: the Note does not say {needed!r}"
+    if name in TRAINING:
+        for needed in (
+            "24 GB",
+            "16 GB",
+            "fp8_e4m3fn",
+            "gradient_checkpointing on",
+            "rank 16",
+            "bucket_scale 0.5",
+        ):
+            assert needed in text, f"{name}: the Note does not say {needed!r}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_note_names_every_setting_that_differs_from_the_node_default(name, object_info):
+    """Widgets a template sets to other than the node's default (besides file names, the prompt
+    and output prefixes) are named in its Note with the reason."""
+    text = note_text(name)
+    for node in build_workflows.WORKFLOWS[name]():
+        if node.type == NOTE:
+            continue
+        specs = {s.name: s for s in build_workflows.node_inputs(object_info[node.type])}
+        for key, value in node.widgets.items():
+            # Model and image files, the prompt, output prefixes, the text encoders' type (flux)
+            # and the blank line joining the two reports are what the template is about, not
+            # settings.
+            core_file = (node.type, key) in FILE_INPUTS and not node.type.startswith("KontextRestore")
+            if core_file or key in ("text", "filename_prefix", "type", "delimiter"):
+                continue
+            if value != specs[key].default():
+                assert key in text and str(value) in text, f"{name}: {node.type}.{key}={value!r}"
+
+
+def test_overlap_check_sees_a_node_on_top_of_another():
+    ui = load_ui("train_then_evaluate")
+    trainer = next(n for n in ui["nodes"] if n["type"] == "KontextRestoreTrainLoRA")
+    restore = next(n for n in ui["nodes"] if n["type"] == "KontextRestoreRestore")
+    # Where Restore Image once sat: on the lower part of Train LoRA, hiding three widgets.
+    restore["pos"] = [trainer["pos"][0], trainer["pos"][1] + trainer["size"][1] - 96]
+    assert build_workflows.overlapping(build_workflows.node_boxes(ui)) == [
+        (f"{trainer['id']} {trainer['type']}", f"{restore['id']} {restore['type']}")
+    ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_two_nodes_overlap(name):
+    assert build_workflows.overlapping(build_workflows.node_boxes(load_ui(name))) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_node_sizes_hold_their_slots_and_widgets(name):
+    """At least what LiteGraph computes (1.32 and 1.49 alike: 20 px per slot row, 24 per
+    widget, 14 of padding); tests/test_web_ui.py compares with the frontend's own computeSize."""
+    for node in load_ui(name)["nodes"]:
+        slots = max(len(node["inputs"]), len(node["outputs"]))
+        minimum = 20 * slots + 24 * len(node["widgets_values"]) + 14
+        assert node["size"][1] >= minimum, f"{name}: node {node['id']} {node['type']} {node['size']}"
+        assert node["size"][0] >= 200, f"{name}: node {node['id']} {node['type']} {node['size']}"
+
+
+def test_templates_and_thumbnails_are_served_where_the_frontend_looks(comfy_server):
+    """GET /workflow_templates lists the titles under the pack's folder name; the frontend then
+    fetches /api/workflow_templates/<pack>/<name>.json and <name>.jpg (no '-1' suffix for a
+    custom node's template, unlike the core templates)."""
+    listed = comfy_server.get("/workflow_templates").get(PACK_LINK_NAME, [])
+    assert sorted(listed) == sorted(build_workflows.TEMPLATES[n].title for n in NAMES)
+    for name in NAMES:
+        base = f"/api/workflow_templates/{PACK_LINK_NAME}/" + urllib.parse.quote(
+            build_workflows.TEMPLATES[name].title
+        )
+        assert comfy_server.get(base + ".json") == load_ui(name)
+        with urllib.request.urlopen(comfy_server.url + base + ".jpg", timeout=30) as resp:
+            assert resp.headers["Content-Type"] == "image/jpeg"
+            assert resp.read() == build_workflows.thumbnail_path(name).read_bytes()
+
+
 # --------------------------------------------------------------------------------------------
 # End to end in the real server, tiny models
 # --------------------------------------------------------------------------------------------
-
-
-def shrink_for_cpu(api: dict, dataset: str, images: dict[str, str], run: str) -> dict:
-    """The workflow with tiny test loaders, small buckets and few steps."""
-    api = copy.deepcopy(api)
-    for node in api.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind in TINY_LOADERS:
-            node["class_type"], node["inputs"] = TINY_LOADERS[kind], {"seed": 0}
-            continue
-        if "bucket_scale" in inputs:
-            inputs["bucket_scale"] = 0.25
-        if kind == "KontextRestoreDataset":
-            inputs.update(hq_folder=dataset, val_count=1)
-        elif kind == "KontextRestoreCacheLatents":
-            inputs.update(pool_size=1, cache_folder=f"kontext_restore_cache/{run}")
-        elif kind == "KontextRestoreTrainLoRA":
-            inputs.update(
-                lora_name=run,
-                steps=4,
-                rank=4,
-                batch_size=2,
-                warmup_steps=1,
-                checkpoint_every=2,
-                validate_every_epochs=1,
-                validation_steps=2,
-                learning_rate=1e-3,
-            )
-        elif kind == "KontextRestoreRestore":
-            inputs["steps"] = 2
-        elif kind == "LoadImage":
-            inputs["image"] = images[inputs["image"]]
-        elif kind == "SaveImage":
-            inputs["filename_prefix"] = f"{run}/{inputs['filename_prefix'].split('/')[-1]}"
-    return api
 
 
 def _saved_files(server, entry: dict, node_id: str) -> list[Path]:
@@ -225,7 +332,7 @@ def trained(comfy_server):
         "clean_photo.png": write_png(server.input_dir / "wf_clean.png", 176, 128, seed=7).name,
         "degraded_photo.png": write_png(server.input_dir / "wf_degraded.png", 176, 128, seed=8).name,
     }
-    api = shrink_for_cpu(load_api("train_then_evaluate"), dataset, images, "wf_evaluate")
+    api = shrink_api(load_api("train_then_evaluate"), dataset, images, "wf_evaluate")
     entry = server.run_prompt(api, timeout=600)
     lora = next(n for n in api.values() if n["class_type"] == "KontextRestoreTrainLoRA")["inputs"][
         "lora_name"
@@ -247,12 +354,15 @@ def test_train_then_evaluate_runs_end_to_end(comfy_server, trained):
     assert len(saved) == 1 and saved[0].is_file() and saved[0].stat().st_size > 1000
     assert _saved_files(comfy_server, entry, "17")[0].is_file()
     assert _saved_files(comfy_server, entry, "10")[0].is_file()
-    assert "PSNR" in "".join(outputs["11"]["text"])  # validation report of the trainer
+    # The dataset's summary, then the trainer's validation report, in one preview (11).
+    report = "".join(outputs["11"]["text"])
+    assert report.startswith("Dataset ") and "used 3 image(s): 2 train, 1 held out" in report, report
+    assert "buckets (scale 0.25)" in report and "PSNR" in report.split("buckets (scale 0.25)")[1], report
 
 
 def test_restore_with_lora_runs_with_the_trained_lora(comfy_server, trained):
     _, lora_file, images = trained
-    api = shrink_for_cpu(load_api("restore_with_lora"), "unused", images, "wf_restore")
+    api = shrink_api(load_api("restore_with_lora"), "unused", images, "wf_restore")
     for node in api.values():
         if node["class_type"] in ("LoraLoaderModelOnly", "KontextRestoreRestore"):
             node["inputs"]["lora_name"] = lora_file

@@ -1,15 +1,16 @@
-"""Generates the example workflows in this folder from one Python description.
+"""Generates the example workflows in this folder from their descriptions (kontext_templates.py).
 
 Each workflow is written twice:
 
-- ``<name>.json``: UI format (what people drag into ComfyUI or open from the template browser:
-  nodes with id/type/pos/size/inputs/outputs/widgets_values, a "links" array, version 0.4).
+- ``<title>.json``: UI format (what people drag into ComfyUI or open from the template browser:
+  nodes with id/type/pos/size/inputs/outputs/widgets_values, a "links" array, version 0.4). Named
+  after the template's title because the browser shows custom-node templates by file name.
 - ``api/<name>.api.json``: API format (what ``POST /prompt`` takes; for scripts and headless
   runs). It lives in a subfolder because ComfyUI lists every ``workflows/*.json`` of a pack as a
   template, and an API-format file is not a loadable template.
 
 Node inputs, their order, which of them are widgets, the output types and the defaults of
-widgets not set below all come from a running ComfyUI's ``/object_info``, so the files match
+widgets a description does not set all come from a running ComfyUI's ``/object_info``, so the files match
 what the server and the web UI expect. Regenerate after changing a node's inputs:
 
     .venv/bin/python workflows/build_workflows.py            # starts a headless test server
@@ -28,245 +29,53 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 API_DIR = HERE / "api"
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Widgets the frontend adds after an INT named like this: how the value changes after each run.
 SEED_NAMES = {"seed", "noise_seed"}
 SEED_CONTROL = "fixed"
 
-MODEL_FILES = {
-    "unet": "flux1-kontext-dev.safetensors",
-    "clip_l": "clip_l.safetensors",
-    "t5": "t5xxl_fp16.safetensors",
-    "vae": "ae.safetensors",
-}
-# Shown by the web UI's missing-models dialog as download links.
-MODEL_URLS = {
-    "flux1-kontext-dev.safetensors": (
-        "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/resolve/main/flux1-kontext-dev.safetensors",
-        "diffusion_models",
-    ),
-    "clip_l.safetensors": (
-        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
-        "text_encoders",
-    ),
-    "t5xxl_fp16.safetensors": (
-        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
-        "text_encoders",
-    ),
-    "ae.safetensors": (
-        "https://huggingface.co/black-forest-labs/FLUX.1-schnell/resolve/main/ae.safetensors",
-        "vae",
-    ),
-}
-RESTORE_PROMPT = (
-    "Restore this photo: remove the noise, blur and compression artifacts and recover fine detail, "
-    "keeping the content, colors and composition exactly the same."
+from kontext_templates import (  # noqa: E402  (this folder is on sys.path: a script, or the tests)
+    LORA_NAME,
+    MODEL_FILES,
+    MODEL_URLS,
+    NOTE_TYPE,
+    TEMPLATES,
+    Node,
+    Template,
 )
-LORA_NAME = "kontext_restore"
+
+__all__ = ["LORA_NAME", "MODEL_FILES", "MODEL_URLS", "NOTE_TYPE", "TEMPLATES", "Node", "Template"]
+
+# name -> the function describing its nodes (the API file's name; see kontext_templates.Template).
+WORKFLOWS = {name: t.nodes for name, t in TEMPLATES.items()}
+
+# Layout, in canvas units. LiteGraph draws a node's title bar above its position.
+TITLE_H = 30
+GAP_X = 60
+GAP_Y = 40
+DEFAULT_WIDTH = 340
 
 
-@dataclass
-class Node:
-    id: int
-    type: str
-    pos: tuple[int, int]
-    widgets: dict = field(default_factory=dict)
-    # input name -> (source node id, source output slot)
-    links: dict[str, tuple[int, int]] = field(default_factory=dict)
-    title: str | None = None
-    size: tuple[int, int] | None = None
+def ui_path(name: str) -> Path:
+    """The UI file: named after the title, which is all the template browser shows."""
+    return HERE / f"{TEMPLATES[name].title}.json"
 
 
-# --------------------------------------------------------------------------------------------
-# The workflows
-# --------------------------------------------------------------------------------------------
+def api_path(name: str) -> Path:
+    return API_DIR / f"{name}.api.json"
 
 
-def _loaders(x: int = 0) -> list[Node]:
-    return [
-        Node(1, "UNETLoader", (x, 0), {"unet_name": MODEL_FILES["unet"], "weight_dtype": "default"}),
-        Node(
-            2,
-            "DualCLIPLoader",
-            (x, 140),
-            {"clip_name1": MODEL_FILES["clip_l"], "clip_name2": MODEL_FILES["t5"], "type": "flux"},
-        ),
-        Node(3, "VAELoader", (x, 340), {"vae_name": MODEL_FILES["vae"]}),
-        Node(
-            4,
-            "CLIPTextEncode",
-            (x + 380, 140),
-            {"text": RESTORE_PROMPT},
-            {"clip": (2, 0)},
-            title="Restoration prompt",
-            size=(400, 180),
-        ),
-    ]
-
-
-def _training(x: int = 0) -> list[Node]:
-    """Degradation -> folder dataset -> latent cache -> LoRA trainer -> loss plot (ids 5-11)."""
-    return [
-        Node(5, "KontextRestoreDegradation", (x, 460), {"kind": "realesrgan"}),
-        Node(
-            6,
-            "KontextRestoreDataset",
-            (x + 380, 400),
-            {"hq_folder": "restore_hq", "bucket_scale": 1.0, "val_count": 4, "seed": 0},
-            {"degradation": (5, 0)},
-        ),
-        Node(
-            7,
-            "KontextRestoreCacheLatents",
-            (x + 800, 400),
-            {"control_mode": "pool", "pool_size": 4, "seed": 0},
-            {"dataset": (6, 0), "vae": (3, 0)},
-        ),
-        Node(
-            8,
-            "KontextRestoreTrainLoRA",
-            (x + 1220, 0),
-            {"lora_name": LORA_NAME, "seed": 0},
-            {"model": (1, 0), "conditioning": (4, 0), "latents": (7, 0), "vae": (3, 0)},
-        ),
-        Node(9, "KontextRestoreLossPlot", (x + 1640, 0), {}, {"loss": (8, 2)}),
-        Node(
-            10, "PreviewImage", (x + 1640, 160), {}, {"images": (9, 0)}, title="Loss curve", size=(420, 360)
-        ),
-        Node(
-            11,
-            "PreviewAny",
-            (x + 1640, 560),
-            {},
-            {"source": (8, 3)},
-            title="Validation report",
-            size=(560, 220),
-        ),
-    ]
-
-
-def _restore_settings() -> dict:
-    return {
-        "mode": "auto",
-        "steps": 0,
-        "sampler_name": "euler",
-        "scheduler": "as_trained",
-        "seed": 0,
-        "bucket_scale": 1.0,
-    }
-
-
-def train_restoration_lora() -> list[Node]:
-    return _loaders() + _training()
-
-
-def restore_with_lora() -> list[Node]:
-    restore = _restore_settings() | {"lora_name": f"{LORA_NAME}.safetensors"}
-    return _loaders() + [
-        Node(
-            5,
-            "LoraLoaderModelOnly",
-            (380, 0),
-            {"lora_name": f"{LORA_NAME}.safetensors", "strength_model": 1.0},
-            {"model": (1, 0)},
-        ),
-        Node(
-            6, "LoadImage", (0, 460), {"image": "degraded_photo.png"}, title="Degraded photo", size=(320, 360)
-        ),
-        Node(
-            7,
-            "KontextRestoreRestore",
-            (820, 0),
-            restore,
-            {"model": (5, 0), "vae": (3, 0), "conditioning": (4, 0), "images": (6, 0)},
-        ),
-        Node(
-            8,
-            "SaveImage",
-            (1240, 0),
-            {"filename_prefix": "kontext_restore/restored"},
-            {"images": (7, 0)},
-            size=(420, 420),
-        ),
-    ]
-
-
-def train_then_evaluate() -> list[Node]:
-    y = 860
-    return (
-        _loaders()
-        + _training()
-        + [
-            Node(
-                12,
-                "LoadImage",
-                (0, y),
-                {"image": "clean_photo.png"},
-                title="Clean reference",
-                size=(320, 360),
-            ),
-            Node(13, "KontextRestoreBucketImage", (380, y), {"bucket_scale": 1.0}, {"images": (12, 0)}),
-            Node(
-                14,
-                "KontextRestoreDegradeImage",
-                (800, y),
-                {"seed": 1},
-                {"images": (13, 0), "degradation": (5, 0)},
-                title="Degraded input",
-            ),
-            Node(
-                15,
-                "KontextRestoreRestore",
-                (1220, 620),
-                _restore_settings(),
-                {
-                    "model": (8, 0),
-                    "vae": (3, 0),
-                    "conditioning": (4, 0),
-                    "images": (14, 0),
-                    "lora_name": (8, 1),
-                },
-            ),
-            Node(
-                16,
-                "SaveImage",
-                (2240, 0),
-                {"filename_prefix": "kontext_restore/evaluated"},
-                {"images": (15, 0)},
-                size=(420, 420),
-            ),
-            Node(
-                17,
-                "PreviewImage",
-                (1220, y + 200),
-                {},
-                {"images": (14, 0)},
-                title="Degraded preview",
-                size=(320, 320),
-            ),
-            Node(
-                18,
-                "KontextRestoreMetrics",
-                (2240, 480),
-                {},
-                {"restored": (15, 0), "reference": (13, 0), "degraded": (14, 0)},
-            ),
-            Node(19, "PreviewAny", (2240, 680), {}, {"source": (18, 0)}, title="Metrics", size=(560, 200)),
-        ]
-    )
-
-
-WORKFLOWS = {
-    "train_restoration_lora": train_restoration_lora,
-    "restore_with_lora": restore_with_lora,
-    "train_then_evaluate": train_then_evaluate,
-}
+def thumbnail_path(name: str) -> Path:
+    """The template browser's thumbnail: <file name>.jpg beside the UI file."""
+    return HERE / f"{TEMPLATES[name].title}.jpg"
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,23 +86,29 @@ WORKFLOWS = {
 @dataclass
 class InputSpec:
     name: str
-    type: str  # "COMBO" for lists of options
+    type: str  # "COMBO" for lists of options; several types joined by commas ("COMBO,STRING")
     options: dict
     choices: list | None
     optional: bool
 
     @property
+    def widget_type(self) -> str:
+        """The widget the frontend draws: an input of several types names it in ``widgetType``
+        (V3 ``MultiType``, e.g. a LoRA combo that also takes a STRING link)."""
+        return self.options.get("widgetType") or self.type
+
+    @property
     def is_widget(self) -> bool:
-        return self.type in WIDGET_TYPES and not self.options.get("forceInput", False)
+        return self.widget_type in WIDGET_TYPES and not self.options.get("forceInput", False)
 
     def default(self):
         if "default" in self.options:
             return self.options["default"]
-        if self.type == "COMBO":
+        if self.widget_type == "COMBO":
             if not self.choices:
                 raise ValueError(f"combo input {self.name!r} has no options and no value was given")
             return self.choices[0]
-        return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[self.type]
+        return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[self.widget_type]
 
     def extra_widget_values(self) -> list:
         """Values of the helper widgets the frontend adds after this one (seed control, upload)."""
@@ -316,7 +131,7 @@ def node_inputs(info: dict) -> list[InputSpec]:
             choices = None
             if isinstance(kind, list):
                 kind, choices = "COMBO", kind
-            elif kind == "COMBO":
+            elif "COMBO" in (kind, options.get("widgetType")):
                 choices = options.get("options", [])
             specs.append(InputSpec(name, kind, options, choices, section == "optional"))
     return specs
@@ -329,7 +144,9 @@ def display_title(node: Node, info: dict) -> str:
 def to_api(nodes: list[Node], object_info: dict) -> dict:
     """API format straight from the description (widget defaults filled from /object_info)."""
     api = {}
-    for node in nodes:
+    for node in sorted(nodes, key=lambda n: n.id):
+        if node.type == NOTE_TYPE:  # drawn by the frontend only, never sent to the server
+            continue
         info = object_info[node.type]
         inputs = {}
         specs = node_inputs(info)
@@ -365,9 +182,69 @@ def _execution_order(nodes: list[Node]) -> dict[int, int]:
 
 
 def _size(node: Node, n_inputs: int, n_outputs: int, n_widgets: int) -> list[int]:
+    """The node's size below its title bar. The default is above what both supported frontends
+    compute as the minimum (LiteGraph's computeSize: 20 px per slot row and 24 per widget,
+    measured in 1.32 and 1.49; tests/test_web_ui.py checks every template node against it)."""
     if node.size:
         return list(node.size)
-    return [340, 30 + 22 * max(n_inputs, n_outputs) + 26 * n_widgets]
+    return [DEFAULT_WIDTH, 30 + 22 * max(n_inputs, n_outputs) + 26 * n_widgets + node.room]
+
+
+def layout(nodes: list[Node], sizes: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Positions: columns left to right, each as wide as its widest node, nodes stacked in the
+    order listed with room for the title bar between them, so no two nodes overlap."""
+    columns: dict[int, list[Node]] = {}
+    for node in nodes:
+        columns.setdefault(node.col, []).append(node)
+    pos, x = {}, 0
+    for col in sorted(columns):
+        y = 0
+        for node in columns[col]:
+            pos[node.id] = [x, y]
+            y += sizes[node.id][1] + TITLE_H + GAP_Y
+        x += max(sizes[n.id][0] for n in columns[col]) + GAP_X
+    return pos
+
+
+def node_boxes(ui: dict) -> list[tuple[str, list[float]]]:
+    """Each node of a UI workflow as (label, [x, y, width, height]) on the canvas, title bar
+    included (LiteGraph draws it above ``pos``)."""
+    return [
+        (f"{n['id']} {n.get('title') or n['type']}", [n["pos"][0], n["pos"][1] - TITLE_H, *n["size"]])
+        for n in ui["nodes"]
+    ]
+
+
+def overlapping(boxes: list[tuple[str, list[float]]]) -> list[tuple[str, str]]:
+    """The pairs of boxes that overlap (touching edges do not count)."""
+    pairs = []
+    for i, (a, (ax, ay, aw, ah)) in enumerate(boxes):
+        for b, (bx, by, bw, bh) in boxes[i + 1 :]:
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                pairs.append((a, b))
+    return pairs
+
+
+def _note_entry(node: Node) -> dict:
+    """A core Note node as the frontend saves one (its colours are the frontend's defaults)."""
+    entry = {
+        "id": node.id,
+        "type": NOTE_TYPE,
+        "pos": [0, 0],
+        "size": list(node.size or (400, 300)),
+        "flags": {},
+        "order": 0,
+        "mode": 0,
+        "inputs": [],
+        "outputs": [],
+        "properties": {},
+        "widgets_values": [node.widgets["text"]],
+        "color": "#432",
+        "bgcolor": "#653",
+    }
+    if node.title:
+        entry["title"] = node.title
+    return entry
 
 
 def to_ui(nodes: list[Node], object_info: dict) -> dict:
@@ -378,6 +255,8 @@ def to_ui(nodes: list[Node], object_info: dict) -> dict:
     link_of: dict[tuple[int, str], int] = {}
     outgoing: dict[tuple[int, int], list[int]] = {}
     for node in sorted(nodes, key=lambda n: n.id):
+        if node.type == NOTE_TYPE:
+            continue
         names = {s.name for s in node_inputs(object_info[node.type])}
         for name in node.links:
             if name not in names:
@@ -397,6 +276,9 @@ def to_ui(nodes: list[Node], object_info: dict) -> dict:
             outgoing.setdefault((src, slot), []).append(link_id)
     ui_nodes = []
     for node in sorted(nodes, key=lambda n: n.id):
+        if node.type == NOTE_TYPE:
+            ui_nodes.append(_note_entry(node) | {"order": order[node.id]})
+            continue
         info = object_info[node.type]
         inputs, widgets_values = [], []
         for spec in node_inputs(info):
@@ -433,7 +315,7 @@ def to_ui(nodes: list[Node], object_info: dict) -> dict:
         entry = {
             "id": node.id,
             "type": node.type,
-            "pos": list(node.pos),
+            "pos": [0, 0],
             "size": _size(node, len(inputs), len(outputs), len(widgets_values)),
             "flags": {},
             "order": order[node.id],
@@ -446,6 +328,9 @@ def to_ui(nodes: list[Node], object_info: dict) -> dict:
         if node.title:
             entry["title"] = node.title
         ui_nodes.append(entry)
+    positions = layout(nodes, {n["id"]: n["size"] for n in ui_nodes})
+    for entry in ui_nodes:
+        entry["pos"] = positions[entry["id"]]
     return {
         "id": "00000000-0000-4000-8000-000000000000",
         "revision": 0,
@@ -466,7 +351,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in ui["links"]}
     api = {}
     for node in ui["nodes"]:
-        if node.get("mode", 0) != 0:
+        if node.get("mode", 0) != 0 or node["type"] == NOTE_TYPE:
             continue
         info = object_info[node["type"]]
         values = list(node.get("widgets_values") or [])
@@ -538,9 +423,17 @@ def build_all(object_info: dict) -> dict[Path, dict]:
     files = {}
     for name, describe in WORKFLOWS.items():
         nodes = describe()
-        files[HERE / f"{name}.json"] = to_ui(nodes, object_info)
-        files[API_DIR / f"{name}.api.json"] = to_api(nodes, object_info)
+        files[ui_path(name)] = to_ui(nodes, object_info)
+        files[api_path(name)] = to_api(nodes, object_info)
     return files
+
+
+def unexpected_files() -> list[Path]:
+    """JSON files in this folder or api/ that no template produces (e.g. left by a rename):
+    ComfyUI would list a stray UI file as a template."""
+    expected = {ui_path(n) for n in TEMPLATES} | {api_path(n) for n in TEMPLATES}
+    found = set(HERE.glob("*.json")) | set(API_DIR.glob("*.json"))
+    return sorted(found - expected)
 
 
 def dump(content: dict) -> str:
@@ -569,20 +462,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report stale files (exit 1)")
     args = parser.parse_args(argv)
     files = build_all(_object_info(args.url))
-    stale = stale_files(files)
+    stale, extra = stale_files(files), unexpected_files()
     if args.check:
         for p in stale:
             print(f"stale: {p.relative_to(HERE.parent)}")
-        return 1 if stale else 0
+        for p in extra:
+            print(f"not a template of build_workflows.py (remove it): {p.relative_to(HERE.parent)}")
+        return 1 if stale or extra else 0
     # A workflow's two files are rewritten together, and only when one of them really changed:
     # regenerating on another ComfyUI version leaves them alone.
-    rewrite = {p.name.removesuffix(".api.json").removesuffix(".json") for p in stale}
-    for path, content in files.items():
-        name = path.name.removesuffix(".api.json").removesuffix(".json")
-        if name in rewrite:
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(dump(content))
-        print(("wrote " if name in rewrite else "unchanged ") + str(path.relative_to(HERE.parent)))
+    for name in TEMPLATES:
+        pair = (ui_path(name), api_path(name))
+        rewrite = any(p in stale for p in pair)
+        for path in pair:
+            if rewrite:
+                path.parent.mkdir(exist_ok=True)
+                path.write_text(dump(files[path]))
+            print(("wrote " if rewrite else "unchanged ") + str(path.relative_to(HERE.parent)))
+    for p in extra:
+        print(f"warning: not a template of build_workflows.py (remove it): {p.relative_to(HERE.parent)}")
     return 0
 
 

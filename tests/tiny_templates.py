@@ -1,0 +1,78 @@
+"""The example templates made small enough to run on the CPU in the test server: the tiny
+test-only loaders of tests/host_nodes instead of the real model files, small buckets, few steps.
+Used on API files (tests/test_workflows.py) and on the templates' descriptions, to build a UI
+workflow the web UI queues itself (tests/test_web_ui.py)."""
+
+from __future__ import annotations
+
+import copy
+
+# Loader swaps for the tiny test-only models in tests/host_nodes (each takes only a seed).
+TINY_LOADERS = {
+    "UNETLoader": "KontextRestoreTestTinyFlux",
+    "DualCLIPLoader": "KontextRestoreTestTinyClip",
+    "VAELoader": "KontextRestoreTestTinyVAE",
+}
+# Per node type: the inputs changed so that a run takes seconds on the CPU.
+CPU_SETTINGS = {
+    "KontextRestoreDataset": {"val_count": 1},
+    "KontextRestoreCacheLatents": {"pool_size": 1},
+    "KontextRestoreTrainLoRA": {
+        "steps": 4,
+        "rank": 4,
+        "batch_size": 2,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+        "validate_every_epochs": 1,
+        "validation_steps": 2,
+        "learning_rate": 1e-3,
+    },
+    "KontextRestoreRestore": {"steps": 2},
+}
+CPU_BUCKET_SCALE = 0.25
+
+
+def _changes(kind: str, inputs: dict, dataset: str, images: dict[str, str], run: str) -> dict:
+    changes = dict(CPU_SETTINGS.get(kind, {}))
+    if "bucket_scale" in inputs:
+        changes["bucket_scale"] = CPU_BUCKET_SCALE
+    if kind == "KontextRestoreDataset":
+        changes["hq_folder"] = dataset
+    elif kind == "KontextRestoreCacheLatents":
+        changes["cache_folder"] = f"kontext_restore_cache/{run}"
+    elif kind == "KontextRestoreTrainLoRA":
+        changes["lora_name"] = run
+    elif kind == "LoadImage":
+        changes["image"] = images[inputs["image"]]
+    elif kind == "SaveImage":
+        changes["filename_prefix"] = f"{run}/{inputs['filename_prefix'].split('/')[-1]}"
+    return changes
+
+
+def shrink_api(api: dict, dataset: str, images: dict[str, str], run: str) -> dict:
+    """An API-format template with tiny loaders, small buckets and few steps."""
+    api = copy.deepcopy(api)
+    for node in api.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind in TINY_LOADERS:
+            node["class_type"], node["inputs"] = TINY_LOADERS[kind], {"seed": 0}
+            continue
+        inputs.update(_changes(kind, inputs, dataset, images, run))
+    return api
+
+
+def shrink_nodes(nodes: list, object_info: dict, dataset: str, images: dict[str, str], run: str) -> list:
+    """A template's node descriptions (workflows/kontext_templates.Node) changed the same way;
+    widgets a description leaves at the node default are given explicitly where they change."""
+    nodes = copy.deepcopy(nodes)
+    for node in nodes:
+        if node.type in TINY_LOADERS:
+            node.type, node.widgets = TINY_LOADERS[node.type], {"seed": 0}
+            continue
+        if node.type not in object_info:  # the frontend's Note
+            continue
+        info = object_info[node.type]["input"]
+        names = set(info.get("required", {})) | set(info.get("optional", {}))
+        current = {n: node.widgets.get(n) for n in names if n not in node.links}
+        node.widgets.update(_changes(node.type, current, dataset, images, run))
+    return nodes

@@ -1,0 +1,353 @@
+"""What the example workflows contain: nodes, links, the settings that are not node defaults,
+the Note each one carries, and its title and one-line description.
+
+``build_workflows.py`` turns these descriptions into the UI and API files. Widgets not set here
+take the node's default from ``/object_info`` (for this pack's nodes: kontext_train/options.py),
+so a template shows the same defaults as the node and the command; where a template deliberately
+sets another value, its Note says which and why.
+
+ComfyUI's template browser shows a custom-node template by its file name only (title and
+description both; frontends 1.32 and 1.49 read nothing else), so each UI file is named after the
+title, and its thumbnail is the ``.jpg`` of the same name beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+MODEL_FILES = {
+    "unet": "flux1-kontext-dev.safetensors",
+    "clip_l": "clip_l.safetensors",
+    "t5": "t5xxl_fp16.safetensors",
+    "vae": "ae.safetensors",
+}
+# Shown by the web UI's missing-models dialog as download links.
+MODEL_URLS = {
+    "flux1-kontext-dev.safetensors": (
+        "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/resolve/main/flux1-kontext-dev.safetensors",
+        "diffusion_models",
+    ),
+    "clip_l.safetensors": (
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+        "text_encoders",
+    ),
+    "t5xxl_fp16.safetensors": (
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
+        "text_encoders",
+    ),
+    "ae.safetensors": (
+        "https://huggingface.co/black-forest-labs/FLUX.1-schnell/resolve/main/ae.safetensors",
+        "vae",
+    ),
+}
+RESTORE_PROMPT = (
+    "Restore this photo: remove the noise, blur and compression artifacts and recover fine detail, "
+    "keeping the content, colors and composition exactly the same."
+)
+LORA_NAME = "kontext_restore"
+# The training templates load the base model in fp8 so that training fits a 24 GB card.
+TRAIN_WEIGHT_DTYPE = "fp8_e4m3fn"
+NOTE_TYPE = "Note"  # the frontend's own note node (virtual: never sent to the server)
+
+
+@dataclass
+class Node:
+    """One node. ``col`` is the layout column (left to right); nodes of a column are stacked top
+    to bottom in the order they are listed (build_workflows.layout)."""
+
+    id: int
+    type: str
+    col: int
+    widgets: dict = field(default_factory=dict)
+    # input name -> (source node id, source output slot)
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)
+    title: str | None = None
+    size: tuple[int, int] | None = None
+    # Height kept free below the widgets for what the node shows once it has run (the trainer's
+    # progress line and validation images), so it does not grow over the node below it.
+    room: int = 0
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str  # API file name (api/<name>.api.json), for scripts
+    title: str  # UI file name: what the template browser and the workflow tab show
+    description: str  # one line, first in the Note and in the READMEs
+    nodes: Callable[[], list[Node]]
+
+
+# --------------------------------------------------------------------------------------------
+# Notes
+# --------------------------------------------------------------------------------------------
+
+MODELS_NOTE = """\
+Models (FLUX.1 Kontext [dev]) and the ComfyUI folders they go in:
+• models/diffusion_models/flux1-kontext-dev.safetensors: the FLUX.1 Kontext [dev] diffusion \
+model, from huggingface.co/black-forest-labs/FLUX.1-Kontext-dev. That page asks you to accept \
+its licence (FLUX.1 [dev] Non-Commercial License) while logged in to Hugging Face before the \
+download works.
+• models/vae/ae.safetensors: the Flux VAE ("ae").
+• models/text_encoders/clip_l.safetensors and t5xxl_fp16.safetensors: the clip_l and t5xxl \
+text encoders (huggingface.co/comfyanonymous/flux_text_encoders).
+The loaders offer download links when a file is missing."""
+
+# The one sentence to update with kontext-train plan --table's numbers (README "Will it fit?").
+TRAIN_MEMORY_NOTE = """\
+GPU memory (numbers: README "Will it fit?"):
+• 24 GB card: this template as it is: weight_dtype fp8_e4m3fn (fp8 base model), bucket_scale \
+1.0 (1024 px buckets), gradient_checkpointing on, rank 16, batch_size 1.
+• 16 GB card: the same with bucket_scale 0.5 (512 px buckets)."""
+
+TRAIN_DEFAULTS_NOTE = """\
+Every setting is the node's default except weight_dtype: fp8_e4m3fn instead of default, so that \
+training fits a 24 GB card."""
+
+
+def _note(template_title: str, description: str, *parts: str) -> str:
+    return "\n\n".join((f"{template_title}\n{description}", *parts))
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _loaders(col: int, weight_dtype: str = "default") -> list[Node]:
+    """Model, text encoders and VAE (ids 1-3), stacked in one column."""
+    return [
+        Node(1, "UNETLoader", col, {"unet_name": MODEL_FILES["unet"], "weight_dtype": weight_dtype}),
+        Node(
+            2,
+            "DualCLIPLoader",
+            col,
+            {"clip_name1": MODEL_FILES["clip_l"], "clip_name2": MODEL_FILES["t5"], "type": "flux"},
+        ),
+        Node(3, "VAELoader", col, {"vae_name": MODEL_FILES["vae"]}),
+    ]
+
+
+def _prompt(col: int) -> Node:
+    return Node(
+        4,
+        "CLIPTextEncode",
+        col,
+        {"text": RESTORE_PROMPT},
+        {"clip": (2, 0)},
+        title="Restoration prompt",
+        size=(400, 180),
+    )
+
+
+def _training(data_col: int) -> list[Node]:
+    """Degradation -> folder dataset -> latent cache -> LoRA trainer -> loss plot, and the
+    dataset summary with the validation report in one text preview (ids 5-11, 20). Uses columns
+    data_col - 1 .. data_col + 2.
+
+    The dataset summary reaches its preview through a join with the trainer's report: a preview
+    fed by the Dataset node alone would be an output that does not need the trainer, so ComfyUI
+    would accept a graph whose trainer is invalid (missing model files, a bad setting), run the
+    dataset part and answer HTTP 200 instead of refusing it (tests/test_server.py)."""
+    return [
+        Node(5, "KontextRestoreDegradation", data_col - 1),
+        Node(6, "KontextRestoreDataset", data_col, {}, {"degradation": (5, 0)}),
+        Node(7, "KontextRestoreCacheLatents", data_col, {}, {"dataset": (6, 0), "vae": (3, 0)}),
+        Node(
+            8,
+            "KontextRestoreTrainLoRA",
+            data_col + 1,
+            {},
+            {"model": (1, 0), "conditioning": (4, 0), "latents": (7, 0), "vae": (3, 0)},
+            room=TRAINER_PREVIEW_H,
+        ),
+        Node(9, "KontextRestoreLossPlot", data_col + 2, {}, {"loss": (8, 2)}),
+        Node(10, "PreviewImage", data_col + 2, {}, {"images": (9, 0)}, title="Loss curve", size=(460, 360)),
+        Node(
+            20,
+            "StringConcatenate",
+            data_col + 2,
+            {"delimiter": "\n\n"},
+            {"string_a": (6, 1), "string_b": (8, 3)},
+            title="Dataset summary + validation report",
+            size=(460, 130),
+        ),
+        Node(
+            11,
+            "PreviewAny",
+            data_col + 2,
+            {},
+            {"source": (20, 0)},
+            title="Dataset summary and validation report",
+            size=(460, 360),
+        ),
+    ]
+
+
+NOTE_SIZE = (560, 620)
+# The trainer's progress text and its grid of held-out images (degraded | restored | clean),
+# as frontend 1.49 draws them below the widgets (measured: about 270 px).
+TRAINER_PREVIEW_H = 320
+
+
+def _note_node(node_id: int, col: int, text: str) -> Node:
+    return Node(node_id, NOTE_TYPE, col, {"text": text}, title="Read me", size=NOTE_SIZE)
+
+
+# --------------------------------------------------------------------------------------------
+# The templates
+# --------------------------------------------------------------------------------------------
+
+TRAIN = Template(
+    "train_restoration_lora",
+    "Train a Kontext restoration LoRA",
+    "Trains a LoRA that removes noise, blur and JPEG artifacts, from a folder of clean photos "
+    "(ComfyUI/input/restore_hq) degraded on the fly.",
+    lambda: train_restoration_lora(),
+)
+RESTORE = Template(
+    "restore_with_lora",
+    "Restore photos with a Kontext LoRA",
+    "Restores a degraded photo with a trained LoRA (models/loras/kontext_restore.safetensors) and "
+    "saves the result.",
+    lambda: restore_with_lora(),
+)
+EVALUATE = Template(
+    "train_then_evaluate",
+    "Train and evaluate a Kontext LoRA",
+    "Trains the LoRA, then degrades a clean reference photo, restores it with the new LoRA and "
+    "scores restored against reference (PSNR/SSIM, the degraded input as the baseline).",
+    lambda: train_then_evaluate(),
+)
+
+TRAIN_STEPS_NOTE = """\
+Put your clean photos in ComfyUI/input/restore_hq (sub-folders are fine) and queue. "Dataset \
+summary and validation report" shows, once training ends, which images were used or skipped (and \
+why), the split, the buckets and the held-out scores; ComfyUI's console prints the dataset \
+summary as soon as the folder is read. The LoRA is written to \
+models/loras/kontext_restore.safetensors, checkpoints to output/kontext_restore/; an \
+interrupted run continues from its last checkpoint when queued again."""
+
+
+def train_restoration_lora() -> list[Node]:
+    note = _note(
+        TRAIN.title, TRAIN.description, TRAIN_STEPS_NOTE, MODELS_NOTE, TRAIN_MEMORY_NOTE, TRAIN_DEFAULTS_NOTE
+    )
+    return [
+        _note_node(21, 0, note),
+        *_loaders(1, TRAIN_WEIGHT_DTYPE),
+        _prompt(2),
+        *_training(3),
+    ]
+
+
+RESTORE_NOTE = """\
+Load your degraded photo in "Degraded photo" and queue; the result is saved to \
+output/kontext_restore/. Restore Image reads the settings the LoRA was trained with from its \
+file (lora_name), so keep it equal to the LoRA that Load LoRA applies.
+
+Settings are the nodes' defaults except Restore Image's lora_name (kontext_restore.safetensors \
+instead of none, so that mode auto samples the way that LoRA was trained)."""
+
+RESTORE_MEMORY_NOTE = """\
+GPU memory (numbers: README "Will it fit?"): ComfyUI keeps in GPU memory what fits and offloads \
+the rest; weight_dtype fp8_e4m3fn on Load Diffusion Model halves the model's memory."""
+
+
+def restore_with_lora() -> list[Node]:
+    lora_file = f"{LORA_NAME}.safetensors"
+    note = _note(RESTORE.title, RESTORE.description, RESTORE_NOTE, MODELS_NOTE, RESTORE_MEMORY_NOTE)
+    return [
+        _note_node(9, 0, note),
+        *_loaders(1),
+        Node(
+            5,
+            "LoraLoaderModelOnly",
+            2,
+            {"lora_name": lora_file, "strength_model": 1.0},
+            {"model": (1, 0)},
+        ),
+        _prompt(2),
+        Node(6, "LoadImage", 2, {"image": "degraded_photo.png"}, title="Degraded photo", size=(400, 400)),
+        Node(
+            7,
+            "KontextRestoreRestore",
+            3,
+            {"lora_name": lora_file},
+            {"model": (5, 0), "vae": (3, 0), "conditioning": (4, 0), "images": (6, 0)},
+        ),
+        Node(
+            8,
+            "SaveImage",
+            4,
+            {"filename_prefix": "kontext_restore/restored"},
+            {"images": (7, 0)},
+            size=(460, 460),
+        ),
+    ]
+
+
+EVALUATE_STEPS_NOTE = """\
+Put your clean photos in ComfyUI/input/restore_hq and a clean reference photo (not one of them) \
+in "Clean reference", then queue. The reference is degraded like the training data, restored \
+with the LoRA just trained (Train LoRA's model and lora_name outputs) and scored: "Metrics" \
+compares restored and degraded against the reference."""
+
+
+def train_then_evaluate() -> list[Node]:
+    note = _note(
+        EVALUATE.title,
+        EVALUATE.description,
+        EVALUATE_STEPS_NOTE,
+        MODELS_NOTE,
+        TRAIN_MEMORY_NOTE,
+        TRAIN_DEFAULTS_NOTE,
+    )
+    return [
+        _note_node(21, 0, note),
+        Node(12, "LoadImage", 0, {"image": "clean_photo.png"}, title="Clean reference", size=(400, 400)),
+        *_loaders(1, TRAIN_WEIGHT_DTYPE),
+        Node(13, "KontextRestoreBucketImage", 1, {}, {"images": (12, 0)}),
+        _prompt(2),
+        *_training(3),
+        Node(
+            14,
+            "KontextRestoreDegradeImage",
+            2,
+            {},
+            {"images": (13, 0), "degradation": (5, 0)},
+            title="Degraded input",
+        ),
+        Node(17, "PreviewImage", 2, {}, {"images": (14, 0)}, title="Degraded preview", size=(400, 320)),
+        Node(
+            15,
+            "KontextRestoreRestore",
+            4,
+            {},
+            {
+                "model": (8, 0),
+                "vae": (3, 0),
+                "conditioning": (4, 0),
+                "images": (14, 0),
+                "lora_name": (8, 1),
+            },
+        ),
+        Node(
+            18,
+            "KontextRestoreMetrics",
+            6,
+            {},
+            {"restored": (15, 0), "reference": (13, 0), "degraded": (14, 0)},
+        ),
+        Node(19, "PreviewAny", 6, {}, {"source": (18, 0)}, title="Metrics", size=(460, 200)),
+        Node(
+            16,
+            "SaveImage",
+            6,
+            {"filename_prefix": "kontext_restore/evaluated"},
+            {"images": (15, 0)},
+            size=(460, 460),
+        ),
+    ]
+
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in (TRAIN, RESTORE, EVALUATE)}
