@@ -90,7 +90,7 @@ download works.
 • models/vae/ae.safetensors: the Flux VAE ("ae").
 • models/text_encoders/clip_l.safetensors and t5xxl_fp16.safetensors: the clip_l and t5xxl \
 text encoders (huggingface.co/comfyanonymous/flux_text_encoders).
-The loaders offer download links when a file is missing."""
+The web UI offers download links for missing files."""
 
 # The one sentence to update with kontext-train plan --table's numbers (README "Will it fit?").
 TRAIN_MEMORY_NOTE = """\
@@ -183,7 +183,7 @@ def _training(data_col: int) -> list[Node]:
     ]
 
 
-NOTE_SIZE = (560, 620)
+NOTE_SIZE = (560, 460)
 # The trainer's progress text and its grid of held-out images (degraded | restored | clean),
 # as frontend 1.49 draws them below the widgets (measured: about 270 px).
 TRAINER_PREVIEW_H = 320
@@ -250,7 +250,8 @@ instead of none, so that mode auto samples the way that LoRA was trained)."""
 
 RESTORE_MEMORY_NOTE = """\
 GPU memory (numbers: README "Will it fit?"): ComfyUI keeps in GPU memory what fits and offloads \
-the rest; weight_dtype fp8_e4m3fn on Load Diffusion Model halves the model's memory."""
+the rest; weight_dtype fp8_e4m3fn on Load Diffusion Model halves the memory of the model's weights \
+(1 byte each instead of 2)."""
 
 
 def restore_with_lora() -> list[Node]:
