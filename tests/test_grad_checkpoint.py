@@ -1,17 +1,18 @@
 """Backward through Flux blocks (kontext_train/grad_checkpoint.py): LoRA gradients with and without
-activation checkpointing match finite differences."""
+activation checkpointing match finite differences, with the LoRA on activations and on weights."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from conftest import make_conditioning, make_tiny_flux
 
 from kontext_train import comfyui
 
 
-def _lora_gradients(checkpointing: bool):
+def _lora_gradients(checkpointing: bool, lora_form: str = "activations"):
     torch.manual_seed(0)
     model = comfyui.FluxLoraModel(
         make_tiny_flux(5, dtype=torch.float64),
@@ -20,7 +21,9 @@ def _lora_gradients(checkpointing: bool):
         targets="blocks",
         gradient_checkpointing=checkpointing,
         lora_dtype=torch.float64,
+        lora_form=lora_form,
     )
+    assert model.lora_form == lora_form
     model.load()
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -39,14 +42,15 @@ def _lora_gradients(checkpointing: bool):
     return model, loss_fn
 
 
-def test_checkpointed_gradients_match_finite_differences(comfy_root):
+@pytest.mark.parametrize("lora_form", ["activations", "weights"])
+def test_checkpointed_gradients_match_finite_differences(comfy_root, lora_form):
     """Backward through Flux blocks (in-place residual adds) with checkpointing is exact.
 
     Checked as a directional derivative along a random direction over every LoRA parameter:
     ComfyUI's RoPE runs in float32 even in a float64 model, so single-element differences drown
     in rounding, while a whole-direction difference is well above it.
     """
-    model, loss_fn = _lora_gradients(checkpointing=True)
+    model, loss_fn = _lora_gradients(checkpointing=True, lora_form=lora_form)
     params = model.parameters()
     g = torch.Generator().manual_seed(1)
     dirs = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
@@ -65,6 +69,6 @@ def test_checkpointed_gradients_match_finite_differences(comfy_root):
     assert abs(analytic) > 1e-3
     assert math.isclose(analytic, numeric, rel_tol=1e-4), (analytic, numeric)
 
-    plain, _ = _lora_gradients(checkpointing=False)
+    plain, _ = _lora_gradients(checkpointing=False, lora_form=lora_form)
     for a, b in zip(params, plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)

@@ -210,3 +210,18 @@ def test_bad_lora_names_are_refused(name):
 def test_good_lora_names_are_normalised():
     assert sanitize_lora_name("restore") == "restore.safetensors"
     assert sanitize_lora_name("sub/dir/x.safetensors") == "sub/dir/x.safetensors"
+
+
+def test_on_activations_adds_to_an_input_what_the_weight_wrapper_adds_to_the_weight():
+    """The two forms of one adapter agree: ``x @ wrapper(W).T == x @ W.T + on_activations(x)``, in
+    the input's dtype (float64 stays float64, bfloat16 inputs give bfloat16)."""
+    g = torch.Generator().manual_seed(2)
+    adapter = LoraAdapter(24, 40, rank=3, alpha=5.0, generator=g)
+    with torch.no_grad():
+        adapter.up.normal_(generator=g)
+    weight = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 7, 40, generator=g, dtype=torch.float64)
+    term = adapter.on_activations(x)
+    assert term.dtype == torch.float64 and term.abs().max() > 0.1
+    torch.testing.assert_close(x @ weight.T + term, x @ adapter(weight).T, rtol=1e-12, atol=1e-12)
+    assert adapter.on_activations(x.bfloat16()).dtype == torch.bfloat16

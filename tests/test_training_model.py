@@ -182,3 +182,152 @@ def test_conditioning_neither_can_honour_is_refused_by_both(comfy_root, extra, m
         comfyui.prepare_conditioning(conditioning, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match=match):
         with_reference_and_guidance(conditioning, None, 1.5)
+
+
+# -- how the adapters act: on activations (default) or as weight wrappers ---------------------
+
+
+def _nonzero_forms(model, targets="all_linear"):
+    """The two forms on one model, with the same non-zero adapters (float64)."""
+    lms = {
+        form: comfyui.FluxLoraModel(
+            model, rank=2, alpha=3, targets=targets, lora_dtype=torch.float64, lora_form=form
+        )
+        for form in ("activations", "weights")
+    }
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for path, a in lms["activations"].adapters.items():
+            a.up.copy_(torch.randn(a.up.shape, generator=g, dtype=torch.float64) * 0.1)
+            lms["weights"].adapters[path].up.copy_(a.up)
+            lms["weights"].adapters[path].down.copy_(a.down)
+    return lms
+
+
+def test_activations_and_weights_forms_give_the_same_velocity_and_gradients(comfy_root):
+    """``base(x) + scale * (x @ down.T) @ up.T`` is ``x @ (W + scale * up @ down).T``: the same
+    velocity and the same LoRA gradients, through checkpointed blocks, on every Linear layer."""
+    model = make_tiny_flux(6, dtype=torch.float64)
+    lms = _nonzero_forms(model)
+    assert [lm.lora_form for lm in lms.values()] == ["activations", "weights"]
+    g = torch.Generator().manual_seed(4)
+    x, ref = (torch.randn(2, 16, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    sigma = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    out, grads = {}, {}
+    for form, lm in lms.items():
+        lm.load()
+        with lm.training():
+            v = lm.velocity(x, sigma, lm.prepare_conditioning(make_conditioning()), 1.5, reference=ref)
+            v.pow(2).sum().backward()
+        out[form], grads[form] = v.detach(), [p.grad for p in lm.parameters()]
+        lm.release()
+    assert out["activations"].dtype == torch.float64
+    torch.testing.assert_close(out["activations"], out["weights"], rtol=1e-12, atol=1e-12)
+    assert all(g is not None and g.abs().max() > 0 for g in grads["activations"])
+    for a, b in zip(grads["activations"], grads["weights"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _base_output(model, x):
+    """The input MODEL run the way ComfyUI's sampler runs it (loaded through its memory manager)."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model], force_full_load=True)
+    context, pooled = comfyui.prepare_conditioning(make_conditioning(), x.device, x.dtype).batch(1)
+    with torch.no_grad():
+        return model.model.apply_model(
+            x, torch.tensor([0.7]), c_crossattn=context, y=pooled, guidance=torch.full((1,), 1.5)
+        )
+
+
+def test_shared_model_is_untouched_by_training_and_release(comfy_root):
+    """The LoRA forwards exist only while the training clone is ComfyUI's loaded copy: running the
+    input MODEL meanwhile gives its own output, the trainer's next call brings its LoRA back (as
+    validation does after the VAE took the memory), and release leaves no instance forward."""
+    model = make_tiny_flux(7)
+    x = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(8))
+    before = _base_output(model, x)
+    lm = comfyui.FluxLoraModel(model, rank=2, alpha=2, targets="all_linear")
+    lm.load()
+    with torch.no_grad():
+        for a in lm.adapters.values():
+            a.up.fill_(0.05)
+    cond = lm.prepare_conditioning(make_conditioning())
+    sigma = torch.tensor([0.7])
+    with torch.no_grad():
+        trained = lm.velocity(x, sigma, cond, 1.5)
+    layers = [m for p, m in model.model.diffusion_model.named_modules() if p in lm.adapters]
+    assert all("forward" in vars(m) for m in layers)  # on the shared modules while it is loaded
+
+    torch.testing.assert_close(_base_output(model, x), before, rtol=0, atol=0)
+    with torch.no_grad():
+        again = lm.velocity(x, sigma, cond, 1.5)
+    torch.testing.assert_close(again, trained, rtol=0, atol=0)
+    lm.release()
+    assert not any("forward" in vars(m) for m in model.model.diffusion_model.modules())
+    torch.testing.assert_close(_base_output(model, x), before, rtol=0, atol=0)
+    # The LoRA does change the velocity (denoised = x - sigma * v), so the checks above can fail.
+    assert (trained - (x - before) / 0.7).abs().max() > 1e-3
+
+
+def _fp8_tiny_flux(seed: int):
+    """The tiny Flux stored in float8_e4m3fn, computed in float32 by ComfyUI's manual-cast ops, as
+    an fp8 checkpoint loads on a GPU without fp8 matmuls."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from kontext_train.comfyui.tiny_models import flux_unet_config
+
+    source = make_tiny_flux(seed).model.diffusion_model.state_dict()
+    cfg = comfy.supported_models.Flux(flux_unet_config(128, 1, 1, 1, context_in_dim=64))
+    cfg.set_inference_dtype(torch.float8_e4m3fn, torch.float32)
+    with torch.inference_mode(False):
+        base = cfg.get_model({})
+        base.diffusion_model.load_state_dict(source, strict=True)
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+
+
+def test_fp8_stored_model_trains_on_activations(comfy_root):
+    model = _fp8_tiny_flux(9)
+    qkv = model.model.diffusion_model.double_blocks[0].img_attn.qkv
+    assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.comfy_cast_weights
+    lm = comfyui.FluxLoraModel(model, rank=2, alpha=2, targets="blocks")
+    lm.load()
+    assert lm.lora_form == "activations" and lm.dtype == torch.float32
+    g = torch.Generator().manual_seed(10)
+    x, target = (torch.randn(1, 16, 4, 4, generator=g) for _ in range(2))
+    cond = lm.prepare_conditioning(make_conditioning())
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    losses = []
+    with lm.training():
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = (lm.velocity(x, torch.tensor([0.6]), cond, 1.5) - target).pow(2).mean()
+            loss.backward()
+            grads = [p.grad for p in lm.parameters()]
+            assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
+            optimizer.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert qkv.weight.dtype == torch.float8_e4m3fn  # the base weights stay as stored
+    lm.release()
+
+
+def test_a_layer_whose_forward_is_already_replaced_falls_back_to_weights(comfy_root, caplog):
+    model = make_tiny_flux(11)
+    layer = model.model.diffusion_model.single_blocks[0].linear2
+    layer.forward = layer.forward  # as another custom node would leave it
+    try:
+        with caplog.at_level("WARNING", logger="kontext_restore"):
+            lm = comfyui.FluxLoraModel(model, rank=2, alpha=2, targets="blocks")
+        assert lm.lora_form == "weights"
+        assert "single_blocks.0.linear2" in caplog.text and "weight wrappers" in caplog.text
+        assert f"diffusion_model.{next(iter(lm.adapters))}.weight" in lm.patcher.weight_wrapper_patches
+    finally:
+        del layer.forward
+    assert comfyui.FluxLoraModel(model, rank=2, alpha=2, targets="blocks").lora_form == "activations"
+    with pytest.raises(ValueError, match="lora_form must be one of activations, weights"):
+        comfyui.FluxLoraModel(model, rank=2, alpha=2, lora_form="bypass")
