@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,12 +46,22 @@ __all__ = ["LORA_DTYPES", "LR_SCHEDULES", "TrainConfig", "Trainer", "TrainerHook
 
 @dataclass
 class StepInfo:
+    """What ``on_step`` gets after each optimizer step.
+
+    The loss stays on the device until ``loss`` is first read (that read waits for the GPU), so a
+    hook that shows it only every N steps costs one wait per N steps, not one per step.
+    """
+
     step: int
     total: int
-    loss: float
+    read_loss: Callable[[], float]
     lr: float
     epoch: int
     seconds_per_step: float
+
+    @property
+    def loss(self) -> float:
+        return self.read_loss()
 
 
 @dataclass
@@ -80,6 +91,12 @@ class TrainResult:
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+# Losses stay on the device until something needs them (a display, a checkpoint, the end); they
+# are read at least this often anyway, so a non-finite loss nobody displays stops the run within
+# this many steps. A checkpoint reads them first, so no state after a non-finite loss is saved.
+LOSS_READ_EVERY = 10
 
 
 def lora_metadata(config: TrainConfig, step: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -165,6 +182,9 @@ class Trainer:
         self.epoch = 0
         self.position = 0
         self.losses: list[float] = []
+        # Per-micro-step losses of the steps since the last read, still on the device (reading a
+        # GPU tensor waits for the GPU, so the loop reads only when a value is needed).
+        self._unread_losses: list[list[torch.Tensor]] = []
         self.validation: list[dict] = []
         self.last_saved_step = -1
         self.last_checkpoint: Path | None = None
@@ -213,6 +233,35 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
+    # -- losses -----------------------------------------------------------------------------
+    def read_losses(self) -> list[float]:
+        """Every step's loss, after bringing the unread ones to the host in one read.
+
+        A step's loss is the mean of its micro-steps' losses, summed in Python floats in the same
+        order as always, so the history is the same to the last bit. Raises NonFiniteLossError
+        naming the first step whose loss is not finite.
+        """
+        if not self._unread_losses:
+            return self.losses
+        pending, self._unread_losses = self._unread_losses, []
+        values = iter(torch.stack([t for step in pending for t in step]).tolist())
+        first = self.step - len(pending) + 1
+        for offset, micro in enumerate(pending):
+            step_loss = 0.0
+            for _ in micro:
+                step_loss += next(values) / self.config.grad_accum
+            if not math.isfinite(step_loss):
+                where = self.last_checkpoint or "none was written yet"
+                raise NonFiniteLossError(
+                    f"The loss became {step_loss} at step {first + offset}; training stopped. The last "
+                    f"good checkpoint is kept ({where}). Lower the learning rate or check the data."
+                )
+            self.losses.append(step_loss)
+        return self.losses
+
+    def _loss_of(self, step: int) -> float:
+        return self.read_losses()[step - 1]
+
     # -- state ----------------------------------------------------------------------------
     def _state(self, optimizer, scheduler) -> dict:
         return {
@@ -234,6 +283,7 @@ class Trainer:
         return lora_metadata(self.config, self.step, extra)
 
     def save_checkpoint(self, optimizer, scheduler) -> Path | None:
+        self.read_losses()  # a non-finite loss stops here, before its state is saved
         if not self.hooks.is_main_process or self.step == self.last_saved_step or self.step == 0:
             return self.last_checkpoint
         self.last_checkpoint = save_checkpoint(
@@ -304,23 +354,17 @@ class Trainer:
                 while self.step < cfg.steps:
                     started = time.perf_counter()
                     optimizer.zero_grad(set_to_none=True)
-                    step_loss = 0.0
+                    micro_losses = []
                     finished_epochs = []
                     for micro in range(cfg.grad_accum):
                         batch = next(stream)
                         loss = self.batch_loss(batch, micro)
                         (loss / cfg.grad_accum).backward()
-                        step_loss += loss.detach().float().item() / cfg.grad_accum
+                        micro_losses.append(loss.detach().float())  # read later: no GPU wait here
                         self.epoch, self.position = batch.epoch, batch.position + 1
                         if self.position >= per_epoch:
                             finished_epochs.append(self.epoch)
                             self.epoch, self.position = self.epoch + 1, 0
-                    if not math.isfinite(step_loss):
-                        where = self.last_checkpoint or "none was written yet"
-                        raise NonFiniteLossError(
-                            f"The loss became {step_loss} at step {self.step + 1}; training stopped. The last "
-                            f"good checkpoint is kept ({where}). Lower the learning rate or check the data."
-                        )
                     if self.hooks.sync_gradients:
                         self.hooks.sync_gradients(params)
                     if cfg.max_grad_norm > 0:
@@ -328,13 +372,15 @@ class Trainer:
                     optimizer.step()
                     scheduler.step()
                     self.step += 1
-                    self.losses.append(step_loss)
+                    self._unread_losses.append(micro_losses)
+                    if len(self._unread_losses) >= LOSS_READ_EVERY:
+                        self.read_losses()
                     if self.hooks.on_step:
                         self.hooks.on_step(
                             StepInfo(
                                 self.step,
                                 cfg.steps,
-                                step_loss,
+                                partial(self._loss_of, self.step),
                                 scheduler.get_last_lr()[0],
                                 self.epoch,
                                 time.perf_counter() - started,
@@ -363,6 +409,7 @@ class Trainer:
             ) from e
 
         lora_path = None
+        self.read_losses()
         if self.hooks.is_main_process:
             self.save_checkpoint(optimizer, scheduler)
             if self.lora_path is not None:

@@ -19,7 +19,7 @@ from kontext_train import comfyui
 from kontext_train.checkpoints import latest_checkpoint, list_checkpoints
 from kontext_train.flow import MIN_REFERENCE_BRIDGE_NOISE
 from kontext_train.lora import sanitize_lora_name, to_kohya_state_dict
-from kontext_train.trainer import NonFiniteLossError, TrainConfig, Trainer, TrainerHooks
+from kontext_train.trainer import LOSS_READ_EVERY, NonFiniteLossError, TrainConfig, Trainer, TrainerHooks
 from kontext_train.validation import ValidationItem, Validator
 
 TOY = TOY_TRAIN_SETTINGS
@@ -141,6 +141,33 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(comfy_root, tmp_path
     assert not lora.exists()
     state = load_file(str(tmp_path / "run" / "checkpoints" / "step_000004" / "lora.safetensors"))
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_a_nan_loss_nobody_displays_stops_the_run_at_the_next_read(comfy_root, tmp_path):
+    """Losses stay on the device until read; without a display or checkpoints the trainer still
+    reads them every LOSS_READ_EVERY steps, so a NaN stops the run there, naming its step."""
+    cfg = TrainConfig(steps=40, **{**TOY, "batch_size": 2})
+    steps = []
+    hooks = TrainerHooks(on_step=lambda info: steps.append(info.step))  # never reads info.loss
+    model = _NaNAfter(_model(cfg), bad_call=3)
+    with pytest.raises(NonFiniteLossError, match="at step 3;"):
+        _trainer(cfg, tmp_path / "run", model=model, hooks=hooks, n=8).run()
+    assert steps == list(range(1, LOSS_READ_EVERY))  # stopped by the read at step LOSS_READ_EVERY
+
+
+def test_each_step_info_reads_its_own_loss_when_asked(comfy_root, tmp_path):
+    cfg = TrainConfig(steps=6, **{**TOY, "batch_size": 2, "grad_accum": 2})
+    infos, shown = [], []
+
+    def on_step(info):
+        infos.append(info)
+        if info.step % 3 == 0:
+            shown.append(info.loss)
+
+    result = _trainer(cfg, tmp_path / "run", hooks=TrainerHooks(on_step=on_step), n=8).run()
+    assert len(result.losses) == 6 and all(math.isfinite(v) for v in result.losses)
+    assert shown == [result.losses[2], result.losses[5]]
+    assert [info.loss for info in infos] == result.losses  # read after the run: still its own step's
 
 
 def test_comfy_cancel_saves_checkpoint_and_leaves_no_lora(comfy_root, tmp_path):
