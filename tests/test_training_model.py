@@ -329,5 +329,9 @@ def test_a_layer_whose_forward_is_already_replaced_falls_back_to_weights(comfy_r
     finally:
         del layer.forward
     assert comfyui.FluxLoraModel(model, rank=2, alpha=2, targets="blocks").lora_form == "activations"
+    patched = model.clone()  # another node's object patch of a target's forward: kept, LoRA on weights
+    patched.add_object_patch("diffusion_model.single_blocks.0.linear2.forward", layer.forward)
+    lm = comfyui.FluxLoraModel(patched, rank=2, alpha=2, targets="blocks")
+    assert lm.lora_form == "weights" and lm.patcher.object_patches == patched.object_patches
     with pytest.raises(ValueError, match="lora_form must be one of activations, weights"):
         comfyui.FluxLoraModel(model, rank=2, alpha=2, lora_form="bypass")

@@ -65,14 +65,19 @@ def activation_form_problem(module: torch.nn.Module) -> str | None:
     return None
 
 
-def choose_form(requested: str, modules: Mapping[str, torch.nn.Module]) -> str:
-    """The form to use: ``requested``, or ``weights`` when any target cannot take activations."""
+def choose_form(
+    requested: str, modules: Mapping[str, torch.nn.Module], object_patches: Mapping | None = None
+) -> str:
+    """The form to use: ``requested``, or ``weights`` when any target cannot take activations
+    (see ``activation_form_problem``, or the MODEL already object-patches its forward)."""
     if requested not in LORA_FORMS:
         raise ValueError(f"lora_form must be one of {', '.join(LORA_FORMS)}; got {requested!r}")
     if requested == WEIGHTS:
         return WEIGHTS
     for path, module in modules.items():
         problem = activation_form_problem(module)
+        if f"diffusion_model.{path}.forward" in (object_patches or {}):
+            problem = "the MODEL already replaces its forward (an object patch from another node)"
         if problem is not None:
             log.warning(
                 "Kontext Restore: LoRA applied as weight wrappers instead of on activations: layer %s: %s.",

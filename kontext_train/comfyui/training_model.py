@@ -202,8 +202,9 @@ class FluxLoraModel:
     - ``"weights"``: each adapter is a ComfyUI weight wrapper (``W + scale * up @ down`` rebuilt on
       every forward), the form used before.
     ``"activations"`` falls back to ``"weights"`` for the whole model, with a warning in the log,
-    when a target layer is not Linear-like or already has a forward replaced on the instance (by
-    another custom node, or ComfyUI 0.33's bypass LoRA). ``self.lora_form`` is the form in use.
+    when a target layer is not Linear-like or already has its forward replaced (on the instance, by
+    another custom node or ComfyUI 0.33's bypass LoRA, or as an object patch of the input MODEL).
+    ``self.lora_form`` is the form in use.
     Adapters, their initialisation and the saved file are the same in both forms.
     """
 
@@ -232,7 +233,7 @@ class FluxLoraModel:
             adapters = create_adapters(shapes, rank=rank, alpha=alpha, dtype=lora_dtype, seed=seed)
         self.adapters: dict[str, LoraAdapter] = dict(adapters)
         self._modules = {p: modules[p] for p in self.adapters}
-        self.lora_form = lora_forward.choose_form(lora_form, self._modules)
+        self.lora_form = lora_forward.choose_form(lora_form, self._modules, self.patcher.object_patches)
         lora_forward.install(self.patcher, self.lora_form, self._modules, self.adapters)
         self.gradient_checkpointing = gradient_checkpointing
         for i, block in enumerate(diffusion.double_blocks):
