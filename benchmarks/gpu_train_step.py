@@ -13,13 +13,21 @@ both, bf16 compute, gradient checkpointing on, batch 1, 256 text tokens (ComfyUI
 Flux), buckets 512 and 1024 px (square).
 
 Variants per bucket: ``ours_bridge`` (no reference, comparable to the native node, which cannot
-take reference latents), ``native`` (TrainLoraNode.execute, noise -> x0 loss; on ComfyUI 0.33 in
+take reference latents; LoRA on the activations, the trainer's default),
+``ours_bridge_weights`` (the same with ``lora_form="weights"``, the weight-wrapper fallback),
+``native`` (TrainLoraNode.execute, noise -> x0 loss; on ComfyUI 0.33 in
 bypass mode with per-block checkpointing, ``_common.NATIVE_NEWER_INPUTS``, on a copy of the model
 made on the offload device as its reload would) and
 ``ours_bridge_ref`` (the degraded latent as Kontext reference tokens: twice the image tokens).
 Seconds per step: median interval between optimizer steps after warm-up (both loops call
 ``loss.item()`` every step, which synchronises). Peak VRAM: ``torch.cuda.max_memory_allocated``
 per variant, reset before each run, base weights included.
+
+Planner: next to each measured peak of ``ours_bridge``/``ours_bridge_ref`` the script prints the
+prediction of ``kontext-train plan`` for the same model size, bucket, reference, weight dtype,
+rank and text length (``comfyui.memory_probe.plan_memory``, run on the meta device before the
+GPU run): ``plan_alloc_gib`` (weights + LoRA/AdamW + step peak, comparable with
+``max_memory_allocated``) and ``plan_total_gib`` (plus the 1.5 GiB context estimate).
 
 fp8 check: the bf16 model is freed, the same architecture is built with float8_e4m3fn weights and
 bf16 manual cast (``set_inference_dtype(fp8, bf16)`` -> ComfyUI's ``manual_cast`` ops, which cast
@@ -160,7 +168,9 @@ class Runner:
         self.tmp = Path(tempfile.mkdtemp(prefix="kr_gpu_"))
         self.n = 0
 
-    def ours(self, formulation: str, side: int, steps: int, shape: dict) -> None:
+    def ours(
+        self, formulation: str, side: int, steps: int, shape: dict, lora_form: str = "activations"
+    ) -> None:
         from kontext_train.comfyui import FluxLoraModel
         from kontext_train.trainer import TrainConfig, Trainer
 
@@ -174,13 +184,18 @@ class Runner:
             checkpoint_every=0,
             validate_every_epochs=0,
             formulation=formulation,
+            # bridge_ref trains only with noise on the start (flow.check_formulation); 0.1 is the
+            # smallest allowed value and the planner's.
+            bridge_noise=0.1 if formulation == "bridge_ref" else 0.0,
             lora_targets="blocks",
             gradient_checkpointing=True,
         )
         clean, degraded = latents(side)
         self.n += 1
         with torch.inference_mode(False):
-            lm = FluxLoraModel(self.model, rank=cfg.rank, alpha=float(cfg.rank), targets="blocks")
+            lm = FluxLoraModel(
+                self.model, rank=cfg.rank, alpha=float(cfg.rank), targets="blocks", lora_form=lora_form
+            )
             try:
                 cond = lm.prepare_conditioning(conditioning(shape))
                 Trainer(cfg, lm, MemoryBatches(clean, degraded), cond, self.tmp / f"r{self.n}").run(
@@ -225,6 +240,8 @@ class Runner:
             with StepClock() as clock:
                 if variant == "native":
                     self.native(side, steps, shape)
+                elif variant.endswith("_weights"):
+                    self.ours(variant[5 : -len("_weights")], side, steps, shape, lora_form="weights")
                 else:
                     self.ours(variant[5:], side, steps, shape)
             if cuda:
@@ -243,6 +260,32 @@ class Runner:
             row["peak_rss_gib"] = peak_rss_mb() / 1024
         print(json.dumps(row), flush=True)
         return row
+
+
+def planned(shape: dict, side: int, reference: bool, weight_dtype: str, rank: int) -> dict:
+    """The planner's prediction for one measured row (meta device; no GPU memory used)."""
+    from kontext_train.comfyui.memory_probe import PlanSettings, plan_memory
+
+    settings = PlanSettings(
+        weight_dtype=weight_dtype,
+        width=side * 8,
+        height=side * 8,
+        reference=reference,
+        rank=rank,
+        text_tokens=shape["text_tokens"],
+        hidden_size=shape["hidden"],
+        num_heads=shape["heads"],
+        depth=shape["double"],
+        depth_single_blocks=shape["single"],
+        context_in_dim=shape["context"],
+    )
+    t0 = time.perf_counter()
+    plan = plan_memory(settings)
+    return {
+        "plan_alloc_gib": (plan.total - plan.overhead) / GIB,
+        "plan_total_gib": plan.total / GIB,
+        "plan_s": time.perf_counter() - t0,
+    }
 
 
 def free_everything() -> None:
@@ -290,6 +333,15 @@ def main() -> None:
     if cuda:
         report["machine"]["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
 
+    # Planned before any model exists on the device, so planning cannot disturb the measured peaks.
+    plans = {}
+    for side in sides:
+        for reference in (False, True):
+            plans[(side, reference, "bf16")] = planned(shape, side, reference, "bf16", args.rank)
+    if not args.skip_fp8:
+        plans[(sides[-1], True, "fp8_e4m3fn")] = planned(shape, sides[-1], True, "fp8_e4m3fn", args.rank)
+    report["plans"] = {f"{k[0] * 8}px ref={k[1]} {k[2]}": v for k, v in plans.items()}
+
     t0 = time.perf_counter()
     model = build_flux(shape, torch.bfloat16, None, device)
     report["build_bf16_s"] = time.perf_counter() - t0
@@ -300,12 +352,14 @@ def main() -> None:
         flush=True,
     )
     runner = Runner(args, model, device)
-    variants = ["ours_bridge", "native", "ours_bridge_ref"]
+    variants = ["ours_bridge", "ours_bridge_weights", "native", "ours_bridge_ref"]
     for r in range(args.rounds):
         for side in sides:
             for v in variants if r % 2 == 0 else variants[::-1]:
                 row = runner.measure(v, side, shape)
                 row["round"] = r
+                if v in ("ours_bridge", "ours_bridge_ref"):
+                    row.update(plans[(side, v == "ours_bridge_ref", "bf16")])
                 report["rows"].append(row)
 
     if not args.skip_fp8:
@@ -323,6 +377,7 @@ def main() -> None:
         fp8_args = argparse.Namespace(**{**vars(args), "steps": args.fp8_steps, "warmup": 1})
         row = Runner(fp8_args, fp8, device).measure("ours_bridge_ref", sides[-1], shape)
         row.update(variant="ours_bridge_ref fp8 (capped)", cap_gib=args.cap_gib if cuda else None)
+        row.update(plans[(sides[-1], True, "fp8_e4m3fn")])
         row["fits"] = row["status"] == "ok"
         report["rows"].append(row)
         report["fp8_24gb"] = row
@@ -335,6 +390,7 @@ def main() -> None:
             "status",
             "s/step (median)",
             "peak VRAM GiB" if cuda else "peak RSS GiB",
+            "planned GiB (alloc / total)",
             "wall s",
         ],
         [
@@ -344,6 +400,7 @@ def main() -> None:
                 r["status"],
                 r.get("s_per_step", float("nan")),
                 r.get("peak_alloc_gib", r.get("peak_rss_gib", float("nan"))),
+                f"{r['plan_alloc_gib']:.2f} / {r['plan_total_gib']:.2f}" if "plan_alloc_gib" in r else "-",
                 r["wall_s"],
             ]
             for r in report["rows"]
@@ -352,11 +409,13 @@ def main() -> None:
     ratios = []
     for side in sides:
         by = {r["variant"]: r for r in report["rows"] if r["latent"] == side and r.get("round", 0) == 0}
-        if all(k in by and by[k]["status"] == "ok" for k in ("ours_bridge", "native", "ours_bridge_ref")):
+        needed = ("ours_bridge", "ours_bridge_weights", "native", "ours_bridge_ref")
+        if all(k in by and by[k]["status"] == "ok" for k in needed):
             ratios.append(
                 [
                     side * 8,
                     by["ours_bridge"]["s_per_step"] / by["native"]["s_per_step"],
+                    by["ours_bridge"]["s_per_step"] / by["ours_bridge_weights"]["s_per_step"],
                     by["ours_bridge_ref"]["s_per_step"] / by["ours_bridge"]["s_per_step"],
                 ]
             )
@@ -365,7 +424,10 @@ def main() -> None:
         f"{report['base_params'] / 1e9:.3f} B params; rank {args.rank}; total {report['total_s']:.0f} s\n\n"
         + table
         + "\n\n"
-        + md_table(["bucket px", "ours_bridge / native", "ours_bridge_ref / ours_bridge"], ratios)
+        + md_table(
+            ["bucket px", "ours_bridge / native", "activations / weights", "ours_bridge_ref / ours_bridge"],
+            ratios,
+        )
         + "\n"
     )
     out = Path(args.out_dir)

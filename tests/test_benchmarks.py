@@ -1,5 +1,6 @@
 """The benchmarks' ComfyUI-facing pieces work on the ComfyUI under test (the scripts themselves are
-run by hand: benchmarks/train_step.py, benchmarks/gpu_train_step.py --tiny)."""
+run by hand: benchmarks/train_step.py, benchmarks/gpu_train_step.py --tiny; benchmarks/wide_step.py
+runs here end to end in its --smoke mode)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,70 @@ def test_gpu_script_model_has_unit_norm_gains_and_reloads_as_a_copy(comfy_root):
     ours, theirs = model.model.diffusion_model.state_dict(), copy.model.diffusion_model.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) and ours[k].data_ptr() != theirs[k].data_ptr() for k in ours)
+
+
+def test_gpu_script_every_variant_trains_and_has_a_plan(comfy_root, tmp_path):
+    """Each variant of benchmarks/gpu_train_step.py runs one step at tiny size on this host (a
+    variant that raises is reported in its row, so the row's status is what shows it), and the
+    planner's prediction comes out for the rows that carry one."""
+    import argparse
+
+    import gpu_train_step
+
+    shape = gpu_train_step.TINY
+    model = gpu_train_step.build_flux(shape, torch.float32, None, torch.device("cpu"))
+    runner = gpu_train_step.Runner(argparse.Namespace(rank=4, warmup=0, steps=1), model, torch.device("cpu"))
+    # The native node last: 0.3.75's TrainLoraNode casts the float32 test model's weights to its
+    # bf16 training dtype in place (the GPU script's model is bf16 to begin with).
+    for variant in ("ours_bridge", "ours_bridge_weights", "ours_bridge_ref", "native"):
+        row = runner.measure(variant, 8, shape)
+        assert row["status"] == "ok", row
+    plan = gpu_train_step.planned(shape, 8, True, "bf16", 4)
+    assert 0 < plan["plan_alloc_gib"] < plan["plan_total_gib"]
+
+
+def test_wide_step_smoke_runs_every_variant_end_to_end(comfy_root, tmp_path):
+    """benchmarks/wide_step.py --smoke in a fresh process on this host: every variant trains and is
+    timed (the native node, which cannot take reference latents, only without them),
+    LoRA on activations and on weights are both measured, and the ratios come out."""
+    import json
+    import os
+    import subprocess
+
+    from wide_step import VARIANTS
+
+    out = tmp_path / "wide.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "wide_step.py"
+    cmd = [sys.executable, str(script), "--smoke", "--configs", "16,16r", "--rounds", "1", "--steps", "1"]
+    run = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, env=dict(os.environ))
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["has_lora_forms"] is True
+    seen = {(r["config"], r["variant"], r["round"]) for r in report["runs"]}
+    for config, variants in (("16", VARIANTS), ("16r", [v for v in VARIANTS if v != "native"])):
+        assert {(config, v, 0) for v in variants} == {s for s in seen if s[0] == config}
+    assert all(len(r["steps_s"]) == len(r["cpu_s"]) == 1 and r["cpu_s"][0] > 0 for r in report["runs"])
+    ratios = {(c, name) for c, name, *_ in report["ratios_cpu_s"]}
+    assert {
+        ("16", "ours_act / native"),
+        ("16", "ours_act / bare_act"),
+        ("16r", "ours_act / ours_weights"),
+    } <= ratios
+    assert not any(c == "16r" and "native" in name for c, name in ratios)
+
+
+def test_wide_step_ratios_are_medians_of_per_round_ratios(comfy_root):
+    from wide_step import summarise
+
+    def run(variant, rnd, *steps):
+        return {"config": "256", "round": rnd, "variant": variant, "cpu_s": list(steps), "steps_s": [9.0]}
+
+    runs = [
+        run("ours_act", 0, 2.0, 4.0), run("native", 0, 1.0, 1.0),  # round median 3 / 1
+        run("ours_act", 1, 6.0), run("native", 1, 4.0),  # 1.5
+        run("ours_act", 2, 1.0), run("native", 2, 2.0),  # 0.5
+        run("ours_weights", 3, 5.0),  # alone in its round: in no ratio
+    ]  # fmt: skip
+    times, ratios = summarise(runs)
+    assert ["256", "ours_act", 3.0, 4, 1.0, 6.0] in times  # median of 1, 2, 4, 6
+    assert ratios == [["256", "ours_act / native", 1.5, 0.5, 3.0, 3]]
