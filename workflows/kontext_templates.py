@@ -13,8 +13,16 @@ title, and its thumbnail is the ``.jpg`` of the same name beside it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from kontext_train.options import DEFAULT_PROMPT  # noqa: E402
 
 MODEL_FILES = {
     "unet": "flux1-kontext-dev.safetensors",
@@ -41,10 +49,8 @@ MODEL_URLS = {
         "vae",
     ),
 }
-RESTORE_PROMPT = (
-    "Restore this photo: remove the noise, blur and compression artifacts and recover fine detail, "
-    "keeping the content, colors and composition exactly the same."
-)
+# The command's prompt (kontext-train --prompt): a LoRA is restored with the prompt it was trained with.
+RESTORE_PROMPT = DEFAULT_PROMPT
 LORA_NAME = "kontext_restore"
 # The training templates load the base model in fp8 so that training fits a 24 GB card.
 TRAIN_WEIGHT_DTYPE = "fp8_e4m3fn"
