@@ -102,8 +102,10 @@ The web UI offers download links for missing files."""
 TRAIN_MEMORY_NOTE = """\
 GPU memory (numbers: README "Will it fit?"):
 • 24 GB card: this template as it is: weight_dtype fp8_e4m3fn (fp8 base model), bucket_scale \
-1.0 (1024 px buckets), gradient_checkpointing on, rank 16, batch_size 1.
-• 16 GB card: the same with bucket_scale 0.5 (512 px buckets)."""
+1.0 (1024 px buckets), gradient_checkpointing on, rank 16, batch_size 1: 15.8 GiB planned \
+(17.8 GiB with formulation bridge_ref, which adds reference tokens).
+• 16 GB card: the same with bucket_scale 0.5 (512 px buckets): 14.2 GiB planned, little margin.
+Planned = predicted by kontext-train plan, not yet measured on a GPU."""
 
 TRAIN_DEFAULTS_NOTE = """\
 Every setting is the node's default except weight_dtype: fp8_e4m3fn instead of default, so that \
