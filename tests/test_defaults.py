@@ -53,7 +53,6 @@ SHARED_INPUT_NAMES = {
 # Template values that differ from the default on purpose, and why.
 TEMPLATE_CHOICES = {
     ("KontextRestoreRestore", "lora_name"): "restores with the LoRA the training template writes",
-    ("KontextRestoreDegradeImage", "seed"): "degrades the evaluation photo with its own seed",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -88,8 +87,9 @@ def _widgets(info: dict) -> list[tuple[str, str, dict, list | None]]:
     for section in ("required", "optional"):
         for name in order.get(section, []):
             spec = info["input"][section][name]
-            kind = spec[0]
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            # An input taking several types ("COMBO,STRING") names the widget it shows.
+            kind = opts.get("widgetType") or spec[0]
             choices = None
             if isinstance(kind, list):
                 kind, choices = "COMBO", kind
