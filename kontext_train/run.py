@@ -46,8 +46,9 @@ from .latent_cache import LatentCache
 from .lora import to_kohya_state_dict
 from .run_checks import RunError, check_output_names, dataset_identity, plan_run
 from .run_lock import RunLockedError, acquire, release
+from .step_losses import StepInfo
 from .train_config import LORA_DTYPES, TrainConfig
-from .trainer import StepInfo, Trainer, TrainerHooks, TrainResult
+from .trainer import Trainer, TrainerHooks, TrainResult
 from .validation import Validator, items_from_dataset
 
 __all__ = [

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -39,29 +38,10 @@ from .flow import (
 )
 from .lora import atomic_save_safetensors, diffusers_support, load_kohya_into, to_kohya_state_dict
 from .restore_settings import DEFAULT_BASE_SHIFT, DEFAULT_MAX_SHIFT, METADATA_PREFIX  # as restoring reads
+from .step_losses import LOSS_READ_EVERY, StepInfo, read_step_losses
 from .train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
 
 __all__ = ["LORA_DTYPES", "LR_SCHEDULES", "TrainConfig", "Trainer", "TrainerHooks"]
-
-
-@dataclass
-class StepInfo:
-    """What ``on_step`` gets after each optimizer step.
-
-    The loss stays on the device until ``loss`` is first read (that read waits for the GPU), so a
-    hook that shows it only every N steps costs one wait per N steps, not one per step.
-    """
-
-    step: int
-    total: int
-    read_loss: Callable[[], float]
-    lr: float
-    epoch: int
-    seconds_per_step: float
-
-    @property
-    def loss(self) -> float:
-        return self.read_loss()
 
 
 @dataclass
@@ -87,16 +67,6 @@ class TrainResult:
     checkpoint: Path | None
     resumed_from: int = 0
     last_restored: list = field(default_factory=list)  # images of the last validation
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-# Losses stay on the device until something needs them (a display, a checkpoint, the end); they
-# are read at least this often anyway, so a non-finite loss nobody displays stops the run within
-# this many steps. A checkpoint reads them first, so no state after a non-finite loss is saved.
-LOSS_READ_EVERY = 10
 
 
 def lora_metadata(config: TrainConfig, step: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -235,28 +205,14 @@ class Trainer:
 
     # -- losses -----------------------------------------------------------------------------
     def read_losses(self) -> list[float]:
-        """Every step's loss, after bringing the unread ones to the host in one read.
-
-        A step's loss is the mean of its micro-steps' losses, summed in Python floats in the same
-        order as always, so the history is the same to the last bit. Raises NonFiniteLossError
-        naming the first step whose loss is not finite.
-        """
+        """Every step's loss, after bringing the unread ones to the host in one read
+        (``step_losses.read_step_losses``: raises NonFiniteLossError naming the first step whose
+        loss is not finite)."""
         if not self._unread_losses:
             return self.losses
         pending, self._unread_losses = self._unread_losses, []
-        values = iter(torch.stack([t for step in pending for t in step]).tolist())
         first = self.step - len(pending) + 1
-        for offset, micro in enumerate(pending):
-            step_loss = 0.0
-            for _ in micro:
-                step_loss += next(values) / self.config.grad_accum
-            if not math.isfinite(step_loss):
-                where = self.last_checkpoint or "none was written yet"
-                raise NonFiniteLossError(
-                    f"The loss became {step_loss} at step {first + offset}; training stopped. The last "
-                    f"good checkpoint is kept ({where}). Lower the learning rate or check the data."
-                )
-            self.losses.append(step_loss)
+        read_step_losses(pending, first, self.config.grad_accum, self.losses, self.last_checkpoint)
         return self.losses
 
     def _loss_of(self, step: int) -> float:

@@ -19,7 +19,8 @@ from kontext_train import comfyui
 from kontext_train.checkpoints import latest_checkpoint, list_checkpoints
 from kontext_train.flow import MIN_REFERENCE_BRIDGE_NOISE
 from kontext_train.lora import sanitize_lora_name, to_kohya_state_dict
-from kontext_train.trainer import LOSS_READ_EVERY, NonFiniteLossError, TrainConfig, Trainer, TrainerHooks
+from kontext_train.step_losses import LOSS_READ_EVERY, NonFiniteLossError
+from kontext_train.trainer import TrainConfig, Trainer, TrainerHooks
 from kontext_train.validation import ValidationItem, Validator
 
 TOY = TOY_TRAIN_SETTINGS

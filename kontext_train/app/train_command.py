@@ -113,7 +113,7 @@ def cmd_train(settings: Settings, ctx) -> int:
 
 def _train(settings: Settings, ctx, config, out: Path, lora_path: Path, weights, wall_start: float) -> int:
     from ..run import RunError, RunHooks, RunOutputs, latents_from_vae, open_run
-    from ..trainer import NonFiniteLossError
+    from ..step_losses import NonFiniteLossError
     from ..validation import format_validation_row
 
     if not settings.demo:  # a real dataset is scanned before OUTPUT_DIR is created
