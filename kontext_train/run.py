@@ -42,9 +42,9 @@ from .distributed import (
     on_main_process,
     sync_gradients,
 )
-from .latent_cache import LatentCache
 from .lora import to_kohya_state_dict
 from .run_checks import RunError, check_output_names, dataset_identity, plan_run
+from .run_latents import CachedLatents, warm_cache
 from .run_lock import RunLockedError, acquire, release
 from .step_losses import StepInfo
 from .train_config import LORA_DTYPES, TrainConfig
@@ -52,87 +52,15 @@ from .trainer import Trainer, TrainerHooks, TrainResult
 from .validation import Validator, items_from_dataset
 
 __all__ = [
-    "CachedLatents",
     "RunError",
     "RunHooks",
     "RunLockedError",
     "RunOutputs",
     "RunResult",
     "TrainingRun",
-    "latents_from_vae",
     "open_run",
-    "prepare_latents",
     "train_lora",
-    "warm_cache",
 ]
-
-
-@dataclass
-class CachedLatents:
-    """What a run trains on: the dataset, its latent cache and the seed of the degradations."""
-
-    dataset: RestorationDataset
-    cache: LatentCache
-    seed: int
-    vae_name: str
-    warmed: bool = False  # every target and epoch-0 control is in the cache
-
-
-def latents_from_vae(
-    dataset: RestorationDataset,
-    vae,
-    cache_dir: Path,
-    control_mode: str = "pool",
-    pool_size: int = 4,
-    seed: int = 0,
-) -> CachedLatents:
-    """A latent cache in ``cache_dir`` that encodes with the ComfyUI ``vae`` (nothing encoded yet)."""
-    cache = LatentCache(
-        Path(cache_dir),
-        vae_id=comfyui.vae_identity(vae),
-        encode=lambda images: comfyui.vae_encode(vae, images),
-        control_mode=control_mode,
-        pool_size=pool_size,
-    )
-    return CachedLatents(dataset, cache, int(seed), type(vae).__name__)
-
-
-def warm_cache(
-    latents: CachedLatents,
-    on_progress: Callable[[int, int], None] | None = None,
-    check_cancel: Callable[[], None] | None = None,
-) -> str:
-    """Encodes what training needs first: every target and the epoch-0 controls (the rest of a
-    pool fills during training). Returns a one-line summary with the cache's statistics."""
-    dataset, cache = latents.dataset, latents.cache
-    samples = dataset.train + dataset.val
-    started = time.perf_counter()
-    for i, sample in enumerate(samples):
-        if check_cancel is not None:
-            check_cancel()
-        cache.target(dataset, sample)
-        if cache.control_mode == "pool" or not dataset.degradation.is_random:
-            cache.control(dataset, sample, 0, latents.seed)
-        if on_progress is not None:
-            on_progress(i + 1, len(samples))
-    latents.warmed = True
-    seconds = time.perf_counter() - started
-    return f"latent cache {cache.cache_dir}: {len(samples)} images in {seconds:.1f} s {cache.stats}"
-
-
-def prepare_latents(
-    dataset: RestorationDataset,
-    vae,
-    cache_dir: Path,
-    control_mode: str = "pool",
-    pool_size: int = 4,
-    seed: int = 0,
-    on_progress: Callable[[int, int], None] | None = None,
-    check_cancel: Callable[[], None] | None = None,
-) -> tuple[CachedLatents, str]:
-    """``latents_from_vae`` and ``warm_cache`` in one call: (latents, summary)."""
-    latents = latents_from_vae(dataset, vae, cache_dir, control_mode, pool_size, seed)
-    return latents, warm_cache(latents, on_progress, check_cancel)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ..kontext_train.images import (
     tensor_to_pil,
     tensors_to_comfy_image,
 )
-from ..kontext_train.run import prepare_latents
+from ..kontext_train.run_latents import prepare_latents
 from .common import (
     CATEGORY,
     DATASET,

@@ -277,7 +277,8 @@ def test_a_training_run_shows_the_memory_warning_and_still_trains(
 
     from kontext_train.comfyui import memory_probe
     from kontext_train.dataset import build_dataset
-    from kontext_train.run import RunHooks, RunOutputs, latents_from_vae, train_lora
+    from kontext_train.run import RunHooks, RunOutputs, train_lora
+    from kontext_train.run_latents import latents_from_vae
     from kontext_train.train_config import TrainConfig
 
     for i in range(2):

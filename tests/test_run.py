@@ -23,11 +23,10 @@ from kontext_train.run import (
     RunHooks,
     RunLockedError,
     RunOutputs,
-    latents_from_vae,
     train_lora,
-    warm_cache,
 )
 from kontext_train.run_checks import check_output_names
+from kontext_train.run_latents import latents_from_vae, warm_cache
 from kontext_train.run_lock import LOCK_NAME, run_lock
 from kontext_train.train_config import TrainConfig
 

@@ -112,7 +112,8 @@ def cmd_train(settings: Settings, ctx) -> int:
 
 
 def _train(settings: Settings, ctx, config, out: Path, lora_path: Path, weights, wall_start: float) -> int:
-    from ..run import RunError, RunHooks, RunOutputs, latents_from_vae, open_run
+    from ..run import RunError, RunHooks, RunOutputs, open_run
+    from ..run_latents import latents_from_vae
     from ..step_losses import NonFiniteLossError
     from ..validation import format_validation_row
 
