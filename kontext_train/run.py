@@ -222,13 +222,13 @@ def _say(hooks: RunHooks, ctx: DistContext, text: str) -> None:
 
 
 def _check_memory(model, latents, conditioning, config, hooks, ctx) -> None:
-    """Warns through ``on_message`` when the memory plan (``comfyui.memory_probe``) says the run
+    """Warns through ``on_message`` when the memory check (``comfyui.memory_check``) says the run
     will not fit the GPU's free memory, naming settings that would. CUDA only; the plan costs
     seconds of CPU once per settings. ``KONTEXT_MEMORY_PLAN=0`` skips it."""
     if not ctx.is_main or os.environ.get("KONTEXT_MEMORY_PLAN") == "0":
         return
     try:
-        from .comfyui.memory_probe import check_run_memory
+        from .comfyui.memory_check import check_run_memory
 
         buckets = sorted({s.bucket for s in latents.dataset.train})
         warning = check_run_memory(model, config, buckets, int(conditioning[0][0].shape[1]))

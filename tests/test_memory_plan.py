@@ -215,26 +215,26 @@ def test_fp8_weights_are_half_of_bf16_and_cast_per_layer(comfy_root):
 def test_run_check_warns_on_cuda_when_free_memory_is_short(comfy_root, monkeypatch):
     """The check before a run, with the device and its free memory injected (no GPU here)."""
     from kontext_train import comfyui
-    from kontext_train.comfyui import memory_probe
+    from kontext_train.comfyui import memory_check
     from kontext_train.train_config import TrainConfig
 
     model = comfyui.build_tiny_flux(**TINY)
     config = TrainConfig(rank=8, formulation="bridge", gradient_checkpointing=False)
     buckets = [(128, 128), (256, 256)]
-    assert memory_probe.check_run_memory(model, config, buckets, 64) is None  # CPU: skipped
+    assert memory_check.check_run_memory(model, config, buckets, 64) is None  # CPU: skipped
 
-    settings = memory_probe.settings_for_run(model, config, buckets, 64)
+    settings = memory_check.settings_for_run(model, config, buckets, 64)
     assert (settings.width, settings.hidden_size, settings.weight_dtype) == (256, 256, "fp32")
-    needed = memory_probe.cached_plan(settings).total
-    with_checkpointing = memory_probe.cached_plan(replace(settings, gradient_checkpointing=True)).total
+    needed = memory_check.cached_plan(settings).total
+    with_checkpointing = memory_check.cached_plan(replace(settings, gradient_checkpointing=True)).total
     assert with_checkpointing < needed
-    monkeypatch.setattr(memory_probe, "run_device", lambda model: torch.device("cuda"))
-    monkeypatch.setattr(memory_probe, "device_free_bytes", lambda device: int(needed * 1.2))
-    assert memory_probe.check_run_memory(model, config, buckets, 64) is None
+    monkeypatch.setattr(memory_check, "run_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(memory_check, "device_free_bytes", lambda device: int(needed * 1.2))
+    assert memory_check.check_run_memory(model, config, buckets, 64) is None
     free = int(with_checkpointing / 0.95) + 1  # checkpointing fits with the 5% margin, the run does not
     assert needed > free * 0.95
-    monkeypatch.setattr(memory_probe, "device_free_bytes", lambda device: free)
-    warning = memory_probe.check_run_memory(model, config, buckets, 64)
+    monkeypatch.setattr(memory_check, "device_free_bytes", lambda device: free)
+    warning = memory_check.check_run_memory(model, config, buckets, 64)
     assert warning is not None and "gradient_checkpointing on" in warning
 
 
@@ -275,7 +275,7 @@ def test_a_training_run_shows_the_memory_warning_and_still_trains(
     from _bad_images import write_good
     from conftest import make_conditioning, make_tiny_flux
 
-    from kontext_train.comfyui import memory_probe
+    from kontext_train.comfyui import memory_check
     from kontext_train.dataset import build_dataset
     from kontext_train.run import RunHooks, RunOutputs, train_lora
     from kontext_train.run_latents import latents_from_vae
@@ -290,8 +290,8 @@ def test_a_training_run_shows_the_memory_warning_and_still_trains(
     )
     outputs = RunOutputs(tmp_path / "loras" / "r.safetensors", tmp_path / "run")
     planned = []
-    monkeypatch.setattr(memory_probe, "run_device", lambda model: torch.device("cuda"))
-    monkeypatch.setattr(memory_probe, "device_free_bytes", lambda device: planned.append(device) or 1024)
+    monkeypatch.setattr(memory_check, "run_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(memory_check, "device_free_bytes", lambda device: planned.append(device) or 1024)
     messages = []
     hooks = RunHooks(on_message=messages.append)
     result = train_lora(latents, make_tiny_flux(), make_conditioning(), config, outputs, hooks=hooks)
