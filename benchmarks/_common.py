@@ -182,15 +182,33 @@ NATIVE_NEWER_INPUTS = {
 }
 
 
+# The native node's settings every benchmark uses (plain LoRA, AdamW on an MSE loss, fp32 LoRA
+# weights, checkpointing on, a fresh LoRA); a caller passes what it varies.
+NATIVE_SHARED_INPUTS = {
+    "batch_size": 1,
+    "grad_accumulation_steps": 1,
+    "learning_rate": 1e-4,
+    "optimizer": "AdamW",
+    "loss_function": "MSE",
+    "seed": 0,
+    "lora_dtype": "fp32",
+    "algorithm": "LoRA",
+    "gradient_checkpointing": True,
+    "existing_lora": "[None]",
+}
+
+
 def native_train_lora(**inputs):
     """Runs ComfyUI's ``TrainLoraNode.execute`` as ComfyUI runs nodes (in inference mode; it is a
     list-input node, so every input is a list, ``latents`` one LATENT per image) on whichever
-    ComfyUI is imported: inputs only newer versions have are filled from ``NATIVE_NEWER_INPUTS``.
+    ComfyUI is imported: inputs the caller leaves out come from ``NATIVE_SHARED_INPUTS``, inputs
+    only newer versions have from ``NATIVE_NEWER_INPUTS``.
     Returns the trained LoRA state dict (0.3.75 outputs the model first, 0.33 does not)."""
     from comfy_extras.nodes_train import TrainLoraNode
 
     params = inspect.signature(TrainLoraNode.execute).parameters
-    call = dict(inputs)
+    call = {k: [v] for k, v in NATIVE_SHARED_INPUTS.items()}
+    call.update(inputs)
     call.update({k: [v] for k, v in NATIVE_NEWER_INPUTS.items() if k in params})
     required = [
         name

@@ -211,19 +211,9 @@ class Runner:
             # Two LATENTs: a single one trips an UnboundLocalError (multi_res) in 0.3.75.
             latents=[{"samples": clean}, {"samples": clean.clone()}],
             positive=[conditioning(shape, guidance=1.5)],
-            batch_size=[1],
             steps=[steps],
-            grad_accumulation_steps=[1],
-            learning_rate=[1e-4],
             rank=[self.args.rank],
-            optimizer=["AdamW"],
-            loss_function=["MSE"],
-            seed=[0],
             training_dtype=["bf16"],
-            lora_dtype=["fp32"],
-            algorithm=["LoRA"],
-            gradient_checkpointing=[True],
-            existing_lora=["[None]"],
         )
 
     def measure(self, variant: str, side: int, shape: dict) -> dict:

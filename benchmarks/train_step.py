@@ -50,6 +50,11 @@ from _common import (  # noqa: E402
 from kontext_train.comfyui.tiny_models import TINY_CONTEXT_DIM as CONTEXT_DIM  # noqa: E402
 
 
+def bridge_noise(formulation: str) -> float:
+    """bridge_ref trains only with noise on the start (flow.check_formulation): its smallest value."""
+    return 0.1 if formulation == "bridge_ref" else 0.0
+
+
 def build(args):
     from kontext_train.comfyui import build_tiny_flux
 
@@ -122,6 +127,7 @@ class Bench:
             checkpoint_every=0,
             validate_every_epochs=0,
             formulation=formulation,
+            bridge_noise=bridge_noise(formulation),
             lora_targets="all_linear",
             gradient_checkpointing=a.checkpointing,
         )
@@ -150,7 +156,7 @@ class Bench:
             degraded = lm.to_model_space(self.degraded[: a.batch].to(dev))
             sigmas = torch.full((a.batch,), 0.6, device=dev)
             noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)).to(dev)
-            ex = make_training_example(formulation, clean, degraded, sigmas, noise)
+            ex = make_training_example(formulation, clean, degraded, sigmas, noise, bridge_noise(formulation))
             opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, weight_decay=0.01)
             with lm.training():
                 for _ in range(steps):
@@ -175,17 +181,9 @@ class Bench:
             positive=[self.raw_cond],
             batch_size=[a.batch],
             steps=[steps],
-            grad_accumulation_steps=[1],
-            learning_rate=[1e-4],
             rank=[a.rank],
-            optimizer=["AdamW"],
-            loss_function=["MSE"],
-            seed=[0],
             training_dtype=["fp32"],
-            lora_dtype=["fp32"],
-            algorithm=["LoRA"],
             gradient_checkpointing=[a.checkpointing],
-            existing_lora=["[None]"],
         )
 
     def run_variant(self, name: str, steps: int) -> None:

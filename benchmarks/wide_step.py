@@ -180,19 +180,9 @@ class Bench:
             # Two LATENTs: a single one trips an UnboundLocalError (multi_res) in 0.3.75.
             latents=[{"samples": clean[i : i + 1]} for i in range(len(clean))],
             positive=[self.raw_cond],
-            batch_size=[1],
             steps=[steps],
-            grad_accumulation_steps=[1],
-            learning_rate=[1e-4],
             rank=[self.args.rank],
-            optimizer=["AdamW"],
-            loss_function=["MSE"],
-            seed=[0],
             training_dtype=["fp32"],
-            lora_dtype=["fp32"],
-            algorithm=["LoRA"],
-            gradient_checkpointing=[True],
-            existing_lora=["[None]"],
         )
 
     def run_variant(self, name: str, side: int, ref: bool, steps: int) -> None:

@@ -21,19 +21,9 @@ def test_native_trainer_runs_with_this_comfyuis_inputs(comfy_root):
         model=[make_tiny_flux()],
         latents=[{"samples": torch.randn(1, 16, 4, 4)} for _ in range(2)],
         positive=[make_conditioning()],
-        batch_size=[1],
         steps=[1],
-        grad_accumulation_steps=[1],
-        learning_rate=[1e-4],
         rank=[2],
-        optimizer=["AdamW"],
-        loss_function=["MSE"],
-        seed=[0],
         training_dtype=["fp32"],
-        lora_dtype=["fp32"],
-        algorithm=["LoRA"],
-        gradient_checkpointing=[True],
-        existing_lora=["[None]"],
     )
     downs = [k for k in lora if k.endswith("lora_down.weight")]
     assert any(k.startswith("diffusion_model.double_blocks.0.") for k in downs), sorted(lora)[:5]
@@ -118,3 +108,26 @@ def test_wide_step_ratios_are_medians_of_per_round_ratios(comfy_root):
     times, ratios = summarise(runs)
     assert ["256", "ours_act", 3.0, 4, 1.0, 6.0] in times  # median of 1, 2, 4, 6
     assert ratios == [["256", "ours_act / native", 1.5, 0.5, 3.0, 3]]
+
+
+def test_train_step_script_times_every_variant_on_a_tiny_model(comfy_root, tmp_path):
+    """benchmarks/train_step.py in a fresh process at a tiny size: every variant, bridge_ref
+    included (it needs bridge noise since issue 11), trains and gives finite ratios."""
+    import json
+    import math
+    import os
+    import subprocess
+
+    out = tmp_path / "train_step.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    tiny = ["--width", "64", "--double", "1", "--single", "1", "--latent", "8", "--text-tokens", "8"]
+    cmd = [sys.executable, str(script), *tiny, "--steps", "3", "--rounds", "1", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    text = json.dumps(json.loads(out.read_text()))
+    for ratio in ("ours_bridge / native", "ours_bridge_ref / ours_bridge", "ours_kontext / ours_bridge_ref"):
+        assert ratio in run.stdout, ratio
+        line = next(row for row in run.stdout.splitlines() if row.startswith(f"| {ratio} |"))
+        assert all(math.isfinite(float(cell)) for cell in line.strip("|").split("|")[1:]), line
+    assert "bridge_ref" in text
