@@ -89,7 +89,7 @@ def choose_form(
 
 
 def install(patcher, form: str, modules: Mapping[str, torch.nn.Module], adapters: Mapping[str, LoraAdapter]):
-    """Registers the adapters on ``patcher`` (applied when ComfyUI loads it); returns a check."""
+    """Registers the adapters on ``patcher`` in ``form``; ComfyUI applies them when it loads it."""
     for path, adapter in adapters.items():
         if form == ACTIVATIONS:
             patcher.add_object_patch(f"diffusion_model.{path}.forward", LoraForward(modules[path], adapter))
