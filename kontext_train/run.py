@@ -43,12 +43,13 @@ from .distributed import (
     sync_gradients,
 )
 from .lora import to_kohya_state_dict
-from .run_checks import RunError, check_output_names, dataset_identity, plan_run
+from .run_checks import RunError, check_output_names, check_resume_prompt, dataset_identity, plan_run
 from .run_latents import CachedLatents, warm_cache
 from .run_lock import RunLockedError, acquire, release
 from .step_losses import StepInfo
 from .train_config import LORA_DTYPES, TrainConfig
 from .trainer import Trainer, TrainerHooks, TrainResult
+from .training_prompt import PROMPT_KEY
 from .validation import Validator, items_from_dataset
 
 __all__ = [
@@ -161,6 +162,7 @@ class TrainingRun:
             _say(hooks, self.ctx, summary)
         name = base_model or comfyui.model_name(model)
         meta = _metadata(latents, self.config, self.identity, self.ctx, name, metadata)
+        check_resume_prompt(self.plan, self.run_dir, meta.get(PROMPT_KEY))
         paths = (self.lora_path, self.run_dir)
         _check_memory(model, latents, conditioning, self.config, hooks, self.ctx)
         result = _train(
@@ -328,7 +330,11 @@ def _train(latents, model, conditioning, config, paths, vae, resume, hooks, meta
                 metadata=meta,
                 validator=validator,
                 hooks=trainer_hooks,
-                dataset_identity={"fingerprint": meta["dataset_fingerprint"], "description": meta["dataset"]},
+                dataset_identity={
+                    "fingerprint": meta["dataset_fingerprint"],
+                    "description": meta["dataset"],
+                    **({"prompt": meta[PROMPT_KEY]} if meta.get(PROMPT_KEY) else {}),
+                },
             )
             trainer = (
                 DataParallelTrainer(*args, **kwargs, dist_context=ctx)

@@ -33,8 +33,9 @@ from .degradations import describe
 from .latent_cache import file_sha256
 from .train_config import TrainConfig
 from .trainer import check_resume_compatible, validation_report_paths
+from .training_prompt import same_prompt
 
-__all__ = ["ResumePlan", "RunError", "check_output_names", "dataset_identity", "plan_run"]
+__all__ = ["ResumePlan", "RunError", "check_output_names", "check_resume_prompt", "dataset_identity", "plan_run"]
 
 log = logging.getLogger("kontext_restore")
 
@@ -139,6 +140,7 @@ class ResumePlan:
     checkpoint: Path | None  # the checkpoint to continue from; None: a new run
     step: int = 0
     complete: bool = False  # at the final step with its LoRA written: nothing to do
+    trained_prompt: str | None = None  # the prompt the checkpoint was trained with, when recorded
 
 
 def plan_run(
@@ -183,4 +185,19 @@ def plan_run(
     except ValueError as e:
         raise RunError(str(e)) from None
     step = int(state.get("step", checkpoint_step(latest)))
-    return ResumePlan(latest, step, complete=step >= config.steps and lora_path.is_file())
+    complete = step >= config.steps and lora_path.is_file()
+    return ResumePlan(latest, step, complete, trained_prompt=(saved or {}).get("prompt"))
+
+
+def check_resume_prompt(plan: ResumePlan, run_dir: Path, prompt: str | None) -> None:
+    """RunError when a resumed run would continue under another prompt than its checkpoint was
+    trained with: the LoRA would learn half its steps under each conditioning. Nothing to compare
+    when either prompt is unknown (older checkpoints; a prompt built by other nodes)."""
+    if plan.checkpoint is None or not prompt or not plan.trained_prompt:
+        return
+    if not same_prompt(prompt, plan.trained_prompt):
+        raise RunError(
+            f"Cannot resume {run_dir}: its checkpoint (step {plan.step}) was trained with the prompt "
+            f"{plan.trained_prompt!r}, this run gives {prompt!r}. Use the original prompt to continue, "
+            "or choose another LoRA name for a new run."
+        )

@@ -50,6 +50,11 @@ def _excerpt(text: str, at: int) -> str:
     return ("..." if start > 0 else "") + text[start:end] + ("..." if end < len(text) else "")
 
 
+def same_prompt(a: str, b: str) -> bool:
+    """Whether two prompts ask for the same thing (runs of whitespace aside)."""
+    return _normal(a) == _normal(b)
+
+
 def prompt_mismatch(given: str | None, trained: str | None, lora_path: str) -> str | None:
     """The warning when ``given`` (the prompt restored with) differs from ``trained`` (the one
     the LoRA records), naming both shortened around their first difference; None when they

@@ -54,10 +54,17 @@ def _config(steps=2):
     )
 
 
-def _train(latents, outputs, steps=2, resume=True, messages=None):
+def _train(latents, outputs, steps=2, resume=True, messages=None, metadata=None):
     hooks = RunHooks(on_message=messages.append if messages is not None else None)
     return train_lora(
-        latents, make_tiny_flux(), make_conditioning(), _config(steps), outputs, resume=resume, hooks=hooks
+        latents,
+        make_tiny_flux(),
+        make_conditioning(),
+        _config(steps),
+        outputs,
+        resume=resume,
+        hooks=hooks,
+        metadata=metadata,
     )
 
 
@@ -83,6 +90,20 @@ def test_resume_on_another_dataset_is_refused_naming_both(tmp_path, tiny_vae, ru
     shutil.copytree(tmp_path / "hq", moved)
     result = _train(_latents(moved, tiny_vae, tmp_path / "cache"), outputs, steps=3)
     assert result.resumed_from == 2 and result.step == 3
+
+
+def test_resume_under_another_prompt_is_refused_naming_both(run):
+    outputs, latents = run
+    _train(latents, outputs, metadata={"prompt": "Restore this photo."})
+    lora_bytes = outputs.lora_path.read_bytes()
+    with pytest.raises(RunError, match="Cannot resume") as e:
+        _train(latents, outputs, steps=4, metadata={"prompt": "Make it a painting."})
+    assert "Restore this photo." in str(e.value) and "Make it a painting." in str(e.value)
+    assert outputs.lora_path.read_bytes() == lora_bytes
+    # Whitespace does not make another prompt, and an unknown prompt (built by other nodes)
+    # cannot be compared: both continue.
+    assert _train(latents, outputs, steps=3, metadata={"prompt": " Restore  this\nphoto. "}).resumed_from == 2
+    assert _train(latents, outputs, steps=4).resumed_from == 3
 
 
 def test_another_degradation_seed_is_another_dataset(tmp_path, tiny_vae, run):
