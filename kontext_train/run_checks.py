@@ -35,7 +35,14 @@ from .train_config import TrainConfig
 from .trainer import check_resume_compatible, validation_report_paths
 from .training_prompt import same_prompt
 
-__all__ = ["ResumePlan", "RunError", "check_output_names", "check_resume_prompt", "dataset_identity", "plan_run"]
+__all__ = [
+    "ResumePlan",
+    "RunError",
+    "check_output_names",
+    "check_resume_prompt",
+    "dataset_identity",
+    "plan_run",
+]
 
 log = logging.getLogger("kontext_restore")
 
