@@ -123,7 +123,11 @@ fi
 
 if [ "${WITH_BROWSER:-0}" = "1" ] && ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-      || echo "setup: could not install chromium; the web-UI test will report it" >&2
+    for attempt in 1 2 3; do
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) && break
+      [ "$attempt" -lt 3 ] || { echo "setup: could not install chromium; the web-UI test will report it" >&2; break; }
+      echo "setup: installing chromium failed (attempt $attempt of 3); trying again in $((attempt * 30)) s" >&2
+      sleep $((attempt * 30))
+    done
   fi
 fi
