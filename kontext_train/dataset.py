@@ -103,7 +103,8 @@ class RestorationDataset:
                 lines.append(f"  - {path}: {reason}")
             if len(self.skipped) > 10:
                 lines.append(f"  ... and {len(self.skipped) - 10} more")
-        lines.append(f"buckets (scale {self.bucket_scale:g}):")
+        # A blank line also ends the list of skipped files where the summary is shown as Markdown.
+        lines += ["", f"buckets (scale {self.bucket_scale:g}):"]
         lines.append(format_histogram(self.bucket_histogram()))
         return "\n".join(lines)
 

@@ -279,13 +279,15 @@ class RestorationScores:
         }
 
     def table(self) -> str:
-        """Fixed-width text table: one row per image plus a mean row.
+        """A Markdown table whose columns are also aligned as plain text: a row per metric for
+        the mean over the images, then, with more than one image, a row per image and metric.
 
-        Each metric gets restored / baseline / gain columns (just restored without a baseline);
-        LPIPS shows "n/a" when it was not available.
+        Columns: restored, baseline and gain (restored only without a baseline). LPIPS shows
+        "n/a" when it was not available; its gain is degraded - restored, as lower is better.
+        A row per metric keeps the table narrow enough for a node or a terminal; Markdown
+        because ComfyUI's Preview as Text draws Markdown on some frontends (1.32).
         """
         sides = ["restored", "baseline", "gain"] if self.has_baseline else ["restored"]
-        col = 9
 
         def fmt(v: float | None, spec: str) -> str:
             if v is None:
@@ -294,9 +296,9 @@ class RestorationScores:
                 return "inf" if v > 0 else "-inf"
             return spec.format(v)
 
-        def cells(label: str, index: int | None) -> list[str]:
-            out = [f"{label:<6}"]
-            for key, _, spec, _ in _METRICS:
+        rows = [["image", "metric", *sides]]
+        for index in [None] if len(self) == 1 else [None, *range(len(self))]:
+            for key, title, spec, _ in _METRICS:
                 restored = getattr(self, f"{key}_restored")
                 degraded = getattr(self, f"{key}_degraded")
                 if index is None:
@@ -304,22 +306,22 @@ class RestorationScores:
                 else:
                     r = restored[index] if restored is not None else None
                     d = degraded[index] if degraded is not None else None
-                vals = [r, d, self.gain(key, index)] if self.has_baseline else [r]
                 gain_spec = "{:+.2f}" if spec == "{:.2f}" else "{:+.4f}"
-                group = [fmt(v, gain_spec if s == "gain" else spec) for v, s in zip(vals, sides)]
-                out.append(" ".join(f"{c:>{col}}" for c in group))
-            return out
+                values = [fmt(r, spec), fmt(d, spec), fmt(self.gain(key, index), gain_spec)]
+                rows.append(["mean" if index is None else str(index), title, *values[: len(sides)]])
+        widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
 
-        group_width = len(sides) * col + (len(sides) - 1)
-        header1 = [" " * 6] + [f"{title:^{group_width}}"[:group_width] for _, title, _, _ in _METRICS]
-        header2 = ["image "] + [" ".join(f"{s:>{col}}" for s in sides) for _ in _METRICS]
-        lines = [" | ".join(header1).rstrip(), " | ".join(header2)]
-        lines.append("-" * len(lines[1]))
-        for i in range(len(self)):
-            lines.append(" | ".join(cells(str(i), i)))
-        lines.append("-" * len(lines[1]))
-        lines.append(" | ".join(cells("mean", None)))
-        return "\n".join(lines)
+        def line(row: list[str]) -> str:
+            # The first two columns are labels (left), the rest numbers (right).
+            cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            return "| " + " | ".join(cells) + " |"
+
+        rule = (
+            "|"
+            + "|".join(":" + "-" * (w + 1) if i < 2 else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+            + "|"
+        )
+        return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
 
     def __str__(self) -> str:
         return self.table()

@@ -26,6 +26,19 @@ LOSS = io.Custom("KONTEXT_RESTORE_LOSS")
 _WIDGETS = {"int": io.Int, "float": io.Float, "bool": io.Boolean, "str": io.String, "path": io.String}
 
 
+def shown_text(text: str) -> str:
+    """``text`` with a Markdown hard break (two trailing spaces) at the end of each line.
+
+    Frontend 1.32, which ComfyUI 0.3.75 ships, draws Preview as Text (the core node the templates
+    wire our summaries and reports to) as Markdown and joins a paragraph's lines into one run of
+    text. Two spaces keep each line on its own there and are invisible where text is shown plain.
+    """
+    lines = text.split("\n")
+    return "\n".join(
+        line.rstrip() + "  " if line.strip() and i < len(lines) - 1 else line for i, line in enumerate(lines)
+    )
+
+
 def setting_input(
     name: str,
     choices: list[str] | None = None,

@@ -29,6 +29,7 @@ from .common import (
     output,
     seed_input,
     setting_inputs,
+    shown_text,
 )
 
 log = logging.getLogger("kontext_restore")
@@ -188,7 +189,8 @@ class KontextRestoreDataset(io.ComfyNode):
         )
         summary = dataset.summary()
         log.info("Kontext Restore dataset:\n%s", summary)
-        return io.NodeOutput(dataset, summary, ui=ui.PreviewText(summary))
+        shown = shown_text(summary)
+        return io.NodeOutput(dataset, shown, ui=ui.PreviewText(shown))
 
 
 class KontextRestoreCacheLatents(io.ComfyNode):
@@ -232,7 +234,7 @@ class KontextRestoreCacheLatents(io.ComfyNode):
             on_progress=lambda done, total: progress.update(done),
             check_cancel=comfyui.check_interrupted,
         )
-        return io.NodeOutput(latents, summary)
+        return io.NodeOutput(latents, shown_text(summary))
 
 
 NODES: list[type[io.ComfyNode]] = [

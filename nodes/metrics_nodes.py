@@ -8,7 +8,7 @@ from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.images import comfy_image_to_tensors, pil_to_tensor, tensors_to_comfy_image
 from ..kontext_train.metrics import evaluate_restoration
 from ..kontext_train.plots import render_loss_plot
-from .common import CATEGORY, LOSS, input_validator, output, setting_inputs
+from .common import CATEGORY, LOSS, input_validator, output, setting_inputs, shown_text
 
 
 def _nan_if_none(value: float | None) -> float:
@@ -55,7 +55,7 @@ class KontextRestoreMetrics(io.ComfyNode):
             with_lpips=True,
         )
         means = scores.means()
-        table = scores.table()
+        table = shown_text(scores.table())
         return io.NodeOutput(
             table,
             _nan_if_none(means["psnr_restored"]),

@@ -19,7 +19,7 @@ from ..kontext_train.restore_settings import (
     resolve_restore_settings,
 )
 from ..kontext_train.training_prompt import prompt_from_graph
-from .common import CATEGORY, input_validator, output, seed_input, setting_input, setting_inputs
+from .common import CATEGORY, input_validator, output, seed_input, setting_input, setting_inputs, shown_text
 
 log = logging.getLogger("kontext_restore")
 
@@ -168,7 +168,9 @@ class KontextRestoreRestore(io.ComfyNode):
             on_progress=on_progress,
             check_cancel=comfyui.check_interrupted,
         )
-        return io.NodeOutput(tensors_to_comfy_image(torch.stack(outputs)), ui=ui.PreviewText(report))
+        return io.NodeOutput(
+            tensors_to_comfy_image(torch.stack(outputs)), ui=ui.PreviewText(shown_text(report))
+        )
 
 
 class KontextRestoreDegradedNoise(io.ComfyNode):

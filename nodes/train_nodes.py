@@ -14,7 +14,7 @@ from ..kontext_train.run import RunHooks, RunOutputs, train_lora
 from ..kontext_train.trainer import TrainConfig
 from ..kontext_train.training_prompt import PROMPT_KEY, prompt_from_graph
 from ..kontext_train.validation import format_validation_report, format_validation_row
-from .common import CATEGORY, LATENTS, LOSS, input_validator, output, setting_inputs
+from .common import CATEGORY, LATENTS, LOSS, input_validator, output, setting_inputs, shown_text
 
 log = logging.getLogger("kontext_restore")
 DEFAULTS = TrainConfig()
@@ -180,6 +180,7 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
                 "Raise steps to continue it, or choose another lora_name.\n" + report
             )
         loss = {"loss": result.losses, "validation": result.validation, "lora": name}
+        report = shown_text(report)
         return io.NodeOutput(trained, name, loss, report, ui=ui.PreviewText(report))
 
 

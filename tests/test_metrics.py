@@ -183,7 +183,11 @@ def test_evaluate_with_baseline_table_and_dict(images):
     table = scores.table()
     lines = table.splitlines()
     assert "baseline" in table and "gain" in table
-    assert sum(1 for line in lines if line.startswith("mean")) == 1
+    # A Markdown table: header, rule, then a row per metric for the mean and for each image.
+    assert lines[1].startswith("|:--") and lines[1].endswith(":|")
+    assert len({len(line) for line in lines}) == 1  # aligned as plain text too
+    assert sum(1 for line in lines if line.startswith("| mean ")) == 5
+    assert len(lines) == 2 + 5 * (1 + 3)
     assert f"{scores.psnr_restored[0]:.2f}" in table
     assert f"{means['psnr_restored']:.2f}" in table
     assert f"{means['ssim_degraded']:.4f}" in table

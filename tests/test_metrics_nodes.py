@@ -36,7 +36,10 @@ def test_metrics_node_reports_the_library_numbers(pack_nodes):
     assert ssim == pytest.approx(means["ssim_restored"])
     assert psnr_y == pytest.approx(means["psnr_y_restored"])
     assert ssim_y == pytest.approx(means["ssim_y_restored"])
-    assert table == expected.table()
+    # The library's table, each line but the last ending in a Markdown hard break.
+    lines = table.split("\n")
+    assert [line.removesuffix("  ") for line in lines] == expected.table().split("\n")
+    assert all(line.endswith("  ") for line in lines[:-1]) and not lines[-1].endswith(" ")
     assert list(out.ui.as_dict()["text"]) == [table]
     assert "baseline" in table and psnr > means["psnr_degraded"]
     assert all(isinstance(v, float) for v in (psnr, ssim, psnr_y, ssim_y))
@@ -83,3 +86,15 @@ def test_loss_plot_node_returns_an_image(pack_nodes):
 def test_loss_plot_node_rejects_other_inputs(pack_nodes):
     with pytest.raises(ValueError, match="trainer's loss output"):
         _node(pack_nodes, "KontextRestoreLossPlot").execute([0.1, 0.2])
+
+
+def test_shown_text_breaks_every_line_for_markdown_previews(pack_nodes):
+    """Text our nodes show keeps its lines in a Markdown preview: each non-empty line followed by
+    another ends in two spaces (a hard break); blank lines still separate paragraphs."""
+    import sys
+
+    shown_text = sys.modules[_node(pack_nodes, "KontextRestoreMetrics").__module__].shown_text
+    assert shown_text("a\nb\n\nc") == "a  \nb  \n\nc"
+    assert shown_text("a \nb\n") == "a  \nb  \n"
+    assert shown_text("one line") == "one line"
+    assert shown_text("") == ""

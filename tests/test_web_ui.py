@@ -266,7 +266,10 @@ def test_template_browser_shows_each_title_with_its_thumbnail(ui):
 def _text_shown_in_node(page, node_id: str, needle: str) -> dict:
     """Brings the node to the middle of the page at full size and looks for ``needle`` in what
     is drawn in it: text of elements (a preview's Markdown) and values of text boxes, visible
-    (not hidden, inside the viewport, not covered) and inside the node's rectangle on the screen."""
+    (not hidden, inside the viewport, not covered) and inside the node's rectangle on the screen.
+    ``line_start`` counts the shown places where the needle begins a line (after a line break, a
+    <br>, or at the start of its paragraph, list item or table cell, past any table pipes), so
+    that a text whose lines a Markdown preview ran together is caught."""
     return page.evaluate(
         """([id, needle]) => {
             const c = app.canvas, n = app.graph.nodes.find(n => String(n.id) === id);
@@ -279,13 +282,25 @@ def _text_shown_in_node(page, node_id: str, needle: str) -> dict:
             return new Promise(done => setTimeout(() => {
                 const box = {left: r.left + (n.pos[0] + c.ds.offset[0]), top: r.top + (n.pos[1] + c.ds.offset[1])};
                 box.right = box.left + n.size[0]; box.bottom = box.top + n.size[1];
-                const found = [];
+                const found = [], starts = new Map();
+                const startsLine = (text, first) => {
+                    const i = text.indexOf(needle), before = text.slice(text.lastIndexOf('\\n', i - 1) + 1, i);
+                    return /^[\\s|]*$/.test(before) && (first || text.lastIndexOf('\\n', i - 1) >= 0);
+                };
                 for (const el of document.querySelectorAll('textarea, input')) {
-                    if ((el.value || '').includes(needle)) found.push(el);
+                    if ((el.value || '').includes(needle)) {
+                        found.push(el);
+                        starts.set(el, startsLine(el.value, true));
+                    }
                 }
                 const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
                 while (walker.nextNode()) {
-                    if (walker.currentNode.textContent.includes(needle)) found.push(walker.currentNode.parentElement);
+                    const t = walker.currentNode;
+                    if (t.textContent.includes(needle)) {
+                        found.push(t.parentElement);
+                        const prev = t.previousSibling;
+                        starts.set(t.parentElement, startsLine(t.textContent, prev === null || prev.nodeName === 'BR'));
+                    }
                 }
                 const shown = found.filter(el => {
                     const e = el.getBoundingClientRect();
@@ -300,7 +315,7 @@ def _text_shown_in_node(page, node_id: str, needle: str) -> dict:
                     const top = document.elementFromPoint(x, y);
                     return top !== null && (el === top || el.contains(top));
                 });
-                done({found: found.length, shown: shown.length, box});
+                done({found: found.length, shown: shown.length, line_start: shown.filter(el => starts.get(el)).length, box});
             }, 600));
         }""",
         [node_id, needle],
@@ -357,24 +372,29 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
     assert covered["found"] and not covered["shown"], covered
     close_dialogs(page)
 
+    # (text, whether it must begin a line): lines stay lines whether the frontend draws the
+    # preview as Markdown (1.32) or as plain text.
     expected = {
         "Dataset summary and validation report": [
-            "used 3 image(s): 2 train, 1 held out for validation",
-            "skipped 1",
-            "PSNR",
+            ("used 3 image(s): 2 train, 1 held out for validation", True),
+            ("skipped 1", True),
+            ("step 2, latent MSE", True),
+            ("PSNR", False),
         ],
-        "Metrics": ["SSIM"],
+        "Metrics": [("mean", True), ("SSIM", False)],
     }
     for title, needles in expected.items():
-        for needle in needles:
+        for needle, at_line_start in needles:
             deadline = time.monotonic() + STEP_S
             seen = _text_shown_in_node(page, previews[title], needle)
             while not seen["shown"] and time.monotonic() < deadline:
                 page.wait_for_timeout(500)
                 seen = _text_shown_in_node(page, previews[title], needle)
-            if not seen["shown"]:
+            if not seen["shown"] or (at_line_start and not seen["line_start"]):
                 page.screenshot(path=str(ARTIFACTS / "web_ui_text_not_shown.png"))
             assert seen["shown"], f"{title}: {needle!r} is not shown in the node ({seen})"
+            if at_line_start:
+                assert seen["line_start"], f"{title}: {needle!r} does not begin a line ({seen})"
         page.screenshot(path=str(ARTIFACTS / f"web_ui_{title.lower().replace(' ', '_')}.png"))
     drawn = node_boxes(page)
     assert build_workflows.overlapping([(f"{b['id']} {b['title']}", b["box"]) for b in drawn]) == []
