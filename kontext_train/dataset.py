@@ -82,16 +82,13 @@ class RestorationDataset:
         samples = {"train": self.train, "val": self.val, "all": self.train + self.val}[split]
         return bucket_histogram([s.bucket for s in samples])
 
-    def summary(self) -> str:
-        """Human-readable report: what is used, what was skipped and why, split, buckets."""
-        source = (
-            f"paired LQ from {self.lq_dir}" if self.lq_dir else f"synthetic LQ ({describe(self.degradation)})"
-        )
+    def summary(self, brief: bool = False) -> str:
+        """Human-readable report: what is used, what was skipped and why, split, buckets.
+
+        ``brief``: the split, warnings and skipped counts only, the lines a node has room for.
+        """
         n = len(self.train) + len(self.val)
-        lines = [
-            f"Dataset {self.hq_dir}: {source}",
-            f"used {n} image(s): {len(self.train)} train, {len(self.val)} held out for validation",
-        ]
+        lines = [f"used {n} image(s): {len(self.train)} train, {len(self.val)} held out for validation"]
         lines += [f"warning: {w}" for w in self.split_warnings]
         if self.skipped:
             by_reason = Counter(_reason_category(r) for _, r in self.skipped)
@@ -99,13 +96,17 @@ class RestorationDataset:
                 f"skipped {len(self.skipped)}: "
                 + ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items()))
             )
-            for path, reason in self.skipped[:10]:
-                lines.append(f"  - {path}: {reason}")
-            if len(self.skipped) > 10:
-                lines.append(f"  ... and {len(self.skipped) - 10} more")
+        if brief:
+            return "\n".join(lines)
+        source = (
+            f"paired LQ from {self.lq_dir}" if self.lq_dir else f"synthetic LQ ({describe(self.degradation)})"
+        )
+        lines.insert(0, f"Dataset {self.hq_dir}: {source}")
+        lines += [f"  - {path}: {reason}" for path, reason in self.skipped[:10]]
+        if len(self.skipped) > 10:
+            lines.append(f"  ... and {len(self.skipped) - 10} more")
         # A blank line also ends the list of skipped files where the summary is shown as Markdown.
-        lines += ["", f"buckets (scale {self.bucket_scale:g}):"]
-        lines.append(format_histogram(self.bucket_histogram()))
+        lines += ["", f"buckets (scale {self.bucket_scale:g}):", format_histogram(self.bucket_histogram())]
         return "\n".join(lines)
 
     def load_clean(self, sample: Sample) -> torch.Tensor:

@@ -152,9 +152,10 @@ class KontextRestoreDataset(io.ComfyNode):
             ],
             outputs=[output(DATASET, "dataset"), output(io.String, "summary")],
             # Not an output node: ComfyUI would run it even when the trainer fails validation, drop
-            # the trainer with only a log line and report success. Its summary is an output (and
-            # shown on the node when it runs as part of a graph).
+            # the trainer with only a log line and report success. Its summary is an output, and
+            # drawn on the node as soon as it has run, long before a training run ends.
             is_output_node=False,
+            hidden=[io.Hidden.unique_id],
         )
 
     validate_inputs = input_validator("bucket_scale")
@@ -189,6 +190,8 @@ class KontextRestoreDataset(io.ComfyNode):
         )
         summary = dataset.summary()
         log.info("Kontext Restore dataset:\n%s", summary)
+        # The counts and warnings on the node now; the whole summary is the output.
+        comfyui.show_on_node(dataset.summary(brief=True), cls.hidden.unique_id if cls.hidden else None)
         shown = shown_text(summary)
         return io.NodeOutput(dataset, shown, ui=ui.PreviewText(shown))
 

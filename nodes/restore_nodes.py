@@ -159,7 +159,8 @@ class KontextRestoreRestore(io.ComfyNode):
             nonlocal bar
             if bar is None:
                 bar = comfyui.NodeProgress(p.total, unique_id)
-            bar.update(p.done, p.text)
+            # The settings and warnings stay on the node under the progress, after the run too.
+            bar.update(p.done, f"{p.text}\n{report}")
 
         outputs = restore_images(
             pixels,

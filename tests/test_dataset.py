@@ -256,9 +256,12 @@ def test_pair_with_another_aspect_ratio_is_skipped_with_reason(tmp_path):
     assert "aspect mismatch: 2" in ds.summary()
 
 
-def test_the_dataset_node_shows_the_split_and_why(pack_nodes, comfy_dirs, tmp_path):
+def test_the_dataset_node_shows_the_split_and_why(pack_nodes, comfy_dirs, tmp_path, monkeypatch):
     folder = _folder(comfy_dirs["input"] / f"six_{tmp_path.name}", 6)
+    write_good(folder / "tiny.png", 20, 20)
     cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreDataset"]
+    drawn = []
+    monkeypatch.setattr(sys.modules[cls.__module__].comfyui, "show_on_node", lambda *a: drawn.append(a))
     if hasattr(cls, "define_schema"):  # a V3 node: ComfyUI calls its execute classmethod
         out = cls.execute(folder.name, SCALE, 4, 0)
         (dataset, summary), shown = out.result, list(out.ui.as_dict()["text"])
@@ -269,3 +272,25 @@ def test_the_dataset_node_shows_the_split_and_why(pack_nodes, comfy_dirs, tmp_pa
     assert shown == [summary]  # on the node, and the summary output
     assert "5 train, 1 held out" in summary and "warning: val_count 4 reduced to 1" in summary
     assert "warning: only 5 training image(s)" in summary
+    # Drawn on the node as soon as it runs: the counts and warnings, not the file list or buckets.
+    ((brief, _node_id),) = drawn
+    assert brief == dataset.summary(brief=True) and brief.splitlines() == [
+        line.rstrip() for line in summary.splitlines() if line.startswith(("used ", "warning: ", "skipped "))
+    ]
+    assert "skipped 1: too small: 1" in brief and "tiny.png" in summary and "tiny.png" not in brief
+
+
+def test_text_drawn_on_a_node_is_escaped(comfy_root, monkeypatch):
+    """Both frontends insert a node's progress text as HTML: a file name shows as written."""
+    import types
+
+    from kontext_train import comfyui
+
+    sent = []
+    fake = types.SimpleNamespace(send_progress_text=lambda text, node_id: sent.append((text, node_id)))
+    monkeypatch.setitem(
+        sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=fake))
+    )
+    comfyui.show_on_node("skipped 1:\n  - <b>&.png", "7")
+    comfyui.show_on_node("not sent", None)
+    assert sent == [("skipped 1:\n  - &lt;b&gt;&amp;.png", "7")]

@@ -282,7 +282,7 @@ def _text_shown_in_node(page, node_id: str, needle: str) -> dict:
             return new Promise(done => setTimeout(() => {
                 const box = {left: r.left + (n.pos[0] + c.ds.offset[0]), top: r.top + (n.pos[1] + c.ds.offset[1])};
                 box.right = box.left + n.size[0]; box.bottom = box.top + n.size[1];
-                const found = [], starts = new Map();
+                const found = [], starts = new Map(), ranges = new Map();
                 const startsLine = (text, first) => {
                     const i = text.indexOf(needle), before = text.slice(text.lastIndexOf('\\n', i - 1) + 1, i);
                     return /^[\\s|]*$/.test(before) && (first || text.lastIndexOf('\\n', i - 1) >= 0);
@@ -298,12 +298,19 @@ def _text_shown_in_node(page, node_id: str, needle: str) -> dict:
                     const t = walker.currentNode;
                     if (t.textContent.includes(needle)) {
                         found.push(t.parentElement);
+                        // The needle's own box: text clipped by its widget (overflow hidden) is
+                        // not under its own first character on the screen.
+                        const range = document.createRange(), i = t.textContent.indexOf(needle);
+                        range.setStart(t, i);
+                        range.setEnd(t, i + needle.length);
+                        ranges.set(t.parentElement, range);
                         const prev = t.previousSibling;
                         starts.set(t.parentElement, startsLine(t.textContent, prev === null || prev.nodeName === 'BR'));
                     }
                 }
                 const shown = found.filter(el => {
-                    const e = el.getBoundingClientRect();
+                    const range = ranges.get(el);
+                    const e = range ? range.getClientRects()[0] || range.getBoundingClientRect() : el.getBoundingClientRect();
                     const visible = el.checkVisibility({checkOpacity: true, checkVisibilityCSS: true});
                     if (!(visible && e.width > 0 && e.height > 0 && e.left < box.right && e.right > box.left
                           && e.top < box.bottom && e.bottom > box.top && e.top < innerHeight && e.bottom > 0)) {
@@ -311,7 +318,8 @@ def _text_shown_in_node(page, node_id: str, needle: str) -> dict:
                     }
                     // Not covered by anything (a dialog, another node's widget): the topmost
                     // element at the text's first visible point is it or inside it.
-                    const x = Math.max(e.left, box.left, 0) + 4, y = Math.max(e.top, box.top, 0) + 4;
+                    const x = range ? e.left + Math.min(4, e.width / 2) : Math.max(e.left, box.left, 0) + 4;
+                    const y = range ? e.top + e.height / 2 : Math.max(e.top, box.top, 0) + 4;
                     const top = document.elementFromPoint(x, y);
                     return top !== null && (el === top || el.contains(top));
                 });
@@ -339,6 +347,10 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
     workflow = build_workflows.to_ui(nodes, object_info)
     previews = {n.title: str(n.id) for n in nodes if n.type == "PreviewAny"}
     assert set(previews) == {"Dataset summary and validation report", "Metrics"}
+    # The Dataset and Restore Image nodes draw their own text: the summary as soon as the
+    # dataset is read, the restore settings with the progress.
+    (dataset_node,) = [str(n.id) for n in nodes if n.type == "KontextRestoreDataset"]
+    (restore_node,) = [str(n.id) for n in nodes if n.type == "KontextRestoreRestore"]
 
     before = set(comfy_server.get("/history"))
     load_workflow(page, workflow)
@@ -382,14 +394,17 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
             ("PSNR", False),
         ],
         "Metrics": [("mean", True), ("SSIM", False)],
+        "Dataset node": [("used 3 image(s): 2 train, 1 held out for validation", True), ("skipped 1", True)],
+        "Restore node": [("image 1/1, step 2/2", True), ("bucket scale", False)],
     }
+    node_ids = {**previews, "Dataset node": dataset_node, "Restore node": restore_node}
     for title, needles in expected.items():
         for needle, at_line_start in needles:
             deadline = time.monotonic() + STEP_S
-            seen = _text_shown_in_node(page, previews[title], needle)
+            seen = _text_shown_in_node(page, node_ids[title], needle)
             while not seen["shown"] and time.monotonic() < deadline:
                 page.wait_for_timeout(500)
-                seen = _text_shown_in_node(page, previews[title], needle)
+                seen = _text_shown_in_node(page, node_ids[title], needle)
             if not seen["shown"] or (at_line_start and not seen["line_start"]):
                 page.screenshot(path=str(ARTIFACTS / "web_ui_text_not_shown.png"))
             assert seen["shown"], f"{title}: {needle!r} is not shown in the node ({seen})"

@@ -13,9 +13,10 @@ Node inputs, their order, which of them are widgets, the output types and the de
 widgets a description does not set all come from a running ComfyUI's ``/object_info``, so the files match
 what the server and the web UI expect. Regenerate after changing a node's inputs:
 
-    .venv/bin/python workflows/build_workflows.py            # starts a headless test server
-    .venv/bin/python workflows/build_workflows.py --url http://127.0.0.1:8188   # a running one
-    .venv/bin/python workflows/build_workflows.py --check    # exit 1 if the files are stale
+    export COMFYUI_PATH=$PWD/.host/0.33.0/ComfyUI       # a test host (scripts/setup_test_env.sh)
+    .host/0.33.0/venv/bin/python workflows/build_workflows.py           # starts a headless server
+    .host/0.33.0/venv/bin/python workflows/build_workflows.py --url http://127.0.0.1:8188
+    .host/0.33.0/venv/bin/python workflows/build_workflows.py --check   # exit 1 if stale
 
 "Stale" and "equal" leave out what differs between ComfyUI versions on its own (display titles,
 outputs declared without links; see ``api_essence``/``ui_essence``), so the committed files are

@@ -158,7 +158,7 @@ def _training(data_col: int) -> list[Node]:
     dataset part and answer HTTP 200 instead of refusing it (tests/test_server.py)."""
     return [
         Node(5, "KontextRestoreDegradation", data_col - 1),
-        Node(6, "KontextRestoreDataset", data_col, {}, {"degradation": (5, 0)}),
+        Node(6, "KontextRestoreDataset", data_col, {}, {"degradation": (5, 0)}, room=DATASET_TEXT_H),
         Node(7, "KontextRestoreCacheLatents", data_col, {}, {"dataset": (6, 0), "vae": (3, 0)}),
         Node(
             8,
@@ -195,6 +195,10 @@ NOTE_SIZE = (560, 460)
 # The trainer's progress text and its grid of held-out images (degraded | restored | clean),
 # as frontend 1.49 draws them below the widgets (measured: about 270 px).
 TRAINER_PREVIEW_H = 320
+# The Dataset node's counts and warnings, and Restore Image's progress, settings and warnings,
+# drawn below their widgets as text that does not scroll.
+DATASET_TEXT_H = 120
+RESTORE_TEXT_H = 120
 
 
 def _note_node(node_id: int, col: int, text: str) -> Node:
@@ -283,6 +287,7 @@ def restore_with_lora() -> list[Node]:
             3,
             {"lora_name": lora_file},
             {"model": (5, 0), "vae": (3, 0), "conditioning": (4, 0), "images": (6, 0)},
+            room=RESTORE_TEXT_H,
         ),
         Node(
             8,
@@ -339,6 +344,7 @@ def train_then_evaluate() -> list[Node]:
                 "images": (14, 0),
                 "lora_name": (8, 1),
             },
+            room=RESTORE_TEXT_H,
         ),
         Node(
             18,

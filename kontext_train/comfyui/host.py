@@ -4,6 +4,7 @@ finished LoRA, progress on the node, cancel and out-of-memory exceptions, sample
 from __future__ import annotations
 
 import contextlib
+import html
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -192,11 +193,23 @@ class NodeProgress:
     def update(self, value: int, text: str | None = None, preview=None) -> None:
         preview_arg = ("JPEG", preview, 512) if preview is not None else None
         self.bar.update_absolute(value, self.total, preview_arg)
-        if text and self.node_id is not None:
-            with contextlib.suppress(Exception):
-                import server
+        if text:
+            show_on_node(text, self.node_id)
 
-                server.PromptServer.instance.send_progress_text(text, self.node_id)
+
+def show_on_node(text: str, node_id: str | None) -> None:
+    """Draws ``text`` on the node as its status text (ComfyUI's progress text), where the server
+    and version have one; it stays there after the node has run.
+
+    Frontends 1.32 and 1.49 insert this text as HTML with ``<br>`` for each newline, so it is
+    escaped: a file name with ``<`` or ``&`` shows as written.
+    """
+    if node_id is None:
+        return
+    with contextlib.suppress(Exception):
+        import server
+
+        server.PromptServer.instance.send_progress_text(html.escape(text, quote=False), node_id)
 
 
 def soft_empty_cache() -> None:
