@@ -29,14 +29,15 @@ TARBALL_SHA256=c2935702621fd4cc6d99d0d8467746fd4b3a1190c937ddf360561af214733f34
 # pip's own resumes got no further. A new pip process, after a pause, starts the download over
 # on new connections, and pip's cache keeps the wheels that did finish.
 PIP_ATTEMPTS=${PIP_ATTEMPTS:-4}
+PIP_RETRY_PAUSE=${PIP_RETRY_PAUSE:-30} # seconds, times the attempt number
 retry_pip() { # $1 python, then pip's arguments
   local py=$1 attempt
   shift
   for attempt in $(seq 1 "$PIP_ATTEMPTS"); do
     "$py" -m pip "$@" && return 0
     [ "$attempt" -lt "$PIP_ATTEMPTS" ] || break
-    echo "setup: 'pip $1' failed (attempt $attempt of $PIP_ATTEMPTS); trying again in $((attempt * 30)) s" >&2
-    sleep $((attempt * 30))
+    echo "setup: 'pip $1' failed (attempt $attempt of $PIP_ATTEMPTS); trying again in $((attempt * PIP_RETRY_PAUSE)) s" >&2
+    sleep $((attempt * PIP_RETRY_PAUSE))
   done
   echo "setup: 'pip $*' failed $PIP_ATTEMPTS times; see pip's message above" >&2
   return 1

@@ -341,3 +341,35 @@ def test_real_width_checkpoint_loads_through_stock_unetloader_and_trains(comfy_r
     assert v.shape == x.shape and torch.isfinite(v).all()
     assert grads and all(torch.isfinite(g).all() for g in grads)
     lora.release()
+
+
+def _retry_pip(tmp_path: Path, failures: int) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Runs the setup script's ``retry_pip`` with a stand-in Python that fails ``failures`` times."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n[ $(wc -l < {calls}) -gt {failures} ]\n')
+    fake.chmod(0o755)
+    script = ROOT / "scripts" / "setup_test_env.sh"
+    define = f"eval \"$(sed -n '/^retry_pip()/,/^}}/p' {script})\""
+    done = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail; {define}; retry_pip {fake} install torch==2.9.1"],
+        env={"PATH": "/usr/bin:/bin", "PIP_ATTEMPTS": "3", "PIP_RETRY_PAUSE": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done, calls.read_text().splitlines()
+
+
+def test_setup_retries_a_failed_pip_step(tmp_path):
+    """A download that stops part-way (CI, stop 16) fails one pip run; the next may finish."""
+    done, calls = _retry_pip(tmp_path, failures=2)
+    assert done.returncode == 0, done.stderr
+    assert calls == ["-m pip install torch==2.9.1"] * 3
+    assert "attempt 2 of 3" in done.stderr
+
+
+def test_setup_gives_up_after_its_attempts_naming_the_step(tmp_path):
+    done, calls = _retry_pip(tmp_path, failures=5)
+    assert done.returncode != 0 and len(calls) == 3
+    assert "'pip install torch==2.9.1' failed 3 times" in done.stderr
