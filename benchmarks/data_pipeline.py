@@ -81,9 +81,9 @@ def main() -> None:
     from conftest import make_tiny_vae
 
     from kontext_train import comfyui
-    from kontext_train.dataset import build_dataset
-    from kontext_train.degradations import DegradationConfig
-    from kontext_train.latent_cache import LatentCache
+    from kontext_train.data.dataset import build_dataset
+    from kontext_train.data.degradations import DegradationConfig
+    from kontext_train.data.latent_cache import LatentCache
 
     tmp = Path(tempfile.mkdtemp(prefix="kr_data_"))
     paths = make_photos(tmp / "hq", args.megapixels)

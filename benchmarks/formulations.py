@@ -9,7 +9,7 @@ learn it) and ``lossy`` (the same on channels 0-7, channels 8-15 rounded to whol
 information is destroyed, nothing restores it exactly). Each (toy, formulation, seed) trains one
 LoRA with the pack's Trainer on the tiny Flux the toy is made for (width 128, 1 double + 1 single
 block, rank 8 on all_linear, AdamW 2e-3 constant, batch 4), then restores held-out latents with
-``kontext_train.sampler.restore_latents`` (Euler on the training time shift). The seed changes
+``kontext_train.method.sampler.restore_latents`` (Euler on the training time shift). The seed changes
 the base model, the LoRA init, the training and held-out latents and the noise. Reported: mean and
 spread (sample standard deviation) over seeds of the held-out latent MSE to the clean latent, in
 model space, as the trainer's validation measures it.
@@ -32,7 +32,7 @@ from _common import bootstrap, machine_info, make_conditioning, md_table, write_
 from kontext_train.comfyui.tiny_models import TINY_CONTEXT_DIM as CONTEXT_DIM  # noqa: E402
 
 # (label, formulation, bridge noise). The first row is the old default, refused since: with no
-# bridge noise the reference gives the target away (see kontext_train/flow.py), measured here so
+# bridge noise the reference gives the target away (see kontext_train/method/flow.py), measured here so
 # the table shows what the refusal costs, if anything.
 VARIANTS = (
     ("bridge_ref s=0 (refused)", "bridge_ref", 0.0),
@@ -49,9 +49,9 @@ def train_and_restore(toy: str, formulation: str, bridge_noise: float, seed: int
     from toy import TOY_DEGRADATIONS, TOY_TRAIN_SETTINGS, ToyBatches, toy_latents
 
     from kontext_train.comfyui import FluxLoraModel, build_tiny_flux
-    from kontext_train.flow import flux_shift_mu, image_tokens
-    from kontext_train.sampler import restore_latents
-    from kontext_train.trainer import TrainConfig, Trainer
+    from kontext_train.method.flow import flux_shift_mu, image_tokens
+    from kontext_train.method.sampler import restore_latents
+    from kontext_train.train.trainer import TrainConfig, Trainer
 
     degrade = TOY_DEGRADATIONS[toy]
     clean_train = toy_latents(32, seed=seed)

@@ -133,7 +133,7 @@ class MemoryBatches:
         return 1
 
     def stream(self, epoch: int = 0, position: int = 0):
-        from kontext_train.batches import LatentBatch
+        from kontext_train.data.batches import LatentBatch
 
         while True:
             yield LatentBatch(epoch, 0, self.clean, self.degraded, ["0"])
@@ -172,7 +172,7 @@ class Runner:
         self, formulation: str, side: int, steps: int, shape: dict, lora_form: str = "activations"
     ) -> None:
         from kontext_train.comfyui import FluxLoraModel
-        from kontext_train.trainer import TrainConfig, Trainer
+        from kontext_train.train.trainer import TrainConfig, Trainer
 
         cfg = TrainConfig(
             steps=steps,

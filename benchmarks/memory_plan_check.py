@@ -34,7 +34,7 @@ def main() -> None:
 
     from kontext_train import comfyui
     from kontext_train.comfyui.memory_probe import PlanSettings, measure_step, plan_memory
-    from kontext_train.memory_plan import LiveBytes, allocator_peak
+    from kontext_train.plan.memory_plan import LiveBytes, allocator_peak
 
     mib = 2**20
     print(

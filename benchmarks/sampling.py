@@ -5,7 +5,7 @@ in a few steps vs noise-start (kontext formulation) in 28 steps - time and laten
 
 One LoRA is trained per formulation with the pack's Trainer on the tiny model the toy is made for
 (width 128, 1 double + 1 single block, rank 8 on all_linear, AdamW lr 2e-3 constant, batch 4,
-300 steps), then held-out latents are restored with ``kontext_train.sampler.restore_latents``
+300 steps), then held-out latents are restored with ``kontext_train.method.sampler.restore_latents``
 (Euler, the training time shift). Restore timings are interleaved across (formulation, steps)
 and repeated; the quality numbers are deterministic (fixed seeds). MSE is measured in model space,
 as the trainer's validation does.
@@ -31,7 +31,7 @@ def train(formulation: str, args, clean_train: torch.Tensor, tmp: Path):
     from toy import ToyBatches
 
     from kontext_train.comfyui import FluxLoraModel, build_tiny_flux
-    from kontext_train.trainer import TrainConfig, Trainer
+    from kontext_train.train.trainer import TrainConfig, Trainer
 
     model = build_tiny_flux(hidden_size=128, context_in_dim=CONTEXT_DIM, seed=0)
     from toy import TOY_TRAIN_SETTINGS
@@ -51,8 +51,8 @@ def train(formulation: str, args, clean_train: torch.Tensor, tmp: Path):
 def restore(lm, cond, formulation: str, steps: int, clean_raw: torch.Tensor):
     from toy import degrade_latent
 
-    from kontext_train.flow import flux_shift_mu, image_tokens
-    from kontext_train.sampler import restore_latents
+    from kontext_train.method.flow import flux_shift_mu, image_tokens
+    from kontext_train.method.sampler import restore_latents
 
     clean = lm.to_model_space(clean_raw)
     degraded = lm.to_model_space(degrade_latent(clean_raw))

@@ -6,7 +6,7 @@ the trainer vs a bare loop, and peak memory per variant.
 
 Variants (all on the same base model, same LoRA rank, same batch/resolution/dtype/checkpointing):
 
-* ``ours_<formulation>``: ``kontext_train.trainer.Trainer.run`` with ``FluxLoraModel`` (targets
+* ``ours_<formulation>``: ``kontext_train.train.trainer.Trainer.run`` with ``FluxLoraModel`` (targets
   ``all_linear``), in-memory latent batches, no validation and no checkpoints inside the loop.
 * ``native``: ComfyUI's ``TrainLoraNode.execute`` (noise -> x0 formulation; it cannot take
   reference latents), LoRA on every comfy-op weight plus bias deltas. On ComfyUI 0.33 its newer
@@ -78,7 +78,7 @@ class MemoryBatches:
         return max(1, len(self.clean) // self.batch_size)
 
     def stream(self, epoch: int = 0, position: int = 0):
-        from kontext_train.batches import LatentBatch
+        from kontext_train.data.batches import LatentBatch
 
         while True:
             for k in range(position, self.batches_per_epoch()):
@@ -113,7 +113,7 @@ class Bench:
 
     # -- variants -------------------------------------------------------------------------
     def ours(self, formulation: str, steps: int) -> None:
-        from kontext_train.trainer import TrainConfig, Trainer
+        from kontext_train.train.trainer import TrainConfig, Trainer
 
         a = self.args
         cfg = TrainConfig(
@@ -143,7 +143,7 @@ class Bench:
             trainer.run(resume=False)
 
     def bare(self, formulation: str, steps: int, base_grad: bool = False) -> None:
-        from kontext_train.flow import make_training_example
+        from kontext_train.method.flow import make_training_example
 
         a, lm = self.args, self.lm
         with torch.inference_mode(False):

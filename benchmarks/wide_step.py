@@ -127,7 +127,7 @@ class Bench:
 
     # -- variants -------------------------------------------------------------------------
     def ours(self, form: str, side: int, ref: bool, steps: int) -> None:
-        from kontext_train.trainer import TrainConfig, Trainer
+        from kontext_train.train.trainer import TrainConfig, Trainer
 
         lm, cond = self.lms[form]
         cfg = TrainConfig(
@@ -152,7 +152,7 @@ class Bench:
                 lm.release()  # one form attached at a time: both share the base model
 
     def bare(self, form: str, side: int, ref: bool, steps: int) -> None:
-        from kontext_train.flow import make_training_example
+        from kontext_train.method.flow import make_training_example
 
         lm, cond = self.lms[form]
         clean, degraded = self.latents(side)

@@ -7,19 +7,19 @@ import logging
 import torch
 
 from ..kontext_train import comfyui
-from ..kontext_train.buckets import bucket_resolutions, fit_to_bucket, nearest_bucket
+from ..kontext_train.data.buckets import bucket_resolutions, fit_to_bucket, nearest_bucket
 from ..kontext_train.comfyui.host import check_writable
 from ..kontext_train.comfyui.node_api import io, ui
-from ..kontext_train.dataset import build_dataset, resolve_dataset_path
-from ..kontext_train.degradations import DegradationConfig, degrade, describe
-from ..kontext_train.images import (
+from ..kontext_train.data.dataset import build_dataset, resolve_dataset_path
+from ..kontext_train.data.degradations import DegradationConfig, degrade, describe
+from ..kontext_train.data.images import (
     comfy_image_to_tensors,
     folder_signature,
     pil_to_tensor,
     tensor_to_pil,
     tensors_to_comfy_image,
 )
-from ..kontext_train.run_latents import prepare_latents
+from ..kontext_train.train.run_latents import prepare_latents
 from .common import (
     CATEGORY,
     DATASET,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from ..kontext_train.comfyui.node_api import io, ui
-from ..kontext_train.images import comfy_image_to_tensors, pil_to_tensor, tensors_to_comfy_image
-from ..kontext_train.metrics import evaluate_restoration
-from ..kontext_train.plots import render_loss_plot
+from ..kontext_train.data.images import comfy_image_to_tensors, pil_to_tensor, tensors_to_comfy_image
+from ..kontext_train.report.metrics import evaluate_restoration
+from ..kontext_train.report.plots import render_loss_plot
 from .common import CATEGORY, LOSS, input_validator, output, setting_inputs, shown_text
 
 

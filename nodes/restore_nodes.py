@@ -8,17 +8,17 @@ import torch
 
 from ..kontext_train import comfyui
 from ..kontext_train.comfyui.node_api import io, ui
-from ..kontext_train.images import comfy_image_to_tensors, tensors_to_comfy_image
+from ..kontext_train.data.images import comfy_image_to_tensors, tensors_to_comfy_image
 from ..kontext_train.options import NO_LORA
-from ..kontext_train.restore import MAX_MEGAPIXELS, TILE_BELOW_SCALE, RestoreProgress, restore_images
-from ..kontext_train.restore_settings import (
+from ..kontext_train.restore.restore import MAX_MEGAPIXELS, TILE_BELOW_SCALE, RestoreProgress, restore_images
+from ..kontext_train.restore.restore_settings import (
     AS_TRAINED,
     RestoreSettings,
     as_trained_sigmas,
     read_lora_record,
     resolve_restore_settings,
 )
-from ..kontext_train.training_prompt import prompt_from_graph
+from ..kontext_train.method.training_prompt import prompt_from_graph
 from .common import CATEGORY, input_validator, output, seed_input, setting_input, setting_inputs, shown_text
 
 log = logging.getLogger("kontext_restore")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kontext_train.atomic import WriteError, atomic_path, atomic_write_csv, atomic_write_text
+from kontext_train.files.atomic import WriteError, atomic_path, atomic_write_csv, atomic_write_text
 
 
 def test_written_file_has_umask_permissions(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from kontext_train.buckets import (
+from kontext_train.data.buckets import (
     KONTEXT_RESOLUTIONS,
     BucketBatchSampler,
     bucket_histogram,

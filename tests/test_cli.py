@@ -177,7 +177,7 @@ def test_json_config_and_bad_config_values(tmp_path, clean_env, capsys):
 @pytest.fixture(scope="module")
 def demo_run(comfy_root, tmp_path_factory):
     """One tiny demo run; the keyword arguments its loss plot was drawn with are in ``plot_calls``."""
-    from kontext_train import plots
+    from kontext_train.report import plots
 
     out = tmp_path_factory.mktemp("demo_run")
     env = {
@@ -376,7 +376,7 @@ def test_restore_and_evaluate_use_the_trained_demo_lora(demo_run, tmp_path, caps
 
 
 def test_the_training_prompt_is_recorded_and_a_different_one_warned_about(demo_run, tmp_path, capsys):
-    from kontext_train.lora import read_metadata
+    from kontext_train.method.lora import read_metadata
     from kontext_train.options import DEFAULT_PROMPT
 
     lora = demo_run[0] / "kontext_restore_demo.safetensors"
@@ -401,7 +401,7 @@ def test_the_training_prompt_is_recorded_and_a_different_one_warned_about(demo_r
 def test_the_command_prints_the_split_and_why(comfy_root, tmp_path, clean_env, capsys):
     """6 photos with the default val_count (4): 1 held out, the reason and the few-images warning
     in the summary the command prints (stopped right after it: nothing is loaded or trained)."""
-    from kontext_train import run
+    from kontext_train.train import run
 
     def stop(*args, **kwargs):
         raise run.RunError("stopped after the dataset summary")
@@ -439,7 +439,7 @@ def test_train_without_model_files_stops_naming_every_one_before_the_dataset(
 ):
     """HR_ROOT set and no --unet once ran the whole demo. Now: exit 2 at once, every missing model
     file named with its flag, variable and config key, the ComfyUI searched, and nothing written."""
-    from kontext_train import dataset
+    from kontext_train.data import dataset
 
     def must_not_scan(*args, **kwargs):
         raise AssertionError("the dataset was scanned before the model files were checked")
@@ -549,7 +549,7 @@ def test_comfyui_not_found_in_a_subprocess(tmp_path, how):
 def test_a_second_run_on_the_same_output_dir_is_refused(comfy_root, tmp_path, clean_env, capsys):
     out = tmp_path / "busy"
     code = (
-        "import sys, time; from kontext_train.run_lock import run_lock\n"
+        "import sys, time; from kontext_train.train.run_lock import run_lock\n"
         "with run_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

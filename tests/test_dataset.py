@@ -1,4 +1,4 @@
-"""The restoration dataset (kontext_train/dataset.py): folders, split, buckets, pairs, degradations."""
+"""The restoration dataset (kontext_train/data/dataset.py): folders, split, buckets, pairs, degradations."""
 
 import json
 import logging
@@ -11,9 +11,9 @@ import torch
 from _bad_images import noise_image, write_exif_rotated_jpeg, write_good
 from PIL import Image
 
-from kontext_train.buckets import bucket_resolutions
-from kontext_train.dataset import build_dataset, held_out_limit, resolve_dataset_path, split_sizes
-from kontext_train.degradations import DegradationConfig, degradation_seed, degrade
+from kontext_train.data.buckets import bucket_resolutions
+from kontext_train.data.dataset import build_dataset, held_out_limit, resolve_dataset_path, split_sizes
+from kontext_train.data.degradations import DegradationConfig, degradation_seed, degrade
 
 SCALE = 0.125  # buckets around 128 px keep the tests fast
 
@@ -69,7 +69,7 @@ def test_a_reduced_split_keeps_the_images_a_larger_one_held_out(tmp_path):
 
 def test_six_photos_hold_out_one_and_say_why(tmp_path, caplog):
     # The default val_count (4) once held out 4 of 6 photos and trained on 2, silently.
-    with caplog.at_level(logging.WARNING, logger="kontext_train.dataset"):
+    with caplog.at_level(logging.WARNING, logger="kontext_train.data.dataset"):
         ds = build_dataset(_folder(tmp_path / "six", 6), bucket_scale=SCALE)
     assert (len(ds.train), len(ds.val)) == (5, 1)
     summary = ds.summary()
@@ -82,7 +82,7 @@ def test_six_photos_hold_out_one_and_say_why(tmp_path, caplog):
 
 
 def test_a_large_folder_keeps_the_asked_count_without_warnings(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="kontext_train.dataset"):
+    with caplog.at_level(logging.WARNING, logger="kontext_train.data.dataset"):
         ds = build_dataset(_folder(tmp_path / "many", 100), val_count=4, bucket_scale=SCALE, min_size=8)
     assert (len(ds.train), len(ds.val)) == (96, 4)
     assert ds.split_warnings == [] and "warning" not in ds.summary() and caplog.text == ""
@@ -97,7 +97,7 @@ def test_single_image_has_no_val(tmp_path):
 
 
 def test_a_user_count_above_the_limit_is_reduced_with_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="kontext_train.dataset"):
+    with caplog.at_level(logging.WARNING, logger="kontext_train.data.dataset"):
         ds = build_dataset(_folder(tmp_path / "twenty", 20), val_count=10, bucket_scale=SCALE)
     assert (len(ds.train), len(ds.val)) == (16, 4)
     expected = "val_count 10 reduced to 4: at most 20% of the 20 usable images are held out"
@@ -188,7 +188,7 @@ def test_exif_rotated_sample_gets_portrait_bucket(tmp_path):
 
 def test_folder_signature_follows_contents(tmp_path):
 
-    from kontext_train.images import folder_signature
+    from kontext_train.data.images import folder_signature
 
     Image.new("RGB", (80, 80), "red").save(tmp_path / "a.png")
     first = folder_signature(tmp_path)
@@ -212,7 +212,7 @@ def _write_bytes_name(folder: Path, name: bytes, w: int = 96, h: int = 64, seed:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are always Unicode")
 def test_file_name_that_is_not_utf8_loads_and_does_not_fail_the_dataset(tmp_path, caplog):
-    from kontext_train.images import folder_signature
+    from kontext_train.data.images import folder_signature
 
     hq, lq = tmp_path / "hq", tmp_path / "lq"
     write_good(hq / "plain.png", seed=1)

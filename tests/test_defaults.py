@@ -24,13 +24,13 @@ from server_host import server_fixture
 
 from kontext_train import options
 from kontext_train.app import cli, demo, settings
-from kontext_train.dataset import build_dataset
-from kontext_train.degradations import DegradationConfig
-from kontext_train.latent_cache import LatentCache
+from kontext_train.data.dataset import build_dataset
+from kontext_train.data.degradations import DegradationConfig
+from kontext_train.data.latent_cache import LatentCache
 from kontext_train.options import DEFAULT_PROMPT, NODE
-from kontext_train.plots import render_loss_plot
-from kontext_train.restore_settings import RestoreSettings, resolve_restore_settings
-from kontext_train.train_config import TrainConfig
+from kontext_train.report.plots import render_loss_plot
+from kontext_train.restore.restore_settings import RestoreSettings, resolve_restore_settings
+from kontext_train.method.train_config import TrainConfig
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from kontext_train.degradations import (
+from kontext_train.data.degradations import (
     DegradationConfig,
     add_gaussian_noise,
     degradation_seed,
@@ -17,7 +17,7 @@ from kontext_train.degradations import (
     jpeg_roundtrip,
     resize_down_up,
 )
-from kontext_train.images import pil_to_tensor
+from kontext_train.data.images import pil_to_tensor
 
 
 def _test_image(h: int = 96, w: int = 128) -> torch.Tensor:

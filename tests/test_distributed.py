@@ -22,18 +22,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
-from kontext_train.batches import LatentBatches
-from kontext_train.dataset import build_dataset
-from kontext_train.distributed import (
+from kontext_train.data.batches import LatentBatches
+from kontext_train.data.dataset import build_dataset
+from kontext_train.train.distributed import (
     DataParallelTrainer,
     DistContext,
     init_from_env,
     shutdown,
     sync_gradients,
 )
-from kontext_train.latent_cache import LatentCache
-from kontext_train.lora import create_adapters, to_kohya_state_dict
-from kontext_train.trainer import TrainConfig, Trainer, TrainerHooks
+from kontext_train.data.latent_cache import LatentCache
+from kontext_train.method.lora import create_adapters, to_kohya_state_dict
+from kontext_train.train.trainer import TrainConfig, Trainer, TrainerHooks
 
 STEPS = 5
 PER_RANK_BATCH = 2
@@ -199,7 +199,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 def test_rank_batches_join_to_the_single_process_batches():
     """Position k on every rank comes from one bucket, and the ranks' batches concatenated are the
     single-process batch of the same global size (buckets that need no padding)."""
-    from kontext_train.buckets import BucketBatchSampler
+    from kontext_train.data.buckets import BucketBatchSampler
 
     buckets = [(16, 16)] * 8 + [(32, 16)] * 4
     single = BucketBatchSampler(buckets, 4, seed=3)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kontext_train.flow import (
+from kontext_train.method.flow import (
     FORMULATIONS,
     MIN_REFERENCE_BRIDGE_NOISE,
     check_formulation,
@@ -52,7 +52,7 @@ def best_cheat_loss(
 
 def knows_nothing_floor(formulation: str, sigma: float, s: float, v: float = 1.0) -> float:
     """The per-element error left to a predictor that knows nothing of the degradation (Gaussian data,
-    clean variance v, degraded variance v, noise variance 1); derivation in kontext_train/flow.py."""
+    clean variance v, degraded variance v, noise variance 1); derivation in kontext_train/method/flow.py."""
     if formulation == "bridge_ref":  # x - sigma*ref = sigma*s*eps + (1-sigma)*z; v - ref = s*eps - z
         return s * s * v / (sigma**2 * s * s + (1 - sigma) ** 2 * v)
     start_var = v + s * s if formulation == "bridge" else 1.0  # start = z_LQ + s*eps, or eps
@@ -93,7 +93,7 @@ def test_floor_of_the_least_allowed_bridge_noise_averaged_over_training_sigmas()
     """The number the README quotes: for bridge_ref at the least allowed bridge noise, the cheat's
     mean loss over the training sigmas is 0.33 per element at 1024 px (mu = 1.15) and 0.22 at 512 px
     (mu = 0.5), with unit-variance latents: 16% and 11% of the target's variance, against 0 before."""
-    from kontext_train.flow import sample_training_sigmas
+    from kontext_train.method.flow import sample_training_sigmas
 
     sigmas = sample_training_sigmas(4096, "shifted_uniform", 1.15, torch.Generator().manual_seed(0)).double()
     floors = torch.tensor(

@@ -1,4 +1,4 @@
-"""Backward through Flux blocks (kontext_train/grad_checkpoint.py): LoRA gradients with and without
+"""Backward through Flux blocks (kontext_train/method/grad_checkpoint.py): LoRA gradients with and without
 activation checkpointing match finite differences, with the LoRA on activations and on weights."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Loading user images (kontext_train/images.py): formats, modes, EXIF, bad files with reasons."""
+"""Loading user images (kontext_train/data/images.py): formats, modes, EXIF, bad files with reasons."""
 
 import logging
 from pathlib import Path
@@ -9,8 +9,8 @@ import torch
 from _bad_images import noise_image, write_corpus, write_good
 from PIL import Image
 
-from kontext_train.dataset import build_dataset
-from kontext_train.images import (
+from kontext_train.data.dataset import build_dataset
+from kontext_train.data.images import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
     comfy_image_to_tensors,
@@ -159,7 +159,7 @@ def test_corpus_is_loaded_or_skipped_with_reasons(corpus, caplog):
 
 
 def test_image_above_the_pixel_limit_is_skipped_before_decoding(tmp_path, monkeypatch):
-    from kontext_train.images import MAX_IMAGE_PIXELS
+    from kontext_train.data.images import MAX_IMAGE_PIXELS
 
     side = int(MAX_IMAGE_PIXELS**0.5) + 100
     Image.new("1", (side, side)).save(tmp_path / "bomb.png")  # a small file, a huge image

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from _bad_images import write_good
 from safetensors.torch import save_file
 
-from kontext_train.dataset import build_dataset
-from kontext_train.degradations import DegradationConfig
-from kontext_train.latent_cache import LatentCache, file_sha256
+from kontext_train.data.dataset import build_dataset
+from kontext_train.data.degradations import DegradationConfig
+from kontext_train.data.latent_cache import LatentCache, file_sha256
 
 SCALE = 0.125
 
@@ -224,8 +224,8 @@ def test_bad_arguments(tmp_path):
 _FIFO_PROBE = """
 import sys
 import torch.nn.functional as F
-from kontext_train.dataset import build_dataset
-from kontext_train.latent_cache import LatentCache
+from kontext_train.data.dataset import build_dataset
+from kontext_train.data.latent_cache import LatentCache
 ds = build_dataset(sys.argv[1], val_count=0, bucket_scale=0.125)
 cache = LatentCache(sys.argv[2], "fake-vae-1", lambda x: F.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16])
 z = cache.target(ds, ds.train[0])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kontext_train.lora import (
+from kontext_train.method.lora import (
     TARGET_SETS,
     LoraAdapter,
     atomic_save_safetensors,

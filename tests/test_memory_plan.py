@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kontext_train.memory_plan import (
+from kontext_train.plan.memory_plan import (
     GIB,
     AutocastEmulation,
     FlashAttention,
@@ -216,7 +216,7 @@ def test_run_check_warns_on_cuda_when_free_memory_is_short(comfy_root, monkeypat
     """The check before a run, with the device and its free memory injected (no GPU here)."""
     from kontext_train import comfyui
     from kontext_train.comfyui import memory_check
-    from kontext_train.train_config import TrainConfig
+    from kontext_train.method.train_config import TrainConfig
 
     model = comfyui.build_tiny_flux(**TINY)
     config = TrainConfig(rank=8, formulation="bridge", gradient_checkpointing=False)
@@ -276,10 +276,10 @@ def test_a_training_run_shows_the_memory_warning_and_still_trains(
     from conftest import make_conditioning, make_tiny_flux
 
     from kontext_train.comfyui import memory_check
-    from kontext_train.dataset import build_dataset
-    from kontext_train.run import RunHooks, RunOutputs, train_lora
-    from kontext_train.run_latents import latents_from_vae
-    from kontext_train.train_config import TrainConfig
+    from kontext_train.data.dataset import build_dataset
+    from kontext_train.train.run import RunHooks, RunOutputs, train_lora
+    from kontext_train.train.run_latents import latents_from_vae
+    from kontext_train.method.train_config import TrainConfig
 
     for i in range(2):
         write_good(tmp_path / "hq" / f"p{i}.png", 96, 64, seed=i)

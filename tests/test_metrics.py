@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kontext_train.lpips_offline import LPIPSUnavailable
-from kontext_train.metrics import (
+from kontext_train.report.lpips_offline import LPIPSUnavailable
+from kontext_train.report.metrics import (
     RestorationScores,
     evaluate_restoration,
     lpips_distance,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kontext_train.metrics import evaluate_restoration
+from kontext_train.report.metrics import evaluate_restoration
 
 
 def _node(pack_nodes, name):

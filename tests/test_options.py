@@ -13,9 +13,9 @@ import pytest
 
 from kontext_train import options
 from kontext_train.app import cli, settings
-from kontext_train.degradations import DegradationConfig
+from kontext_train.data.degradations import DegradationConfig
 from kontext_train.options import NODE, SETTINGS, SettingError, check_value
-from kontext_train.trainer import TrainConfig
+from kontext_train.train.trainer import TrainConfig
 
 FLOATS = [s for s in SETTINGS if s.kind == "float"]
 INTS = [s for s in SETTINGS if s.kind == "int"]
@@ -237,8 +237,8 @@ def test_nodes_refuse_nan_when_a_prompt_is_queued(pack_nodes):
 
 
 def test_restore_settings_use_the_table():
-    from kontext_train import restore_settings
-    from kontext_train.restore_settings import RestoreSettings
+    from kontext_train.restore import restore_settings
+    from kontext_train.restore.restore_settings import RestoreSettings
 
     scale = options.setting("bucket_scale")
     assert (restore_settings.MIN_BUCKET_SCALE, restore_settings.MAX_BUCKET_SCALE) == (scale.min, scale.max)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kontext_train.plots import (
+from kontext_train.report.plots import (
     BASELINE_COLOR,
     RAW_COLOR,
     RESTORED_COLOR,
@@ -13,7 +13,7 @@ from kontext_train.plots import (
     image_grid,
     render_loss_plot,
 )
-from kontext_train.sample_grid import SAMPLE_COLUMNS, sample_rows
+from kontext_train.report.sample_grid import SAMPLE_COLUMNS, sample_rows
 
 # The legend sits on the title line; curves are drawn below this many pixels.
 _BELOW_LEGEND = 40

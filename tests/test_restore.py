@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kontext_train.buckets import bucket_resolutions
-from kontext_train.restore import (
+from kontext_train.data.buckets import bucket_resolutions
+from kontext_train.restore.restore import (
     MAX_MEGAPIXELS,
     Box,
     RestorePlan,
@@ -20,7 +20,7 @@ from kontext_train.restore import (
     tile_seed,
     unfit,
 )
-from kontext_train.restore_settings import RestoreSettings
+from kontext_train.restore.restore_settings import RestoreSettings
 
 SCALE = 0.0625  # buckets of ~64 px
 
@@ -184,7 +184,7 @@ def test_loop_uses_the_settings_bucket_scale_and_refuses_sizes_before_any_work()
 
 
 def test_work_of_tiny_tiles_is_bounded_before_any_sampling():
-    from kontext_train.restore import MAX_REGION_STEPS
+    from kontext_train.restore.restore import MAX_REGION_STEPS
 
     class Large:  # the shape of an 8000x8000 image (64 MP: under the megapixel cap), never read
         shape = (3, 8000, 8000)

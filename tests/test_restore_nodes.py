@@ -13,15 +13,15 @@ from conftest import recording_model as _recording
 from toy import TOY_TRAIN_SETTINGS, ToyBatches, degrade_latent, toy_latents
 
 from kontext_train import comfyui
-from kontext_train.buckets import bucket_resolutions
-from kontext_train.flow import flux_shift_mu, image_tokens, sampling_sigmas
-from kontext_train.lora import atomic_save_safetensors, create_adapters, to_kohya_state_dict
-from kontext_train.restore import (
+from kontext_train.data.buckets import bucket_resolutions
+from kontext_train.method.flow import flux_shift_mu, image_tokens, sampling_sigmas
+from kontext_train.method.lora import atomic_save_safetensors, create_adapters, to_kohya_state_dict
+from kontext_train.restore.restore import (
     plan_restoration,
 )
-from kontext_train.restore_settings import RestoreSettings
-from kontext_train.sampler import restore_latents
-from kontext_train.trainer import TrainConfig, Trainer, lora_metadata
+from kontext_train.restore.restore_settings import RestoreSettings
+from kontext_train.method.sampler import restore_latents
+from kontext_train.train.trainer import TrainConfig, Trainer, lora_metadata
 
 SCALE = 0.0625  # buckets of ~64 px: latents of a few tokens, fast on the CPU
 
@@ -390,7 +390,7 @@ def test_restore_node_shows_a_prompt_other_than_the_training_prompt(
 ):
     from comfy_api.latest import io
 
-    from kontext_train.training_prompt import PROMPT_KEY
+    from kontext_train.method.training_prompt import PROMPT_KEY
 
     adapters = create_adapters({"double_blocks.0.img_attn.qkv": (384, 128)}, rank=2, alpha=2)
     meta = lora_metadata(

@@ -9,9 +9,9 @@ import logging
 import pytest
 import torch
 
-from kontext_train.flow import flux_shift_mu, image_tokens, sampling_sigmas
-from kontext_train.lora import atomic_save_safetensors
-from kontext_train.restore_settings import (
+from kontext_train.method.flow import flux_shift_mu, image_tokens, sampling_sigmas
+from kontext_train.method.lora import atomic_save_safetensors
+from kontext_train.restore.restore_settings import (
     DEFAULT_BUCKET_SCALE,
     DEFAULT_GUIDANCE,
     FROM_DEFAULT,
@@ -25,8 +25,8 @@ from kontext_train.restore_settings import (
     resolve_restore_settings,
     resolve_steps,
 )
-from kontext_train.trainer import TrainConfig, lora_metadata
-from kontext_train.training_prompt import PROMPT_KEY, prompt_from_graph
+from kontext_train.train.trainer import TrainConfig, lora_metadata
+from kontext_train.method.training_prompt import PROMPT_KEY, prompt_from_graph
 
 
 def _trained(**config) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The training-run entry point (``kontext_train.run``) on the tiny Flux model: what it refuses
+"""The training-run entry point (``kontext_train.train.run``) on the tiny Flux model: what it refuses
 before any work (resume on other data, overwriting a LoRA, names too long, a folder another run
 holds) and that a finished run is not trained or written again."""
 
@@ -16,19 +16,19 @@ import pytest
 from _bad_images import write_good
 from conftest import make_conditioning, make_tiny_flux
 
-from kontext_train.atomic import WriteError
-from kontext_train.dataset import build_dataset
-from kontext_train.run import (
+from kontext_train.files.atomic import WriteError
+from kontext_train.data.dataset import build_dataset
+from kontext_train.train.run import (
     RunError,
     RunHooks,
     RunLockedError,
     RunOutputs,
     train_lora,
 )
-from kontext_train.run_checks import check_output_names
-from kontext_train.run_latents import latents_from_vae, warm_cache
-from kontext_train.run_lock import LOCK_NAME, run_lock
-from kontext_train.train_config import TrainConfig
+from kontext_train.train.run_checks import check_output_names
+from kontext_train.train.run_latents import latents_from_vae, warm_cache
+from kontext_train.train.run_lock import LOCK_NAME, run_lock
+from kontext_train.method.train_config import TrainConfig
 
 
 def _photos(folder, seeds=(1, 2, 3)):
@@ -180,7 +180,7 @@ def test_a_folder_held_by_a_live_run_is_refused(run):
 def test_a_lock_held_by_another_process_is_refused(tmp_path, run):
     outputs, latents = run
     code = (
-        "import sys, time; from kontext_train.run_lock import run_lock\n"
+        "import sys, time; from kontext_train.train.run_lock import run_lock\n"
         "with run_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -243,8 +243,8 @@ def test_a_cache_entry_that_is_a_folder_is_a_clear_error(tmp_path, tiny_vae):
 def test_the_lora_records_what_restoring_reads_back(run):
     """The prompt its caller recorded, the bucket scale and the time shift: a restore with the
     LoRA finds them all in the file, and a differing prompt is warned about."""
-    from kontext_train.restore_settings import FROM_LORA, read_restore_settings
-    from kontext_train.training_prompt import PROMPT_KEY
+    from kontext_train.restore.restore_settings import FROM_LORA, read_restore_settings
+    from kontext_train.method.training_prompt import PROMPT_KEY
 
     outputs, latents = run
     prompt = "Restore this scan: remove the dust and the JPEG blocks."

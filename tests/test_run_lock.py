@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from kontext_train.run_lock import LOCK_NAME, RunLockedError, run_lock
+from kontext_train.train.run_lock import LOCK_NAME, RunLockedError, run_lock
 
 
 def _dead_pid() -> int:

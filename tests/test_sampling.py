@@ -14,8 +14,8 @@ from conftest import make_conditioning, make_tiny_flux
 from conftest import recording_model as _recording
 
 from kontext_train import comfyui
-from kontext_train.flow import flux_shift_mu, image_tokens, sampling_sigmas, time_shift
-from kontext_train.restore_settings import RestoreSettings
+from kontext_train.method.flow import flux_shift_mu, image_tokens, sampling_sigmas, time_shift
+from kontext_train.restore.restore_settings import RestoreSettings
 
 SIZES = [(512, 512), (1024, 1024)]
 SCHEDULERS = ("simple", "normal", "sgm_uniform", "beta")

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 from toy import TOY_TRAIN_SETTINGS, ToyBatches, degrade_latent, toy_latents
 
 from kontext_train import comfyui
-from kontext_train.checkpoints import latest_checkpoint, list_checkpoints
-from kontext_train.flow import MIN_REFERENCE_BRIDGE_NOISE
-from kontext_train.lora import sanitize_lora_name, to_kohya_state_dict
-from kontext_train.step_losses import LOSS_READ_EVERY, NonFiniteLossError
-from kontext_train.trainer import TrainConfig, Trainer, TrainerHooks
-from kontext_train.validation import ValidationItem, Validator
+from kontext_train.train.checkpoints import latest_checkpoint, list_checkpoints
+from kontext_train.method.flow import MIN_REFERENCE_BRIDGE_NOISE
+from kontext_train.method.lora import sanitize_lora_name, to_kohya_state_dict
+from kontext_train.train.step_losses import LOSS_READ_EVERY, NonFiniteLossError
+from kontext_train.train.trainer import TrainConfig, Trainer, TrainerHooks
+from kontext_train.train.validation import ValidationItem, Validator
 
 TOY = TOY_TRAIN_SETTINGS
 
@@ -240,7 +240,7 @@ def test_saved_lora_loads_in_stock_loader_and_input_model_is_unchanged(pack_node
 
 @pytest.mark.parametrize("targets", ["blocks", "all_linear"])
 def test_lora_metadata_says_whether_diffusers_loads_every_layer(comfy_root, tmp_path, targets, caplog):
-    from kontext_train.lora import read_metadata
+    from kontext_train.method.lora import read_metadata
 
     cfg = TrainConfig(steps=2, **{**TOY, "batch_size": 2, "lora_targets": targets})
     model = comfyui.FluxLoraModel(make_tiny_flux(3), rank=2, alpha=2, targets=targets)
@@ -272,7 +272,7 @@ def test_non_flux_model_is_a_clear_error(comfy_root):
 
 
 def test_crash_while_saving_lora_leaves_no_partial_file(tmp_path, monkeypatch):
-    from kontext_train import lora as lora_mod
+    from kontext_train.method import lora as lora_mod
 
     def boom(*a, **k):
         raise OSError("disk full")

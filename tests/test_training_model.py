@@ -139,7 +139,7 @@ def test_training_and_sampling_give_conditioning_one_meaning(comfy_root):
     """Several conds (ComfyUI's strength-weighted mean) and the Kontext reference method: the
     trainer's velocity is the one ComfyUI's sampler steps with. One Euler step from sigma = 1 to 0
     returns x - v, so the sampler's output shows its velocity."""
-    from kontext_train.restore_settings import RestoreSettings
+    from kontext_train.restore.restore_settings import RestoreSettings
 
     model = make_tiny_flux(4)
     lm = comfyui.FluxLoraModel(model, rank=2, alpha=2, targets="blocks")  # fresh LoRA: the base model

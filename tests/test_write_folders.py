@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kontext_train.write_folders import OutsideAllowedFolders, check_inside
+from kontext_train.files.write_folders import OutsideAllowedFolders, check_inside
 
 
 def test_inside_an_allowed_folder_is_accepted(tmp_path):

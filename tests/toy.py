@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kontext_train.batches import LatentBatch
+from kontext_train.data.batches import LatentBatch
 
 # Training settings the toy is learned with (rank-8 LoRA on every Linear layer: a tiny random
 # model needs its input/output projections to express the map; constant learning rate).

@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
             return 0
-        from ..distributed import init_from_env, shutdown
+        from ..train.distributed import init_from_env, shutdown
 
         try:
             ctx = init_from_env()

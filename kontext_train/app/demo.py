@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path
+from ..files.atomic import atomic_path
 from ..comfyui.tiny_models import TINY_CONTEXT_DIM
 
 # skimage.data functions that read a bundled colour photograph (checked in scikit-image 0.19-0.26:

@@ -12,7 +12,7 @@ import itertools
 import sys
 from collections.abc import Sequence
 
-from ..memory_plan import DEFAULT_OVERHEAD_BYTES, GIB, MemoryPlan, fits, format_table, gib
+from ..plan.memory_plan import DEFAULT_OVERHEAD_BYTES, GIB, MemoryPlan, fits, format_table, gib
 from ..options import check_value, setting
 from .settings import PROG
 

@@ -24,7 +24,7 @@ def fmt_value(v: Any, spec: str = "{:.4f}") -> str:
 def render_report(
     settings, ctx, pipe, dataset, config, result, ev, out, lora_path, train_seconds, total_seconds
 ) -> str:
-    from ..degradations import describe
+    from ..data.degradations import describe
     from .demo import honest_paragraph
 
     trained_now = len(result.losses) - result.resumed_from

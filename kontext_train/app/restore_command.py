@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write_csv, atomic_write_text
-from ..restore_settings import AS_TRAINED, FROM_LORA, RestoreSettings, read_restore_settings
+from ..files.atomic import atomic_write_csv, atomic_write_text
+from ..restore.restore_settings import AS_TRAINED, FROM_LORA, RestoreSettings, read_restore_settings
 from .demo import DEMO_BASE_MODEL
 from .report import fmt_value
 from .runtime import (
@@ -75,7 +75,7 @@ def restore_tensor(
     """(3, H, W) degraded image -> restored image of the same size (buckets or tiles); ``index``
     seeds it as the Restore node seeds the image at that position of a batch."""
     from .. import comfyui
-    from ..restore import restore_images
+    from ..restore.restore import restore_images
 
     restorer = comfyui.region_restorer(patched_model, pipe.vae, pipe.conditioning, rs)
     return restore_images([image], rs, restorer, first_index=index)[0]
@@ -89,7 +89,7 @@ def patched_with_lora(pipe: Pipeline, lora_state: Mapping[str, torch.Tensor] | N
 
 def _merge_scores(parts: list):
     """One RestorationScores from per-image ones (images of different sizes are scored apart)."""
-    from ..metrics import RestorationScores
+    from ..report.metrics import RestorationScores
 
     merged: dict[str, Any] = {}
     for f in fields(RestorationScores):
@@ -126,8 +126,8 @@ def evaluate_samples(
     """Degrade (epoch 0, the run's seed), restore with ``patched_model``, score against the clean
     image; also the VAE round trip of the clean image (the ceiling any latent restoration has)."""
     from .. import comfyui
-    from ..images import tensor_to_pil
-    from ..metrics import evaluate_restoration, psnr
+    from ..data.images import tensor_to_pil
+    from ..report.metrics import evaluate_restoration, psnr
 
     parts, triples, keys, roundtrip, roundtrip_images = [], [], [], [], []
     for i, sample in enumerate(samples):
@@ -148,7 +148,7 @@ def evaluate_samples(
 
 
 def write_evaluation(ev: Evaluation, folder: Path, stem: str = "evaluation") -> dict[str, Path]:
-    from ..sample_grid import SAMPLE_COLUMNS, image_grid, sample_rows
+    from ..report.sample_grid import SAMPLE_COLUMNS, image_grid, sample_rows
 
     data = ev.to_dict()
     paths = {"json": folder / f"{stem}.json", "csv": folder / f"{stem}.csv", "grid": folder / "samples.png"}
@@ -160,7 +160,7 @@ def write_evaluation(ev: Evaluation, folder: Path, stem: str = "evaluation") -> 
 
 
 def _lora_or_default(settings: Settings) -> Path:
-    from ..lora import sanitize_lora_name
+    from ..method.lora import sanitize_lora_name
 
     if settings.lora:
         p = Path(settings.lora).expanduser()
@@ -174,7 +174,7 @@ def _lora_or_default(settings: Settings) -> Path:
 
 
 def _check_lora_matches(lora_path: Path, pipe: Pipeline) -> None:
-    from ..lora import read_metadata
+    from ..method.lora import read_metadata
 
     base = read_metadata(lora_path).get("kontext_restore.base_model")
     if base == DEMO_BASE_MODEL and not pipe.demo:
@@ -197,7 +197,7 @@ def _load_lora_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def cmd_restore(settings: Settings, ctx) -> int:
-    from ..images import ImageLoadError, load_rgb, pil_to_tensor, scan_image_folder, tensor_to_pil
+    from ..data.images import ImageLoadError, load_rgb, pil_to_tensor, scan_image_folder, tensor_to_pil
 
     if not settings.input:
         raise UsageError("nothing to restore: pass --input with an image file or a folder of images")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write_bytes
+from ..files.atomic import atomic_write_bytes
 from .demo import DEMO_BASE_MODEL
 from .settings import (
     BY_NAME,
@@ -173,7 +173,7 @@ def resolve_weights(settings: Settings) -> dict[str, Path]:
 
 
 def degradation_config(settings: Settings):
-    from ..degradations import DegradationConfig
+    from ..data.degradations import DegradationConfig
 
     try:
         return DegradationConfig(
@@ -188,7 +188,7 @@ def degradation_config(settings: Settings):
 
 
 def train_config(settings: Settings):
-    from ..trainer import TrainConfig
+    from ..train.trainer import TrainConfig
 
     try:
         return TrainConfig(**{k: settings.values[k] for k in TRAIN_CONFIG_KEYS})
@@ -198,7 +198,7 @@ def train_config(settings: Settings):
 
 def build_run_dataset(settings: Settings, out: Path, ctx, logger: logging.Logger | None = None):
     """The dataset of this run: HR_ROOT (+ LR_ROOT), or the demo photos in OUTPUT_DIR/demo_images."""
-    from ..dataset import build_dataset
+    from ..data.dataset import build_dataset
     from .demo import DemoUnavailable, export_sample_photos
 
     lr = settings.lr_root
@@ -241,7 +241,7 @@ def main_first(ctx, fn: Callable[[], Any]) -> Any:
     """Runs ``fn`` on rank 0 while the other ranks wait; a UsageError there stops every rank."""
     if not ctx.enabled:
         return fn()
-    from ..distributed import barrier, broadcast_error
+    from ..train.distributed import barrier, broadcast_error
 
     error = None
     if ctx.is_main:

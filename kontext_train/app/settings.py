@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import __version__
 from ..options import COMMAND, COMMANDS, DEFAULT_PROMPT, Setting, SettingError, check_value, on_surface
-from ..train_config import TrainConfig
+from ..method.train_config import TrainConfig
 from .demo import DEMO_DEFAULTS, SAMPLE_PHOTOS
 
 __all__ = ["COMMANDS", "DEFAULT_PROMPT", "OPTIONS", "BY_NAME", "TRAIN_CONFIG_KEYS", "Settings", "UsageError"]

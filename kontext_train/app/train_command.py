@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_text
-from ..training_prompt import PROMPT_KEY
+from ..files.atomic import atomic_write_text
+from ..method.training_prompt import PROMPT_KEY
 from .report import demo_real_command, render_report
 from .restore_command import evaluate_samples, lora_restore_settings, patched_with_lora, write_evaluation
 from .runtime import (
@@ -89,7 +89,7 @@ class ConsoleProgress:
 
 
 def cmd_train(settings: Settings, ctx) -> int:
-    from ..lora import sanitize_lora_name
+    from ..method.lora import sanitize_lora_name
 
     wall_start = time.perf_counter()
     if settings.demo and settings.is_main:
@@ -112,10 +112,10 @@ def cmd_train(settings: Settings, ctx) -> int:
 
 
 def _train(settings: Settings, ctx, config, out: Path, lora_path: Path, weights, wall_start: float) -> int:
-    from ..run import RunError, RunHooks, RunOutputs, open_run
-    from ..run_latents import latents_from_vae
-    from ..step_losses import NonFiniteLossError
-    from ..validation import format_validation_row
+    from ..train.run import RunError, RunHooks, RunOutputs, open_run
+    from ..train.run_latents import latents_from_vae
+    from ..train.step_losses import NonFiniteLossError
+    from ..train.validation import format_validation_row
 
     if not settings.demo:  # a real dataset is scanned before OUTPUT_DIR is created
         dataset = build_run_dataset(settings, out, ctx)
@@ -190,7 +190,7 @@ def _train(settings: Settings, ctx, config, out: Path, lora_path: Path, weights,
         return 0
     _say(f"LoRA: {result.lora_path}")
 
-    from ..plots import render_loss_plot
+    from ..report.plots import render_loss_plot
 
     # The demo's random VAE caps PSNR (two flat lines); its held-out latent MSE is what training moves.
     metric = "latent_mse" if pipe.demo else "psnr"

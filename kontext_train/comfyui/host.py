@@ -87,7 +87,7 @@ def writable_folders() -> list[Path]:
 
 def check_writable(path: Path, what: str, value=None) -> Path:
     """``path`` resolved if it is inside ``writable_folders()``; else a clear error naming it."""
-    from ..write_folders import check_inside
+    from ..files.write_folders import check_inside
 
     return check_inside(path, writable_folders(), what, value)
 

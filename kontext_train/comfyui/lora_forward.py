@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..lora import LoraAdapter
+from ..method.lora import LoraAdapter
 
 log = logging.getLogger("kontext_restore")
 

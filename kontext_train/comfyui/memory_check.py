@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import torch
 
-from ..memory_plan import MemoryPlan, advise
-from ..train_config import TrainConfig
+from ..plan.memory_plan import MemoryPlan, advise
+from ..method.train_config import TrainConfig
 from .memory_probe import WEIGHT_DTYPES, PlanSettings, plan_memory
 
 __all__ = [
@@ -41,7 +41,7 @@ def cached_plan(settings: PlanSettings) -> MemoryPlan:
 
 def settings_for_run(model, config: TrainConfig, buckets, text_tokens: int) -> PlanSettings:
     """The plan settings of a run: the MODEL's size and weight dtype, the largest bucket used."""
-    from ..flow import uses_reference
+    from ..method.flow import uses_reference
 
     unet = model.model.model_config.unet_config
     dtype = model.model.get_dtype()

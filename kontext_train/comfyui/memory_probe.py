@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..batches import LatentBatch
-from ..buckets import KONTEXT_RESOLUTIONS, bucket_resolutions
-from ..memory_plan import (
+from ..data.batches import LatentBatch
+from ..data.buckets import KONTEXT_RESOLUTIONS, bucket_resolutions
+from ..plan.memory_plan import (
     DEFAULT_OVERHEAD_BYTES,
     AutocastEmulation,
     LiveBytes,
@@ -34,8 +34,8 @@ from ..memory_plan import (
     flash_attention,
     tensor_bytes,
 )
-from ..train_config import LORA_DTYPES, TrainConfig
-from ..trainer import Trainer
+from ..method.train_config import LORA_DTYPES, TrainConfig
+from ..train.trainer import Trainer
 from .tiny_models import flux_unet_config
 from .training_model import FluxLoraModel, PreparedConditioning
 
@@ -169,7 +169,7 @@ def _flash_attention(dtype: torch.dtype | None) -> Iterator[None]:
 def _autocast_blocks(dtype: torch.dtype) -> Iterator[None]:
     """Autocast's casts in every block run, checkpoint recomputation included (function modes do
     not reach the recomputation in backward, so the block function itself enters the mode)."""
-    from .. import grad_checkpoint
+    from ..method import grad_checkpoint
 
     original = grad_checkpoint._run_out_of_place
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..flow import starts_from_degraded, uses_reference
-from ..restore_settings import AS_TRAINED, RestoreSettings
+from ..method.flow import starts_from_degraded, uses_reference
+from ..restore.restore_settings import AS_TRAINED, RestoreSettings
 from .host import sampler_names, scheduler_names, vae_decode, vae_encode
 from .training_model import check_conditioning
 

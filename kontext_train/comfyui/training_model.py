@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..grad_checkpoint import run_block
-from ..lora import LoraAdapter, create_adapters, select_targets
+from ..method.grad_checkpoint import run_block
+from ..method.lora import LoraAdapter, create_adapters, select_targets
 from . import lora_forward
 from .host import require_flux
 

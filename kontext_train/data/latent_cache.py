@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from ..files.atomic import atomic_path
 from .dataset import RestorationDataset, Sample
 
 __all__ = ["CACHE_FORMAT_VERSION", "CONTROL_MODES", "LatentCache", "file_sha256"]

@@ -193,7 +193,7 @@ class DegradationConfig:
             object.__setattr__(self, name, value)
         object.__setattr__(self, "resize_modes", tuple(self.resize_modes))
         # Imported here: the settings table reads its defaults from this class.
-        from .options import check_settings, check_value
+        from ..options import check_settings, check_value
 
         check_settings(
             {

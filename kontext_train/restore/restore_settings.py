@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .flow import (
+from ..method.flow import (
     FORMULATIONS,
     check_choice,
     flux_shift_mu,
@@ -37,8 +37,8 @@ from .flow import (
     sampling_sigmas,
     starts_from_degraded,
 )
-from .train_config import TrainConfig
-from .training_prompt import PROMPT_KEY, prompt_mismatch
+from ..method.train_config import TrainConfig
+from ..method.training_prompt import PROMPT_KEY, prompt_mismatch
 
 log = logging.getLogger("kontext_restore")
 
@@ -165,7 +165,7 @@ def lora_record_from_metadata(metadata: Mapping[str, str], path: str = "<lora>")
 
 def read_lora_record(path: str | Path) -> LoraRecord:
     """The settings stored in a LoRA file's safetensors header."""
-    from .lora import read_metadata
+    from ..method.lora import read_metadata
 
     p = Path(path)
     if not p.is_file():
@@ -206,7 +206,7 @@ class RestoreSettings:
 
     def __post_init__(self) -> None:
         check_choice("formulation", self.formulation, FORMULATIONS)
-        from .options import check_settings  # the settings table imports this module
+        from ..options import check_settings  # the settings table imports this module
 
         # The ranges the nodes and the command use (NaN guidance once gave black restores).
         check_settings(

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import temporary_name
+from ..files.atomic import temporary_name
 from .checkpoints import (
     CheckpointError,
     checkpoint_step,
@@ -29,11 +29,11 @@ from .checkpoints import (
     latest_checkpoint,
     partial_checkpoint_dir,
 )
-from .degradations import describe
-from .latent_cache import file_sha256
-from .train_config import TrainConfig
+from ..data.degradations import describe
+from ..data.latent_cache import file_sha256
+from ..method.train_config import TrainConfig
 from .trainer import check_resume_compatible, validation_report_paths
-from .training_prompt import same_prompt
+from ..method.training_prompt import same_prompt
 
 __all__ = [
     "ResumePlan",

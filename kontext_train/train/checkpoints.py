@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import reporting_write_errors
-from .lora import LoraAdapter, atomic_save_safetensors, to_kohya_state_dict
+from ..files.atomic import reporting_write_errors
+from ..method.lora import LoraAdapter, atomic_save_safetensors, to_kohya_state_dict
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # What the trainer reads from state.pt to continue a run.

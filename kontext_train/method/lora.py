@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from ..files.atomic import atomic_path
 
 # Linear layers of the Flux transformer blocks that get an adapter. Modulation layers are optional:
 # they are large (6 x width^2 per double block) and rarely worth training for restoration.

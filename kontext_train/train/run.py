@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from . import comfyui
-from .batches import LatentBatches
+from .. import comfyui
+from ..data.batches import LatentBatches
 from .checkpoints import latest_checkpoint, load_state
-from .dataset import RestorationDataset
+from ..data.dataset import RestorationDataset
 from .distributed import (
     DataParallelTrainer,
     DistContext,
@@ -42,14 +42,14 @@ from .distributed import (
     on_main_process,
     sync_gradients,
 )
-from .lora import to_kohya_state_dict
+from ..method.lora import to_kohya_state_dict
 from .run_checks import RunError, check_output_names, check_resume_prompt, dataset_identity, plan_run
 from .run_latents import CachedLatents, warm_cache
 from .run_lock import RunLockedError, acquire, release
 from .step_losses import StepInfo
-from .train_config import LORA_DTYPES, TrainConfig
+from ..method.train_config import LORA_DTYPES, TrainConfig
 from .trainer import Trainer, TrainerHooks, TrainResult
-from .training_prompt import PROMPT_KEY
+from ..method.training_prompt import PROMPT_KEY
 from .validation import Validator, items_from_dataset
 
 __all__ = [
@@ -230,7 +230,7 @@ def _check_memory(model, latents, conditioning, config, hooks, ctx) -> None:
     if not ctx.is_main or os.environ.get("KONTEXT_MEMORY_PLAN") == "0":
         return
     try:
-        from .comfyui.memory_check import check_run_memory
+        from ..comfyui.memory_check import check_run_memory
 
         buckets = sorted({s.bucket for s in latents.dataset.train})
         warning = check_run_memory(model, config, buckets, int(conditioning[0][0].shape[1]))

@@ -25,21 +25,21 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .atomic import atomic_write_csv, atomic_write_text
-from .batches import LatentBatch, LatentBatches
+from .. import __version__
+from ..files.atomic import atomic_write_csv, atomic_write_text
+from ..data.batches import LatentBatch, LatentBatches
 from .checkpoints import find_resumable, save_checkpoint
-from .flow import (
+from ..method.flow import (
     flux_shift_mu,
     image_tokens,
     loss_weights,
     make_training_example,
     sample_training_sigmas,
 )
-from .lora import atomic_save_safetensors, diffusers_support, load_kohya_into, to_kohya_state_dict
-from .restore_settings import DEFAULT_BASE_SHIFT, DEFAULT_MAX_SHIFT, METADATA_PREFIX  # as restoring reads
+from ..method.lora import atomic_save_safetensors, diffusers_support, load_kohya_into, to_kohya_state_dict
+from ..restore.restore_settings import DEFAULT_BASE_SHIFT, DEFAULT_MAX_SHIFT, METADATA_PREFIX  # as restoring reads
 from .step_losses import LOSS_READ_EVERY, StepInfo, read_step_losses
-from .train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
+from ..method.train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
 
 __all__ = ["LORA_DTYPES", "LR_SCHEDULES", "TrainConfig", "Trainer", "TrainerHooks"]
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .buckets import bucket_resolutions, nearest_bucket
+from ..data.buckets import bucket_resolutions, nearest_bucket
 from .restore_settings import RestoreSettings
 
 Bucket = tuple[int, int]  # (width, height)

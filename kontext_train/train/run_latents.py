@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import comfyui
-from .dataset import RestorationDataset
-from .latent_cache import LatentCache
+from .. import comfyui
+from ..data.dataset import RestorationDataset
+from ..data.latent_cache import LatentCache
 
 __all__ = ["CachedLatents", "latents_from_vae", "prepare_latents", "warm_cache"]
 

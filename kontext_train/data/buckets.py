@@ -56,7 +56,7 @@ def bucket_resolutions(scale: float = 1.0) -> list[Bucket]:
     Sides are rounded to multiples of 16 (the VAE's 8x times Flux's 2x2 patches), at least 16;
     duplicates created by rounding are dropped, keeping the tall-to-wide order.
     """
-    from .options import check_value  # the settings table imports this module
+    from ..options import check_value  # the settings table imports this module
 
     check_value("bucket_scale", scale)
     out: list[Bucket] = []

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .atomic import temporary_name
+from ..files.atomic import temporary_name
 from .run_checks import RunError
 
 __all__ = ["LOCK_NAME", "RunLockedError", "run_lock"]

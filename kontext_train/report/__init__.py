@@ -1,0 +1,1 @@
+"""Measuring and showing: restoration metrics, LPIPS offline, loss plots and image grids."""
