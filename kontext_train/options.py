@@ -23,12 +23,12 @@ from typing import Any
 
 from .data.dataset import build_dataset
 from .data.degradations import KINDS, DegradationConfig
-from .method.flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING
 from .data.latent_cache import CONTROL_MODES, LatentCache
+from .method.flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING
 from .method.lora import TARGET_SETS
+from .method.train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
 from .report.plots import render_loss_plot
 from .restore.restore_settings import AS_TRAINED, BRIDGE_STEPS, DEFAULT_BUCKET_SCALE, DEFAULT_GUIDANCE, MODES
-from .method.train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
 
 NODE = "node"
 COMMAND = "command"  # a --flag, a config-file key and, where ``env`` is set, an environment variable

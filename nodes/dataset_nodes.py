@@ -7,9 +7,9 @@ import logging
 import torch
 
 from ..kontext_train import comfyui
-from ..kontext_train.data.buckets import bucket_resolutions, fit_to_bucket, nearest_bucket
 from ..kontext_train.comfyui.host import check_writable
 from ..kontext_train.comfyui.node_api import io, ui
+from ..kontext_train.data.buckets import bucket_resolutions, fit_to_bucket, nearest_bucket
 from ..kontext_train.data.dataset import build_dataset, resolve_dataset_path
 from ..kontext_train.data.degradations import DegradationConfig, degrade, describe
 from ..kontext_train.data.images import (

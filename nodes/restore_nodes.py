@@ -9,6 +9,7 @@ import torch
 from ..kontext_train import comfyui
 from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.data.images import comfy_image_to_tensors, tensors_to_comfy_image
+from ..kontext_train.method.training_prompt import prompt_from_graph
 from ..kontext_train.options import NO_LORA
 from ..kontext_train.restore.restore import MAX_MEGAPIXELS, TILE_BELOW_SCALE, RestoreProgress, restore_images
 from ..kontext_train.restore.restore_settings import (
@@ -18,7 +19,6 @@ from ..kontext_train.restore.restore_settings import (
     read_lora_record,
     resolve_restore_settings,
 )
-from ..kontext_train.method.training_prompt import prompt_from_graph
 from .common import CATEGORY, input_validator, output, seed_input, setting_input, setting_inputs, shown_text
 
 log = logging.getLogger("kontext_restore")

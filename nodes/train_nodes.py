@@ -9,10 +9,10 @@ from ..kontext_train.comfyui.host import check_writable
 from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.data.images import tensor_to_pil
 from ..kontext_train.method.lora import sanitize_lora_name
+from ..kontext_train.method.training_prompt import PROMPT_KEY, prompt_from_graph
 from ..kontext_train.report.plots import image_grid
 from ..kontext_train.train.run import RunHooks, RunOutputs, train_lora
 from ..kontext_train.train.trainer import TrainConfig
-from ..kontext_train.method.training_prompt import PROMPT_KEY, prompt_from_graph
 from ..kontext_train.train.validation import format_validation_report, format_validation_row
 from .common import CATEGORY, LATENTS, LOSS, input_validator, output, setting_inputs, shown_text
 

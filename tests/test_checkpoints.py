@@ -7,9 +7,10 @@ import logging
 import pytest
 import torch
 
-from kontext_train.method import lora
-from kontext_train.train import checkpoints
 from kontext_train.files.atomic import WriteError
+from kontext_train.method import lora
+from kontext_train.method.lora import LoraAdapter
+from kontext_train.train import checkpoints
 from kontext_train.train.checkpoints import (
     CheckpointError,
     checkpoint_dir,
@@ -19,7 +20,6 @@ from kontext_train.train.checkpoints import (
     load_state,
     save_checkpoint,
 )
-from kontext_train.method.lora import LoraAdapter
 
 
 def test_checkpoint_step_reads_the_folder_name(tmp_path):

@@ -27,10 +27,10 @@ from kontext_train.app import cli, demo, settings
 from kontext_train.data.dataset import build_dataset
 from kontext_train.data.degradations import DegradationConfig
 from kontext_train.data.latent_cache import LatentCache
+from kontext_train.method.train_config import TrainConfig
 from kontext_train.options import DEFAULT_PROMPT, NODE
 from kontext_train.report.plots import render_loss_plot
 from kontext_train.restore.restore_settings import RestoreSettings, resolve_restore_settings
-from kontext_train.method.train_config import TrainConfig
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 

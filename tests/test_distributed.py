@@ -24,6 +24,8 @@ from PIL import Image
 
 from kontext_train.data.batches import LatentBatches
 from kontext_train.data.dataset import build_dataset
+from kontext_train.data.latent_cache import LatentCache
+from kontext_train.method.lora import create_adapters, to_kohya_state_dict
 from kontext_train.train.distributed import (
     DataParallelTrainer,
     DistContext,
@@ -31,8 +33,6 @@ from kontext_train.train.distributed import (
     shutdown,
     sync_gradients,
 )
-from kontext_train.data.latent_cache import LatentCache
-from kontext_train.method.lora import create_adapters, to_kohya_state_dict
 from kontext_train.train.trainer import TrainConfig, Trainer, TrainerHooks
 
 STEPS = 5

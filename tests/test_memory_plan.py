@@ -277,9 +277,9 @@ def test_a_training_run_shows_the_memory_warning_and_still_trains(
 
     from kontext_train.comfyui import memory_check
     from kontext_train.data.dataset import build_dataset
+    from kontext_train.method.train_config import TrainConfig
     from kontext_train.train.run import RunHooks, RunOutputs, train_lora
     from kontext_train.train.run_latents import latents_from_vae
-    from kontext_train.method.train_config import TrainConfig
 
     for i in range(2):
         write_good(tmp_path / "hq" / f"p{i}.png", 96, 64, seed=i)

@@ -16,11 +16,11 @@ from kontext_train import comfyui
 from kontext_train.data.buckets import bucket_resolutions
 from kontext_train.method.flow import flux_shift_mu, image_tokens, sampling_sigmas
 from kontext_train.method.lora import atomic_save_safetensors, create_adapters, to_kohya_state_dict
+from kontext_train.method.sampler import restore_latents
 from kontext_train.restore.restore import (
     plan_restoration,
 )
 from kontext_train.restore.restore_settings import RestoreSettings
-from kontext_train.method.sampler import restore_latents
 from kontext_train.train.trainer import TrainConfig, Trainer, lora_metadata
 
 SCALE = 0.0625  # buckets of ~64 px: latents of a few tokens, fast on the CPU

@@ -11,6 +11,7 @@ import torch
 
 from kontext_train.method.flow import flux_shift_mu, image_tokens, sampling_sigmas
 from kontext_train.method.lora import atomic_save_safetensors
+from kontext_train.method.training_prompt import PROMPT_KEY, prompt_from_graph
 from kontext_train.restore.restore_settings import (
     DEFAULT_BUCKET_SCALE,
     DEFAULT_GUIDANCE,
@@ -26,7 +27,6 @@ from kontext_train.restore.restore_settings import (
     resolve_steps,
 )
 from kontext_train.train.trainer import TrainConfig, lora_metadata
-from kontext_train.method.training_prompt import PROMPT_KEY, prompt_from_graph
 
 
 def _trained(**config) -> dict[str, str]:

@@ -16,8 +16,9 @@ import pytest
 from _bad_images import write_good
 from conftest import make_conditioning, make_tiny_flux
 
-from kontext_train.files.atomic import WriteError
 from kontext_train.data.dataset import build_dataset
+from kontext_train.files.atomic import WriteError
+from kontext_train.method.train_config import TrainConfig
 from kontext_train.train.run import (
     RunError,
     RunHooks,
@@ -28,7 +29,6 @@ from kontext_train.train.run import (
 from kontext_train.train.run_checks import check_output_names
 from kontext_train.train.run_latents import latents_from_vae, warm_cache
 from kontext_train.train.run_lock import LOCK_NAME, run_lock
-from kontext_train.method.train_config import TrainConfig
 
 
 def _photos(folder, seeds=(1, 2, 3)):
@@ -243,8 +243,8 @@ def test_a_cache_entry_that_is_a_folder_is_a_clear_error(tmp_path, tiny_vae):
 def test_the_lora_records_what_restoring_reads_back(run):
     """The prompt its caller recorded, the bucket scale and the time shift: a restore with the
     LoRA finds them all in the file, and a differing prompt is warned about."""
-    from kontext_train.restore.restore_settings import FROM_LORA, read_restore_settings
     from kontext_train.method.training_prompt import PROMPT_KEY
+    from kontext_train.restore.restore_settings import FROM_LORA, read_restore_settings
 
     outputs, latents = run
     prompt = "Restore this scan: remove the dust and the JPEG blocks."

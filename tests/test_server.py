@@ -385,8 +385,8 @@ def _write_lora_with_settings(
     path: Path, guidance: float, bucket_scale: float, prompt: str = "restore"
 ) -> None:
     from kontext_train.method.lora import atomic_save_safetensors, create_adapters, to_kohya_state_dict
-    from kontext_train.train.trainer import TrainConfig, lora_metadata
     from kontext_train.method.training_prompt import PROMPT_KEY
+    from kontext_train.train.trainer import TrainConfig, lora_metadata
 
     adapters = create_adapters({"double_blocks.0.img_attn.qkv": (384, 128)}, rank=2, alpha=2)
     extra = {"bucket_scale": bucket_scale, PROMPT_KEY: prompt}  # _restore_graph's prompt is "restore"

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from toy import TOY_TRAIN_SETTINGS, ToyBatches, degrade_latent, toy_latents
 
 from kontext_train import comfyui
-from kontext_train.train.checkpoints import latest_checkpoint, list_checkpoints
 from kontext_train.method.flow import MIN_REFERENCE_BRIDGE_NOISE
 from kontext_train.method.lora import sanitize_lora_name, to_kohya_state_dict
+from kontext_train.train.checkpoints import latest_checkpoint, list_checkpoints
 from kontext_train.train.step_losses import LOSS_READ_EVERY, NonFiniteLossError
 from kontext_train.train.trainer import TrainConfig, Trainer, TrainerHooks
 from kontext_train.train.validation import ValidationItem, Validator

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..files.atomic import atomic_path
 from ..comfyui.tiny_models import TINY_CONTEXT_DIM
+from ..files.atomic import atomic_path
 
 # skimage.data functions that read a bundled colour photograph (checked in scikit-image 0.19-0.26:
 # these files ship inside the wheel; other datasets need pooch and a download).

@@ -12,8 +12,8 @@ import itertools
 import sys
 from collections.abc import Sequence
 
-from ..plan.memory_plan import DEFAULT_OVERHEAD_BYTES, GIB, MemoryPlan, fits, format_table, gib
 from ..options import check_value, setting
+from ..plan.memory_plan import DEFAULT_OVERHEAD_BYTES, GIB, MemoryPlan, fits, format_table, gib
 from .settings import PROG
 
 # Settings that exist in the options table keep its flag, default, choices and range.

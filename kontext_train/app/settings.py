@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..options import COMMAND, COMMANDS, DEFAULT_PROMPT, Setting, SettingError, check_value, on_surface
 from ..method.train_config import TrainConfig
+from ..options import COMMAND, COMMANDS, DEFAULT_PROMPT, Setting, SettingError, check_value, on_surface
 from .demo import DEMO_DEFAULTS, SAMPLE_PHOTOS
 
 __all__ = ["COMMANDS", "DEFAULT_PROMPT", "OPTIONS", "BY_NAME", "TRAIN_CONFIG_KEYS", "Settings", "UsageError"]

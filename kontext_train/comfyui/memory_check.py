@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import torch
 
-from ..plan.memory_plan import MemoryPlan, advise
 from ..method.train_config import TrainConfig
+from ..plan.memory_plan import MemoryPlan, advise
 from .memory_probe import WEIGHT_DTYPES, PlanSettings, plan_memory
 
 __all__ = [

@@ -26,6 +26,7 @@ import torch
 
 from ..data.batches import LatentBatch
 from ..data.buckets import KONTEXT_RESOLUTIONS, bucket_resolutions
+from ..method.train_config import LORA_DTYPES, TrainConfig
 from ..plan.memory_plan import (
     DEFAULT_OVERHEAD_BYTES,
     AutocastEmulation,
@@ -34,7 +35,6 @@ from ..plan.memory_plan import (
     flash_attention,
     tensor_bytes,
 )
-from ..method.train_config import LORA_DTYPES, TrainConfig
 from ..train.trainer import Trainer
 from .tiny_models import flux_unet_config
 from .training_model import FluxLoraModel, PreparedConditioning

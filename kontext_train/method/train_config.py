@@ -57,8 +57,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Imported here: the settings table reads its defaults from this class.
-        from .flow import check_formulation
         from ..options import check_settings
+        from .flow import check_formulation
 
         # 0 is how the node's widget says "no alpha" (alpha = rank); one meaning on every surface.
         if self.alpha is not None and not isinstance(self.alpha, bool) and self.alpha == 0:

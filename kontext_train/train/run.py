@@ -32,8 +32,11 @@ import torch
 
 from .. import comfyui
 from ..data.batches import LatentBatches
-from .checkpoints import latest_checkpoint, load_state
 from ..data.dataset import RestorationDataset
+from ..method.lora import to_kohya_state_dict
+from ..method.train_config import LORA_DTYPES, TrainConfig
+from ..method.training_prompt import PROMPT_KEY
+from .checkpoints import latest_checkpoint, load_state
 from .distributed import (
     DataParallelTrainer,
     DistContext,
@@ -42,14 +45,11 @@ from .distributed import (
     on_main_process,
     sync_gradients,
 )
-from ..method.lora import to_kohya_state_dict
 from .run_checks import RunError, check_output_names, check_resume_prompt, dataset_identity, plan_run
 from .run_latents import CachedLatents, warm_cache
 from .run_lock import RunLockedError, acquire, release
 from .step_losses import StepInfo
-from ..method.train_config import LORA_DTYPES, TrainConfig
 from .trainer import Trainer, TrainerHooks, TrainResult
-from ..method.training_prompt import PROMPT_KEY
 from .validation import Validator, items_from_dataset
 
 __all__ = [

@@ -21,7 +21,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.degradations import describe
+from ..data.latent_cache import file_sha256
 from ..files.atomic import temporary_name
+from ..method.train_config import TrainConfig
+from ..method.training_prompt import same_prompt
 from .checkpoints import (
     CheckpointError,
     checkpoint_step,
@@ -29,11 +33,7 @@ from .checkpoints import (
     latest_checkpoint,
     partial_checkpoint_dir,
 )
-from ..data.degradations import describe
-from ..data.latent_cache import file_sha256
-from ..method.train_config import TrainConfig
 from .trainer import check_resume_compatible, validation_report_paths
-from ..method.training_prompt import same_prompt
 
 __all__ = [
     "ResumePlan",

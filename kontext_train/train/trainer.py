@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..files.atomic import atomic_write_csv, atomic_write_text
 from ..data.batches import LatentBatch, LatentBatches
-from .checkpoints import find_resumable, save_checkpoint
+from ..files.atomic import atomic_write_csv, atomic_write_text
 from ..method.flow import (
     flux_shift_mu,
     image_tokens,
@@ -37,9 +36,14 @@ from ..method.flow import (
     sample_training_sigmas,
 )
 from ..method.lora import atomic_save_safetensors, diffusers_support, load_kohya_into, to_kohya_state_dict
-from ..restore.restore_settings import DEFAULT_BASE_SHIFT, DEFAULT_MAX_SHIFT, METADATA_PREFIX  # as restoring reads
-from .step_losses import LOSS_READ_EVERY, StepInfo, read_step_losses
 from ..method.train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
+from ..restore.restore_settings import (  # as restoring reads
+    DEFAULT_BASE_SHIFT,
+    DEFAULT_MAX_SHIFT,
+    METADATA_PREFIX,
+)
+from .checkpoints import find_resumable, save_checkpoint
+from .step_losses import LOSS_READ_EVERY, StepInfo, read_step_losses
 
 __all__ = ["LORA_DTYPES", "LR_SCHEDULES", "TrainConfig", "Trainer", "TrainerHooks"]
 

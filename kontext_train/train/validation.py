@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from ..method.sampler import restore_latents
 from ..report.metrics import evaluate_restoration
 from ..restore.restore_settings import RestoreSettings
-from ..method.sampler import restore_latents
 
 
 @dataclass
