@@ -1,4 +1,6 @@
-"""Shared helpers for the benchmark scripts: ComfyUI bootstrap, tiny models, machine info, timing.
+"""The benchmarks' harness: ComfyUI bootstrap, machine info, clocks, interleaved rounds, fresh
+processes per variant, tables and JSON, and ComfyUI's native trainer (``native_train_lora``).
+What the step benchmarks train, and how, is in ``_training``.
 
 Benchmarks are scripts, not tests: run them from the repository root with the project's venv,
 e.g. ``.venv/bin/python benchmarks/train_step.py``. Each prints a markdown table and can write
@@ -13,6 +15,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -134,10 +137,40 @@ class StepClock:
         return [b - a for a, b in zip(stamps[:-1], stamps[1:])][skip:]
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+def clocked(run: Callable[..., object], *args: object) -> tuple[StepClock, float]:
+    """Runs ``run(*args)`` under a ``StepClock``; returns the clock and the wall seconds of the run."""
+    with StepClock() as clock:
+        t0 = time.perf_counter()
+        run(*args)
+        wall = time.perf_counter() - t0
+    return clock, wall
+
+
+def round_order(names: list[str], r: int, rotate: bool = True) -> list[str]:
+    """The order of the variants in round ``r``: rotated by ``r`` (so no variant always runs
+    first) unless ``rotate`` is off, and reversed in odd rounds."""
+    k = r % len(names) if rotate else 0
+    order = names[k:] + names[:k]
+    return order[::-1] if r % 2 else order
+
+
+def import_trainer_deps() -> float:
+    """Imports what the trainer imports from diffusers (LR schedules, timestep sampling), so the
+    peak of every variant in a fresh process includes it; returns the MiB the import itself
+    added to the peak."""
+    start = peak_rss_mb()
+    import diffusers.optimization  # noqa: F401
+    import diffusers.training_utils  # noqa: F401
+
+    return peak_rss_mb() - start
+
+
+def run_child(script: str, argv: list[str]) -> dict:
+    """Runs ``script`` in a fresh Python process; returns the JSON object on its last output line."""
+    out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{Path(script).name} {' '.join(argv)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def write_json(path: str | None, data: dict) -> None:

@@ -57,101 +57,22 @@ from _common import (  # noqa: E402
     StepClock,
     bootstrap,
     machine_info,
+    make_conditioning,
     md_table,
     median,
     native_train_lora,
     peak_rss_mb,
+    round_order,
 )
+from _training import MemoryBatches, build_flux, lora_model, random_latents, train_ours  # noqa: E402
 
 GIB = 2**30
 FULL = {"hidden": 3072, "heads": 24, "double": 19, "single": 38, "context": 4096, "text_tokens": 256}
 TINY = {"hidden": 256, "heads": 2, "double": 2, "single": 2, "context": 64, "text_tokens": 16}
 
 
-def build_flux(
-    shape: dict, weight_dtype: torch.dtype, compute_dtype: torch.dtype | None, device, seed: int = 0
-):
-    """A random Flux Kontext MODEL (ModelPatcher) built in place on ``device``."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    from kontext_train.comfyui import flux_unet_config
-    from kontext_train.comfyui.tiny_models import is_norm_module
-
-    unet_config = flux_unet_config(
-        shape["hidden"], shape["heads"], shape["double"], shape["single"], shape["context"]
-    )
-    cfg = comfy.supported_models.Flux(unet_config)
-    cfg.set_inference_dtype(weight_dtype, compute_dtype)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.inference_mode(False), torch.no_grad():
-        base = cfg.get_model({}, device=device)
-        init_dtype = compute_dtype or weight_dtype
-        for module in base.diffusion_model.modules():
-            norm = is_norm_module(module)
-            for _, p in module.named_parameters(recurse=False):
-                # Cheap init in place (ComfyUI's ops leave weights uninitialised): N(0, 1/fan_in)
-                # for matrices, ones for norm gains (".scale" or ".weight" by ComfyUI version),
-                # small values for biases. fp8 goes through bf16.
-                if norm:
-                    p.fill_(1.0)
-                elif p.ndim >= 2:
-                    tmp = torch.empty(p.shape, device=device, dtype=init_dtype).normal_(generator=g)
-                    p.copy_(tmp.mul_(p.shape[1] ** -0.5))
-                else:
-                    tmp = torch.empty(p.shape, device=device, dtype=init_dtype)
-                    p.copy_(tmp.uniform_(-0.02, 0.02, generator=g))
-                del p
-    patcher = comfy.model_patcher.ModelPatcher(
-        base, load_device=torch.device(device), offload_device=mm.unet_offload_device()
-    )
-    # ComfyUI 0.33's TrainLoraNode deep-copies its model by loading it again through this hook
-    # (core loaders set it); here "loading again" copies the weights to a new model on the offload
-    # device, as a loader reading the file would.
-    patcher.cached_patcher_init = (reload_copy, (patcher,))
-    return patcher
-
-
-def reload_copy(source, disable_dynamic: bool = False):
-    """A fresh model with ``source``'s weights on its offload device (a plain ModelPatcher)."""
-    import comfy.model_patcher
-
-    with torch.inference_mode(False), torch.no_grad():
-        fresh = source.model.model_config.get_model({}, device=source.offload_device)
-        fresh.diffusion_model.load_state_dict(source.model.diffusion_model.state_dict())
-    return comfy.model_patcher.ModelPatcher(
-        fresh, load_device=source.load_device, offload_device=source.offload_device
-    )
-
-
-class MemoryBatches:
-    def __init__(self, clean: torch.Tensor, degraded: torch.Tensor) -> None:
-        self.clean, self.degraded = clean, degraded
-
-    def batches_per_epoch(self) -> int:
-        return 1
-
-    def stream(self, epoch: int = 0, position: int = 0):
-        from kontext_train.data.batches import LatentBatch
-
-        while True:
-            yield LatentBatch(epoch, 0, self.clean, self.degraded, ["0"])
-            epoch += 1
-
-
 def conditioning(shape: dict, guidance: float | None = None):
-    g = torch.Generator().manual_seed(0)
-    extras = {"pooled_output": torch.randn(1, 768, generator=g)}
-    if guidance is not None:
-        extras["guidance"] = guidance
-    return [[torch.randn(1, shape["text_tokens"], shape["context"], generator=g), extras]]
-
-
-def latents(side: int):
-    g = torch.Generator().manual_seed(1)
-    clean = torch.randn(1, 16, side, side, generator=g)
-    return clean, 0.5 * clean + 0.3
+    return make_conditioning(shape["context"], shape["text_tokens"], guidance=guidance)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -171,41 +92,18 @@ class Runner:
     def ours(
         self, formulation: str, side: int, steps: int, shape: dict, lora_form: str = "activations"
     ) -> None:
-        from kontext_train.comfyui import FluxLoraModel
-        from kontext_train.train.trainer import TrainConfig, Trainer
-
-        cfg = TrainConfig(
-            steps=steps,
-            learning_rate=1e-4,
-            rank=self.args.rank,
-            batch_size=1,
-            lr_schedule="constant_with_warmup",
-            warmup_steps=0,
-            checkpoint_every=0,
-            validate_every_epochs=0,
-            formulation=formulation,
-            # bridge_ref trains only with noise on the start (flow.check_formulation); 0.1 is the
-            # smallest allowed value and the planner's.
-            bridge_noise=0.1 if formulation == "bridge_ref" else 0.0,
-            lora_targets="blocks",
-            gradient_checkpointing=True,
-        )
-        clean, degraded = latents(side)
+        rank = self.args.rank
+        clean, degraded = random_latents(1, side, spread=0.0)
         self.n += 1
-        with torch.inference_mode(False):
-            lm = FluxLoraModel(
-                self.model, rank=cfg.rank, alpha=float(cfg.rank), targets="blocks", lora_form=lora_form
-            )
-            try:
-                cond = lm.prepare_conditioning(conditioning(shape))
-                Trainer(cfg, lm, MemoryBatches(clean, degraded), cond, self.tmp / f"r{self.n}").run(
-                    resume=False
-                )
-            finally:
-                lm.release()
+        lm, cond = lora_model(self.model, rank, "blocks", conditioning(shape), lora_form=lora_form)
+        try:
+            batches, out_dir = MemoryBatches(clean, degraded), self.tmp / f"r{self.n}"
+            train_ours(lm, cond, batches, out_dir, steps, formulation, rank=rank, targets="blocks")
+        finally:
+            lm.release()
 
     def native(self, side: int, steps: int, shape: dict) -> None:
-        clean, _ = latents(side)
+        clean, _ = random_latents(1, side, spread=0.0)
         native_train_lora(
             model=[self.model],
             # Two LATENTs: a single one trips an UnboundLocalError (multi_res) in 0.3.75.
@@ -345,7 +243,7 @@ def main() -> None:
     variants = ["ours_bridge", "ours_bridge_weights", "native", "ours_bridge_ref"]
     for r in range(args.rounds):
         for side in sides:
-            for v in variants if r % 2 == 0 else variants[::-1]:
+            for v in round_order(variants, r, rotate=False):
                 row = runner.measure(v, side, shape)
                 row["round"] = r
                 if v in ("ours_bridge", "ours_bridge_ref"):

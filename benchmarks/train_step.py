@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    StepClock,
     bootstrap,
+    clocked,
+    import_trainer_deps,
     machine_info,
     make_conditioning,
     md_table,
@@ -44,15 +43,13 @@ from _common import (  # noqa: E402
     native_train_lora,
     param_bytes,
     peak_rss_mb,
+    round_order,
+    run_child,
     write_json,
 )
+from _training import MemoryBatches, bare_steps, lora_model, random_latents, train_ours  # noqa: E402
 
 from kontext_train.comfyui.tiny_models import TINY_CONTEXT_DIM as CONTEXT_DIM  # noqa: E402
-
-
-def bridge_noise(formulation: str) -> float:
-    """bridge_ref trains only with noise on the start (flow.check_formulation): its smallest value."""
-    return 0.1 if formulation == "bridge_ref" else 0.0
 
 
 def build(args):
@@ -68,103 +65,51 @@ def build(args):
     )
 
 
-class MemoryBatches:
-    """``LatentBatches`` interface over fixed in-memory latents (no data pipeline in the step)."""
-
-    def __init__(self, clean: torch.Tensor, degraded: torch.Tensor, batch_size: int) -> None:
-        self.clean, self.degraded, self.batch_size = clean, degraded, batch_size
-
-    def batches_per_epoch(self) -> int:
-        return max(1, len(self.clean) // self.batch_size)
-
-    def stream(self, epoch: int = 0, position: int = 0):
-        from kontext_train.data.batches import LatentBatch
-
-        while True:
-            for k in range(position, self.batches_per_epoch()):
-                sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
-                yield LatentBatch(epoch, k, self.clean[sl], self.degraded[sl], [str(k)])
-            epoch, position = epoch + 1, 0
-
-
 class Bench:
     def __init__(self, args) -> None:
-        from kontext_train.comfyui import FluxLoraModel
-
         self.args = args
         self.model = build(args)
-        g = torch.Generator().manual_seed(1)
-        n = max(4, args.batch * 2)
-        self.clean = torch.randn(n, 16, args.latent, args.latent, generator=g)
-        self.degraded = 0.5 * self.clean + 0.3 + 0.1 * torch.randn(self.clean.shape, generator=g)
+        self.clean, self.degraded = random_latents(max(4, args.batch * 2), args.latent)
         self.raw_cond = make_conditioning(CONTEXT_DIM, args.text_tokens, guidance=args.guidance)
-        with torch.inference_mode(False):
-            self.lm = FluxLoraModel(
-                self.model,
-                rank=args.rank,
-                alpha=float(args.rank),
-                targets="all_linear",
-                gradient_checkpointing=args.checkpointing,
-                seed=0,
-            )
-            self.cond = self.lm.prepare_conditioning(self.raw_cond)
+        self.lm, self.cond = lora_model(
+            self.model,
+            args.rank,
+            "all_linear",
+            self.raw_cond,
+            gradient_checkpointing=args.checkpointing,
+            seed=0,
+        )
         self.tmp = Path(tempfile.mkdtemp(prefix="kr_trainstep_"))
         self.runs = 0
 
     # -- variants -------------------------------------------------------------------------
     def ours(self, formulation: str, steps: int) -> None:
-        from kontext_train.train.trainer import TrainConfig, Trainer
-
         a = self.args
-        cfg = TrainConfig(
-            steps=steps,
-            learning_rate=1e-4,
-            rank=a.rank,
-            batch_size=a.batch,
-            lr_schedule="constant_with_warmup",
-            warmup_steps=0,
-            guidance=a.guidance,
-            checkpoint_every=0,
-            validate_every_epochs=0,
-            formulation=formulation,
-            bridge_noise=bridge_noise(formulation),
-            lora_targets="all_linear",
-            gradient_checkpointing=a.checkpointing,
-        )
         self.runs += 1
-        with torch.inference_mode(False):
-            trainer = Trainer(
-                cfg,
-                self.lm,
-                MemoryBatches(self.clean, self.degraded, a.batch),
-                self.cond,
-                self.tmp / f"run{self.runs}",
-            )
-            trainer.run(resume=False)
+        batches = MemoryBatches(self.clean, self.degraded, a.batch)
+        train_ours(
+            self.lm,
+            self.cond,
+            batches,
+            self.tmp / f"run{self.runs}",
+            steps,
+            formulation,
+            rank=a.rank,
+            targets="all_linear",
+            checkpointing=a.checkpointing,
+            batch_size=a.batch,
+            guidance=a.guidance,
+        )
 
     def bare(self, formulation: str, steps: int, base_grad: bool = False) -> None:
-        from kontext_train.method.flow import make_training_example
-
         a, lm = self.args, self.lm
         with torch.inference_mode(False):
             lm.load()
             # base_grad: the state before FluxLoraModel.load() froze the base weights (a model
             # loaded outside inference mode kept requires_grad=True on every base weight).
             lm.base.diffusion_model.requires_grad_(base_grad)
-            dev = lm.device
-            clean = lm.to_model_space(self.clean[: a.batch].to(dev))
-            degraded = lm.to_model_space(self.degraded[: a.batch].to(dev))
-            sigmas = torch.full((a.batch,), 0.6, device=dev)
-            noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)).to(dev)
-            ex = make_training_example(formulation, clean, degraded, sigmas, noise, bridge_noise(formulation))
-            opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, weight_decay=0.01)
-            with lm.training():
-                for _ in range(steps):
-                    opt.zero_grad(set_to_none=True)
-                    pred = lm.velocity(ex.x, sigmas, self.cond, a.guidance, ex.reference)
-                    loss = torch.nn.functional.mse_loss(pred, ex.target)
-                    loss.backward()
-                    opt.step()
+            batch = slice(0, a.batch)
+            bare_steps(lm, self.cond, self.clean[batch], self.degraded[batch], formulation, steps, a.guidance)
             if base_grad:
                 for p in lm.base.diffusion_model.parameters():
                     p.grad = None
@@ -235,15 +180,8 @@ def timing(args) -> dict:
     wall: dict[str, dict[int, list[float]]] = {v: {} for v in variants}
     for r in range(args.rounds):
         steps = args.steps if r % 2 == 0 else 2 * args.steps
-        k = r % len(variants)
-        order = variants[k:] + variants[:k]  # rotate so no variant always runs first
-        if r % 2:
-            order = order[::-1]
-        for v in order:
-            with StepClock() as clock:
-                t0 = time.perf_counter()
-                bench.run_variant(v, steps)
-                elapsed = time.perf_counter() - t0
+        for v in round_order(variants, r):
+            clock, elapsed = clocked(bench.run_variant, v, steps)
             iv = clock.intervals(skip=1)
             per_step[v] += iv
             round_medians[v].append(median(iv))
@@ -300,13 +238,9 @@ def timing(args) -> dict:
 
 # -- memory: one fresh process per variant ----------------------------------------------------
 def memory_child(args) -> dict:
-    # The trainer imports diffusers (LR schedules, timestep sampling): import it in every variant
-    # so the comparison shows training memory, and report the import's own cost separately.
-    start = peak_rss_mb()
-    import diffusers.optimization  # noqa: F401
-    import diffusers.training_utils  # noqa: F401
-
-    diffusers_mb = peak_rss_mb() - start
+    # Every variant pays the trainer's diffusers import, so the comparison shows training memory;
+    # the import's own cost is reported apart.
+    diffusers_mb = import_trainer_deps()
     bench = Bench(args)
     before = peak_rss_mb()
     if args.memory_variant != "model":
@@ -325,14 +259,9 @@ def memory(args) -> dict:
     if not args.no_ref:
         variants += ["ours_bridge_ref"]
     rows: dict[str, list[dict]] = {v: [] for v in variants}
-    base_cmd = [sys.executable, __file__, *config_argv(args)]
     for rep in range(args.memory_reps):
-        order = variants if rep % 2 == 0 else variants[::-1]
-        for v in order:
-            out = subprocess.run(
-                [*base_cmd, "--memory-variant", v], capture_output=True, text=True, check=True
-            ).stdout
-            data = json.loads(out.strip().splitlines()[-1])
+        for v in round_order(variants, rep, rotate=False):
+            data = run_child(__file__, [*config_argv(args), "--memory-variant", v])
             rows[v].append(data)
             print(f"memory rep {rep} {v:>16} peak {data['peak_rss_mb']:.0f} MiB", flush=True)
     return {

@@ -5,7 +5,7 @@ dominate the step: this pack in both forms, ComfyUI's TrainLoraNode and a bare l
     $PY benchmarks/wide_step.py --memory --json benchmarks/results/wide_memory_<host>.json  # peak RSS
     $PY benchmarks/wide_step.py --smoke                                                     # seconds
 
-Model: ``gpu_train_step.build_flux`` (ComfyUI's ``comfy.supported_models.Flux``, random weights)
+Model: ``_training.build_flux`` (ComfyUI's ``comfy.supported_models.Flux``, random weights)
 with FLUX.1's width 3072, 24 heads of 128, MLP ratio 4, context 4096, but ONE double and ONE single
 block (0.53 B parameters, 2.0 GiB fp32). LoRA rank 16 (alpha 16) on ``all_linear`` (the layers the
 native node adapts), gradient checkpointing on, batch 1, 64 text tokens, fp32 weights and compute.
@@ -49,8 +49,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    StepClock,
     bootstrap,
+    clocked,
+    import_trainer_deps,
     machine_info,
     make_conditioning,
     md_table,
@@ -58,10 +59,18 @@ from _common import (  # noqa: E402
     native_train_lora,
     param_bytes,
     peak_rss_mb,
+    round_order,
+    run_child,
     write_json,
 )
-from gpu_train_step import build_flux  # noqa: E402
-from train_step import MemoryBatches  # noqa: E402
+from _training import (  # noqa: E402
+    MemoryBatches,
+    bare_steps,
+    build_flux,
+    lora_model,
+    random_latents,
+    train_ours,
+)
 
 WIDE = {"hidden": 3072, "heads": 24, "double": 1, "single": 1, "context": 4096, "text_tokens": 64}
 SMOKE = {"hidden": 256, "heads": 2, "double": 1, "single": 1, "context": 64, "text_tokens": 8}
@@ -100,76 +109,47 @@ class Bench:
         self.runs = 0
 
     def lora_model(self, form: str):
-        from kontext_train.comfyui import FluxLoraModel
-
         extra = {FORM_ARG: FORMS[form]} if has_forms() else {}
         if not extra and form != "weights":
             raise RuntimeError(f"This FluxLoraModel has no {FORM_ARG!r} argument: only ours_weights exists.")
-        with torch.inference_mode(False):
-            lm = FluxLoraModel(
-                self.model,
-                rank=self.args.rank,
-                alpha=float(self.args.rank),
-                targets="all_linear",
-                gradient_checkpointing=True,
-                seed=0,
-                **extra,
-            )
-            # FluxLoraModel falls back to weights when it cannot use activations: never silently.
-            if getattr(lm, FORM_ARG, FORMS[form]) != FORMS[form]:
-                raise RuntimeError(f"asked for LoRA on {FORMS[form]}, got {getattr(lm, FORM_ARG)}")
-            return lm, lm.prepare_conditioning(self.raw_cond)
+        lm, cond = lora_model(
+            self.model,
+            self.args.rank,
+            "all_linear",
+            self.raw_cond,
+            gradient_checkpointing=True,
+            seed=0,
+            **extra,
+        )
+        # FluxLoraModel falls back to weights when it cannot use activations: never silently.
+        if getattr(lm, FORM_ARG, FORMS[form]) != FORMS[form]:
+            raise RuntimeError(f"asked for LoRA on {FORMS[form]}, got {getattr(lm, FORM_ARG)}")
+        return lm, cond
 
     def latents(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(1)
-        clean = torch.randn(2, 16, side, side, generator=g)
-        return clean, 0.5 * clean + 0.3 + 0.1 * torch.randn(clean.shape, generator=g)
+        return random_latents(2, side)
 
     # -- variants -------------------------------------------------------------------------
     def ours(self, form: str, side: int, ref: bool, steps: int) -> None:
-        from kontext_train.train.trainer import TrainConfig, Trainer
-
         lm, cond = self.lms[form]
-        cfg = TrainConfig(
-            steps=steps,
-            rank=self.args.rank,
-            lr_schedule="constant_with_warmup",
-            warmup_steps=0,
-            checkpoint_every=0,
-            validate_every_epochs=0,
-            formulation="kontext" if ref else "bridge",
-            lora_targets="all_linear",
-            gradient_checkpointing=True,
-        )
         self.runs += 1
         clean, degraded = self.latents(side)
-        with torch.inference_mode(False):
-            try:
-                Trainer(cfg, lm, MemoryBatches(clean, degraded, 1), cond, self.tmp / f"r{self.runs}").run(
-                    resume=False
-                )
-            finally:
-                lm.release()  # one form attached at a time: both share the base model
+        formulation = "kontext" if ref else "bridge"
+        try:
+            batches, out_dir = MemoryBatches(clean, degraded, 1), self.tmp / f"r{self.runs}"
+            train_ours(
+                lm, cond, batches, out_dir, steps, formulation, rank=self.args.rank, targets="all_linear"
+            )
+        finally:
+            lm.release()  # one form attached at a time: both share the base model
 
     def bare(self, form: str, side: int, ref: bool, steps: int) -> None:
-        from kontext_train.method.flow import make_training_example
-
         lm, cond = self.lms[form]
         clean, degraded = self.latents(side)
         with torch.inference_mode(False):
-            dev = lm.load()
+            lm.load()
             try:
-                clean, degraded = lm.to_model_space(clean[:1]), lm.to_model_space(degraded[:1])
-                sigmas = torch.full((1,), 0.6, device=dev)
-                noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
-                ex = make_training_example("kontext" if ref else "bridge", clean, degraded, sigmas, noise)
-                opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, weight_decay=0.01)
-                with lm.training():
-                    for _ in range(steps):
-                        opt.zero_grad(set_to_none=True)
-                        pred = lm.velocity(ex.x, sigmas, cond, 1.5, ex.reference)
-                        torch.nn.functional.mse_loss(pred, ex.target).backward()
-                        opt.step()
+                bare_steps(lm, cond, clean[:1], degraded[:1], "kontext" if ref else "bridge", steps)
             finally:
                 lm.release()
 
@@ -212,14 +192,8 @@ def timing(args, variants: list[str], report: dict) -> None:
         side, ref = parse_config(config)
         names = [v for v in variants if not (ref and v == "native")]
         for r in range(args.rounds):
-            k = r % len(names)
-            order = names[k:] + names[:k]
-            order = order[::-1] if r % 2 else order
-            for v in order:
-                with StepClock() as clock:
-                    t0 = time.perf_counter()
-                    bench.run_variant(v, side, ref, 1 + args.steps)
-                    wall = time.perf_counter() - t0
+            for v in round_order(names, r):
+                clock, wall = clocked(bench.run_variant, v, side, ref, 1 + args.steps)
                 steps, cpu = clock.intervals(skip=0), clock.cpu_intervals(skip=0)
                 run = {"config": config, "round": r, "variant": v, "steps_s": steps, "cpu_s": cpu}
                 run.update(user_s=clock.cpu_intervals(skip=0, user_only=True), wall_s=wall)
@@ -265,9 +239,7 @@ def summarise(runs: list[dict], key: str = "cpu_s") -> tuple[list[list], list[li
 
 # -- memory: one fresh process per variant ----------------------------------------------------
 def memory_child(args) -> dict:
-    import diffusers.optimization  # noqa: F401  (the trainer's import, paid by every variant)
-    import diffusers.training_utils  # noqa: F401
-
+    import_trainer_deps()  # paid by every variant
     v = args.memory_variant
     side, ref = parse_config(args.configs.split(",")[0])
     bench = Bench(args, () if v in ("model", "native") else forms_of([v]))
@@ -282,20 +254,9 @@ def memory(args, variants: list[str], report: dict) -> None:
     for config in args.configs.split(","):
         names = ["model", *(v for v in variants if not (config.endswith("r") and v == "native"))]
         for rep in range(args.memory_reps):
-            for v in names if rep % 2 == 0 else names[::-1]:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    *child_argv(args),
-                    "--configs",
-                    config,
-                    "--memory-variant",
-                    v,
-                ]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode:
-                    raise RuntimeError(f"memory child {v} {config} failed:\n{out.stderr[-3000:]}")
-                row = {"config": config, "rep": rep, **json.loads(out.stdout.strip().splitlines()[-1])}
+            for v in round_order(names, rep, rotate=False):
+                data = run_child(__file__, [*child_argv(args), "--configs", config, "--memory-variant", v])
+                row = {"config": config, "rep": rep, **data}
                 rows.append(row)
                 print(f"memory {config:>6} rep {rep} {v:>12} peak {row['peak_rss_mb']:.0f} MiB", flush=True)
                 report["memory"] = rows
@@ -331,7 +292,7 @@ def code_version() -> dict:
     import hashlib
 
     root = Path(__file__).parents[1] / "kontext_train"
-    files = ("comfyui/training_model.py", "comfyui/lora_forward.py", "lora.py")
+    files = ("comfyui/training_model.py", "comfyui/lora_forward.py", "method/lora.py")
     return {
         "commit": git("rev-parse", "HEAD"),
         "dirty": git("status", "--porcelain", "kontext_train"),

@@ -31,8 +31,9 @@ def test_native_trainer_runs_with_this_comfyuis_inputs(comfy_root):
 
 def test_gpu_script_model_has_unit_norm_gains_and_reloads_as_a_copy(comfy_root):
     import gpu_train_step
+    from _training import build_flux
 
-    model = gpu_train_step.build_flux(gpu_train_step.TINY, torch.float32, None, torch.device("cpu"))
+    model = build_flux(gpu_train_step.TINY, torch.float32, None, torch.device("cpu"))
     gains = [p for p in model.model.diffusion_model.parameters() if p.ndim == 1 and torch.all(p == 1)]
     assert len(gains) == 4 * gpu_train_step.TINY["double"] + 2 * gpu_train_step.TINY["single"]
     factory, args = model.cached_patcher_init
@@ -41,6 +42,19 @@ def test_gpu_script_model_has_unit_norm_gains_and_reloads_as_a_copy(comfy_root):
     ours, theirs = model.model.diffusion_model.state_dict(), copy.model.diffusion_model.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) and ours[k].data_ptr() != theirs[k].data_ptr() for k in ours)
+
+
+def test_rounds_rotate_and_alternate_the_order_of_the_variants():
+    from _common import round_order
+
+    names = ["a", "b", "c"]
+    assert [round_order(names, r) for r in range(4)] == [
+        ["a", "b", "c"],
+        ["a", "c", "b"],  # rotated by one, reversed
+        ["c", "a", "b"],
+        ["c", "b", "a"],  # rotated by three (none), reversed
+    ]
+    assert [round_order(names, r, rotate=False) for r in range(2)] == [names, names[::-1]]
 
 
 def test_gpu_script_every_variant_trains_and_has_a_plan(comfy_root, tmp_path):

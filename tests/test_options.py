@@ -120,6 +120,26 @@ def test_train_config_is_the_table():
         assert table[name].default == getattr(DegradationConfig(), field_name), name
 
 
+def test_the_table_lists_the_rows_each_module_owns():
+    """The library's rows live beside the values they check (no module imports the table to check
+    itself); the table lists each of them, the same object, and every config field has its row."""
+    from kontext_train.data.buckets import BUCKET_SCALE, bucket_resolutions
+    from kontext_train.data.dataset import DATASET_SETTINGS
+    from kontext_train.data.degradations import DEGRADATION_SETTINGS
+    from kontext_train.data.latent_cache import CACHE_SETTINGS
+    from kontext_train.method.train_config import TRAIN_SETTINGS
+    from kontext_train.restore.restore_settings import RESTORE_SETTINGS
+
+    owned = [BUCKET_SCALE, *DATASET_SETTINGS, *DEGRADATION_SETTINGS, *CACHE_SETTINGS]
+    owned += [*TRAIN_SETTINGS, *RESTORE_SETTINGS]
+    listed = {id(s) for s in SETTINGS}
+    assert [s.name for s in owned if id(s) not in listed] == []
+    assert {s.name for s in TRAIN_SETTINGS} == {f.name for f in fields(TrainConfig)}
+    assert {s.name for s in DEGRADATION_SETTINGS} == set(DEGRADATION_FIELDS)
+    with pytest.raises(SettingError, match=r"bucket_scale must be in 0\.0625\.\.4"):
+        bucket_resolutions(0.01)
+
+
 def _node_widgets(pack_nodes):
     """(node, input name, spec) of every widget input of every pack node."""
     for cls_name, cls in pack_nodes.NODE_CLASS_MAPPINGS.items():

@@ -373,3 +373,153 @@ def test_setup_gives_up_after_its_attempts_naming_the_step(tmp_path):
     done, calls = _retry_pip(tmp_path, failures=5)
     assert done.returncode != 0 and len(calls) == 3
     assert "'pip install torch==2.9.1' failed 3 times" in done.stderr
+
+
+# -- the import graph of the pack's own modules ------------------------------------------------
+
+COMFY_NODES_ALIAS = "comfy_nodes"
+
+
+def _module_name(path: Path, root: Path) -> str:
+    """The dotted name of a pack file relative to the pack's folder ("" for the pack itself)."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _pack_files(root: Path) -> list[Path]:
+    files = [root / "__init__.py"] if (root / "__init__.py").is_file() else []
+    for package in ("kontext_train", "nodes"):
+        files += sorted((root / package).rglob("*.py"))
+    return files
+
+
+def _import_graph(root: Path) -> tuple[dict[str, set[str]], list[str]]:
+    """Every pack module -> the pack modules it imports, read from the source: imports inside
+    functions, classes and ``if`` blocks count as much as those at the top.
+
+    ``from . import x`` is an edge to the module ``x`` where it is one, else to the package.
+    A parent package that Python runs on the way to a module is no edge of its own. Inside the
+    pack, an absolute import names another distribution: ComfyUI imports the pack under a name
+    taken from its folder, so ``import nodes`` there is ComfyUI's top-level ``nodes`` module,
+    never the pack's ``nodes/`` (test_imports_inside_the_pack_are_relative). Such an import of
+    ``nodes`` must be bound as ``comfy_nodes``; each one that is not is listed as a problem."""
+    import ast
+
+    files = _pack_files(root)
+    modules = {_module_name(p, root): p for p in files}
+    graph: dict[str, set[str]] = {}
+    problems: list[str] = []
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".") if package else []
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}" if target else alias.name
+                    edges.add(sub if sub in modules else target)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "nodes" and alias.asname != COMFY_NODES_ALIAS:
+                        problems.append(
+                            f"{path.relative_to(root)}:{node.lineno}: import ComfyUI's nodes module as "
+                            f"`import nodes as {COMFY_NODES_ALIAS}` (the pack has a nodes/ package too)"
+                        )
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "nodes":
+                problems.append(
+                    f"{path.relative_to(root)}:{node.lineno}: `from nodes import ...` is ambiguous; "
+                    f"use `import nodes as {COMFY_NODES_ALIAS}`"
+                )
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph, problems
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _describe(cycle: list[str], graph: dict[str, set[str]]) -> str:
+    members = set(cycle)
+    arrows = [f"{a} -> {b}" for a in cycle for b in sorted(graph[a] & members)]
+    return f"{len(cycle)} modules: " + ", ".join(arrows)
+
+
+def test_no_import_cycle_among_the_packs_own_modules():
+    """The pack's modules import one another one way only, imports inside functions included: a
+    module never needs one that needs it back (the settings table and the modules it lists were
+    such a circle once)."""
+    graph, problems = _import_graph(ROOT)
+    assert not problems, "\n".join(problems)
+    # The graph is read whole: the pack's modules, the arrows at the top and inside functions.
+    arrows = sum(map(len, graph.values()))
+    assert len(graph) > 60 and arrows > 150, (len(graph), arrows)
+    assert "kontext_train.comfyui.memory_check" in graph["kontext_train.train.run"]  # inside a function
+    assert "nodes" in graph[""] and "kontext_train.setting" in graph["kontext_train.options"]
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(_describe(c, graph) for c in cycles)
+
+
+def test_the_settings_table_is_imported_by_the_nodes_and_the_command_alone():
+    graph, _ = _import_graph(ROOT)
+    users = sorted(name for name, edges in graph.items() if "kontext_train.options" in edges)
+    assert users and all(u.startswith(("nodes", "kontext_train.app.")) for u in users), users
+
+
+def test_the_cycle_check_finds_a_circle_through_a_function_and_reads_comfyuis_nodes_apart(tmp_path):
+    """The checker itself: a circle closed by an import inside a function is found, and ComfyUI's
+    ``nodes`` imported under its alias is no arrow to the pack's ``nodes/``."""
+    (tmp_path / "__init__.py").write_text("from .nodes import entry\n")
+    (tmp_path / "nodes").mkdir()
+    (tmp_path / "nodes" / "__init__.py").write_text("from ..kontext_train.a import run\nentry = run\n")
+    lib = tmp_path / "kontext_train"
+    (lib / "comfyui").mkdir(parents=True)
+    (lib / "__init__.py").write_text("")
+    (lib / "comfyui" / "__init__.py").write_text("def start():\n    import nodes as comfy_nodes\n")
+    (lib / "a.py").write_text(
+        "from .b import helper\nfrom . import comfyui\n\ndef run():\n    return helper()\n"
+    )
+    (lib / "b.py").write_text("def helper():\n    from .a import run\n    return run\n")
+    graph, problems = _import_graph(tmp_path)
+    assert not problems
+    assert graph["kontext_train.comfyui"] == set()  # ComfyUI's nodes, not the pack's
+    assert graph["kontext_train.a"] == {"kontext_train.b", "kontext_train.comfyui"}
+    assert _cycles(graph) == [["kontext_train.a", "kontext_train.b"]]
+    (lib / "b.py").write_text("def helper():\n    return 1\n")
+    (lib / "comfyui" / "__init__.py").write_text("def start():\n    import nodes\n")
+    graph, problems = _import_graph(tmp_path)
+    assert _cycles(graph) == [] and len(problems) == 1 and "comfy_nodes" in problems[0]

@@ -84,7 +84,9 @@ def bootstrap_comfyui(path: str | os.PathLike | None = None, cpu: bool | None = 
     import comfy.model_management  # noqa: F401
     import comfy.sd  # noqa: F401
 
-    import nodes  # noqa: F401
+    # ComfyUI's own top-level ``nodes`` module (its built-in nodes and loaders), NOT this pack's
+    # ``nodes/`` package, which shares the name; importing it finishes ComfyUI's start.
+    import nodes as comfy_nodes  # noqa: F401
 
     return root
 

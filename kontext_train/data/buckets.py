@@ -16,7 +16,10 @@ from collections.abc import Iterator, Sequence
 
 from PIL import Image
 
+from ..setting import Setting, arg_default
+
 __all__ = [
+    "BUCKET_SCALE",
     "KONTEXT_RESOLUTIONS",
     "BucketBatchSampler",
     "bucket_histogram",
@@ -56,15 +59,21 @@ def bucket_resolutions(scale: float = 1.0) -> list[Bucket]:
     Sides are rounded to multiples of 16 (the VAE's 8x times Flux's 2x2 patches), at least 16;
     duplicates created by rounding are dropped, keeping the tall-to-wide order.
     """
-    from ..options import check_value  # the settings table imports this module
-
-    check_value("bucket_scale", scale)
+    BUCKET_SCALE.check(scale)
     out: list[Bucket] = []
     for w, h in KONTEXT_RESOLUTIONS:
         b = (max(16, round(w * scale / 16) * 16), max(16, round(h * scale / 16) * 16))
         if b not in out:
             out.append(b)
     return out
+
+
+# The scale's row of the settings table: training, restoring and evaluating all take it.
+BUCKET_SCALE = Setting("bucket_scale", "float", arg_default(bucket_resolutions, "scale"),
+    "Size of Kontext's ~1 megapixel resolutions: 1.0 is native, 0.5 gives ~512 px and needs "
+    "far less memory; restore at the scale the LoRA was trained at.",
+    "scale of Kontext's ~1 MP buckets (0.5: ~512 px; restore/evaluate: the LoRA's)",
+    min=0.0625, max=4.0, step=0.0625)  # fmt: skip
 
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
+from ..setting import WITH_DATA, Setting, arg_default
 from .buckets import bucket_histogram, bucket_resolutions, fit_to_bucket, format_histogram, nearest_bucket
 from .degradations import DegradationConfig, degradation_seed, degrade, describe
 from .images import IMAGE_EXTENSIONS, ImageLoadError, load_rgb, pil_to_tensor, scan_image_folder
 
 __all__ = [
+    "DATASET_SETTINGS",
     "RestorationDataset",
     "Sample",
     "build_dataset",
@@ -44,7 +46,7 @@ NO_COUNTERPART = "no degraded counterpart"
 # which would teach the model to invent content.
 PAIR_ASPECT_TOLERANCE = 0.02
 
-DEFAULT_VAL_COUNT = 4  # the settings table reads this default (options.py)
+DEFAULT_VAL_COUNT = 4
 MAX_HELD_OUT_PERCENT = 20  # of the usable images, rounded down
 # Below this many training images the summary warns and suggests adding photos.
 FEW_TRAINING_IMAGES = 8
@@ -333,3 +335,17 @@ def build_dataset(
         bucket_scale=bucket_scale,
         split_warnings=split_warnings,
     )
+
+
+# The rows of the settings table for ``build_dataset``'s arguments (``bucket_scale``'s row is
+# ``buckets.BUCKET_SCALE``; ``degradation``'s are ``degradations.DEGRADATION_SETTINGS``).
+DATASET_SETTINGS: tuple[Setting, ...] = (
+    Setting("val_count", "int", arg_default(build_dataset, "val_count"),
+        "How many images are held out of training to measure progress (4 typical; 0: none); at most "
+        "20% of the images, fewer in a small folder.",
+        "held-out images for validation and evaluation; at most 20% of the images (at least 1)",
+        min=0, max=1000, commands=WITH_DATA),
+    Setting("min_size", "int", arg_default(build_dataset, "min_size"),
+        "Images with a side shorter than this many pixels are skipped.", min=8, max=4096,
+        commands=WITH_DATA),
+)  # fmt: skip

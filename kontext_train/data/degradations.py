@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..setting import NODE_ONLY, WITH_DATA, Setting, check_values
+
 __all__ = [
+    "DEGRADATION_SETTINGS",
     "DegradationConfig",
     "add_gaussian_noise",
     "degradation_seed",
@@ -192,10 +195,7 @@ class DegradationConfig:
                 raise ValueError(f"{name} must be (low, high) with low <= high, got {value}")
             object.__setattr__(self, name, value)
         object.__setattr__(self, "resize_modes", tuple(self.resize_modes))
-        # Imported here: the settings table reads its defaults from this class.
-        from ..options import check_settings, check_value
-
-        check_settings(
+        check_values(
             {
                 "degradation": self.kind,
                 "noise_sigma": self.noise_sigma,
@@ -204,16 +204,18 @@ class DegradationConfig:
                 "downscale": self.downscale,
                 "second_order_prob": self.second_order_prob,
                 "shuffle_prob": self.shuffle_prob,
-            }
+            },
+            DEGRADATION_SETTINGS,
         )
         # Each end of a random range obeys its fixed setting's range.
+        rows = {s.name: s for s in DEGRADATION_SETTINGS}
         for setting, name in (
             ("noise_sigma", "noise_sigma_range"),
             ("blur_radius", "blur_radius_range"),
             ("downscale", "resize_range"),
         ):
             for value in getattr(self, name):
-                check_value(setting, value, label=name)
+                rows[setting].check(value, label=name)
         if not all(isinstance(q, int) and 1 <= q <= 100 for q in self.jpeg_quality_range):
             raise ValueError(
                 f"jpeg_quality_range must be whole numbers in 1..100, got {self.jpeg_quality_range}"
@@ -238,6 +240,38 @@ class DegradationConfig:
         if unknown:
             raise ValueError(f"unknown degradation setting(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+_D = DegradationConfig  # the rows read the field defaults from the class
+
+# The rows of the settings table for the fields a user sets (``kind`` is the setting
+# ``degradation``; the ``*_range`` fields obey the rows of their fixed settings).
+DEGRADATION_SETTINGS: tuple[Setting, ...] = (
+    Setting("degradation", "choice", _D.kind,
+        "fixed: the same blur, down/up-scale, noise and JPEG on every image (the values below); "
+        "realesrgan: random strengths and order with a second pass, closer to real photos.",
+        "synthetic degradation pipeline", choices=KINDS, commands=WITH_DATA, node_name="kind"),
+    Setting("noise_sigma", "float", _D.noise_sigma,
+        "Gaussian noise added to the clean image, as a fraction of full brightness (0: none; 0.02 "
+        "is light grain).", "Gaussian noise std (fixed pipeline)",
+        min=0.0, max=0.5, step=0.005, commands=WITH_DATA),
+    Setting("blur_radius", "float", _D.blur_radius,
+        "Gaussian blur radius in pixels (0: none; 1.5 looks slightly out of focus).",
+        "Gaussian blur radius in px (fixed pipeline)", min=0.0, max=10.0, step=0.1, commands=WITH_DATA),
+    Setting("jpeg_quality", "int", _D.jpeg_quality,
+        "JPEG quality the degraded image is saved at (0: no JPEG; 85 gives mild artifacts, 30 heavy).",
+        "JPEG quality, 0 = off (fixed pipeline)", min=0, max=100, commands=WITH_DATA),
+    Setting("downscale", "float", _D.downscale,
+        "Shrink by this factor and scale back up, losing fine detail (1: off; 2 halves the resolution).",
+        "down/up-scale factor, 1 = none (fixed pipeline)", min=1.0, max=8.0, step=0.25,
+        commands=WITH_DATA),
+    Setting("second_order_prob", "float", _D.second_order_prob,
+        "realesrgan only: chance of a second degradation pass (0.5 typical).",
+        min=0.0, max=1.0, step=0.05, surfaces=NODE_ONLY),
+    Setting("shuffle_prob", "float", _D.shuffle_prob,
+        "realesrgan only: chance that blur, resize, noise and JPEG run in random order (0.3 typical).",
+        min=0.0, max=1.0, step=0.05, surfaces=NODE_ONLY),
+)  # fmt: skip
 
 
 def degradation_seed(seed: int, image_key: str, epoch: int) -> int:

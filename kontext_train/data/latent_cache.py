@@ -37,9 +37,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..files.atomic import atomic_path
+from ..setting import TRAINING, Setting, arg_default
 from .dataset import RestorationDataset, Sample
 
-__all__ = ["CACHE_FORMAT_VERSION", "CONTROL_MODES", "LatentCache", "file_sha256"]
+__all__ = ["CACHE_FORMAT_VERSION", "CACHE_SETTINGS", "CONTROL_MODES", "LatentCache", "file_sha256"]
 
 CACHE_FORMAT_VERSION = 1
 CONTROL_MODES = ("pool", "reencode")
@@ -200,3 +201,15 @@ class LatentCache:
         # deleting a user's folder is not ours to do).
         with atomic_path(path, suffix=".safetensors.tmp") as tmp:
             save_file({"latent": z}, str(tmp), metadata={"key": key_json})
+
+
+# The rows of the settings table for how the cache serves random degradations.
+CACHE_SETTINGS: tuple[Setting, ...] = (
+    Setting("control_mode", "choice", arg_default(LatentCache.__init__, "control_mode"),
+        "Random degradations only: pool caches a few degraded versions per image (fast); reencode "
+        "makes fresh ones every epoch (more variety, more VAE work).",
+        "random degradations: cached pool or re-encode", choices=CONTROL_MODES, commands=TRAINING),
+    Setting("pool_size", "int", arg_default(LatentCache.__init__, "pool_size"),
+        "pool mode: how many degraded versions of each image are cached (4 typical).",
+        "degradation variants cached per image (pool mode)", min=1, max=64, commands=TRAINING),
+)  # fmt: skip

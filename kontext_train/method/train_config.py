@@ -1,4 +1,4 @@
-"""Training settings (``TrainConfig``): what a run is, checked against the settings table."""
+"""Training settings (``TrainConfig``): what a run is, and its rows of the settings table."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from typing import Any
 
 import torch
 
+from ..setting import COMMAND_ONLY, TRAINING, Setting, check_values
+from .flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING, check_formulation
+from .lora import TARGET_SETS
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed widgets allow 64 bits
 LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LR_SCHEDULES = ("cosine", "constant_with_warmup", "linear")
 
@@ -16,8 +21,9 @@ LR_SCHEDULES = ("cosine", "constant_with_warmup", "linear")
 class TrainConfig:
     """Training settings. Defaults follow the original design note where it had one.
 
-    Every field is a row of the settings table (``kontext_train.options``), which holds its range,
-    tooltip and help; construction checks each value there (finite, in range, a valid choice).
+    Every field has a row in ``TRAIN_SETTINGS`` below (range, tooltip, help; the settings table
+    ``kontext_train.options`` lists them); construction checks each value against its row (finite,
+    in range, a valid choice).
     """
 
     steps: int = 3000
@@ -56,14 +62,10 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        # Imported here: the settings table reads its defaults from this class.
-        from ..options import check_settings
-        from .flow import check_formulation
-
         # 0 is how the node's widget says "no alpha" (alpha = rank); one meaning on every surface.
         if self.alpha is not None and not isinstance(self.alpha, bool) and self.alpha == 0:
             self.alpha = None
-        check_settings({f.name: getattr(self, f.name) for f in fields(self)})
+        check_values({f.name: getattr(self, f.name) for f in fields(self)}, TRAIN_SETTINGS)
         check_formulation(self.formulation, self.bridge_noise)
 
     @property
@@ -82,5 +84,85 @@ class TrainConfig:
     def from_inputs(cls, inputs: Mapping[str, Any]) -> TrainConfig:
         """The config from a node's inputs or the command's settings: every key named like a
         field is used, other keys (model, lora_name, ...) are ignored, missing fields keep their
-        defaults. Values are checked against the settings table."""
+        defaults. Values are checked against their rows (``TRAIN_SETTINGS``)."""
         return cls.from_dict(inputs)
+
+
+_T = TrainConfig  # the rows read the field defaults from the class
+
+# One row per field, in the order of the settings table (and of ``kontext-train --help``).
+TRAIN_SETTINGS: tuple[Setting, ...] = (
+    Setting("steps", "int", _T.steps, "Optimizer steps to train for (3000 typical).", "optimizer steps",
+        min=1, max=1_000_000, commands=TRAINING),
+    Setting("learning_rate", "float", _T.learning_rate,
+        "How fast the LoRA learns (1e-4 typical; lower it if the loss becomes NaN).",
+        "AdamW learning rate", min=1e-7, max=1.0, step=1e-5, commands=TRAINING),
+    Setting("rank", "int", _T.rank,
+        "LoRA size: a higher rank learns more but takes more memory and disk (16 typical).",
+        "LoRA rank", min=1, max=256, commands=TRAINING),
+    Setting("alpha", "float", _T.alpha,
+        "LoRA alpha; the LoRA's strength is alpha / rank (0: same as rank, strength 1).",
+        "LoRA alpha (unset or 0: alpha = rank)", min=0.0, max=1024.0, commands=TRAINING,
+        node_default=0.0),
+    Setting("batch_size", "int", _T.batch_size,
+        "Images per step on each GPU (1 typical; more needs more memory).",
+        "batch per process (global batch = this x processes)", min=1, max=64, commands=TRAINING),
+    Setting("grad_accum", "int", _T.grad_accum,
+        "Steps whose gradients are added up before one update: a bigger batch without more memory (1).",
+        "gradient accumulation steps", min=1, max=256, commands=TRAINING),
+    Setting("lr_schedule", "choice", _T.lr_schedule,
+        "How the learning rate changes over the run; cosine (typical) lowers it to 0 by the end.",
+        "learning-rate schedule", choices=LR_SCHEDULES, commands=TRAINING),
+    Setting("warmup_steps", "int", _T.warmup_steps,
+        "Steps over which the learning rate rises from 0 at the start (100 typical).",
+        "warm-up steps", min=0, max=100_000, commands=TRAINING),
+    Setting("guidance", "float", _T.guidance,
+        "Flux guidance the model gets while training and restoring (1.5 typical for restoration).",
+        "Flux guidance (restore/evaluate: the LoRA's)", min=0.0, max=100.0, step=0.1),
+    Setting("checkpoint_every", "int", _T.checkpoint_every,
+        "Save a resumable checkpoint every this many steps (500 typical; 0: only at the end).",
+        "checkpoint every N steps (0 = only at the end)", min=0, max=100_000, commands=TRAINING),
+    Setting("keep_checkpoints", "int", _T.keep_checkpoints, "How many recent checkpoints are kept (0: all).",
+        "checkpoints kept (0 = all)", min=0, max=10_000, surfaces=COMMAND_ONLY, commands=TRAINING),
+    Setting("validate_every_epochs", "int", _T.validate_every_epochs,
+        "Restore and score the held-out images every this many epochs (5 typical; 0: off).",
+        "validation every N epochs (0 = off)", min=0, max=10_000, commands=TRAINING),
+    Setting("validation_steps", "int", _T.validation_steps,
+        "Sampling steps used to restore the held-out images during validation (8 typical).",
+        "sampling steps during validation", min=1, max=100, commands=TRAINING),
+    Setting("seed", "int", _T.seed,
+        "Random seed: the same seed gives the same split, degradations, training and sampling noise.",
+        "seed of split, degradations, LoRA init and noise", min=0, max=MAX_SEED),
+    Setting("formulation", "choice", _T.formulation,
+        "bridge (default, fastest): start from the degraded image; bridge_ref: start from it with "
+        "bridge_noise >= 0.1 and also see it as reference; kontext: start from noise, see it as reference.",
+        "flow-matching formulation", choices=FORMULATIONS, commands=TRAINING),
+    Setting("bridge_noise", "float", _T.bridge_noise,
+        "Noise added to the degraded start of a bridge (0: none; bridge_ref needs at least 0.1). "
+        "Restoring uses the LoRA's value.",
+        "noise added to the bridge start", min=0.0, max=1.0, step=0.01, commands=TRAINING),
+    Setting("timestep_sampling", "choice", _T.timestep_sampling,
+        "How training picks points on the way from degraded to clean (shifted_uniform typical).",
+        "training sigma distribution", choices=TIMESTEP_SAMPLING, commands=TRAINING),
+    Setting("logit_mean", "float", _T.logit_mean, "Centre of the logit-normal timestep distribution (0).",
+        "logit-normal mean", min=-5.0, max=5.0, surfaces=COMMAND_ONLY, commands=TRAINING),
+    Setting("logit_std", "float", _T.logit_std, "Spread of the logit-normal timestep distribution (1).",
+        "logit-normal std", min=0.01, max=10.0, surfaces=COMMAND_ONLY, commands=TRAINING),
+    Setting("loss_weighting", "choice", _T.loss_weighting,
+        "How the loss weighs points along the path (none typical).", "loss weighting",
+        choices=LOSS_WEIGHTING, commands=TRAINING),
+    Setting("weight_decay", "float", _T.weight_decay, "AdamW weight decay (0.01).", "AdamW weight decay",
+        min=0.0, max=1.0, surfaces=COMMAND_ONLY, commands=TRAINING),
+    Setting("max_grad_norm", "float", _T.max_grad_norm, "Gradient clipping norm (1.0; 0: off).",
+        "gradient clipping (0 = off)", min=0.0, max=1000.0, surfaces=COMMAND_ONLY, commands=TRAINING),
+    Setting("lora_targets", "choice", _T.lora_targets,
+        "Layers that get LoRA adapters: blocks (typical), blocks+modulation, or all_linear (more "
+        "capacity, more memory).", "layers that get LoRA adapters", choices=tuple(TARGET_SETS),
+        commands=TRAINING),
+    Setting("gradient_checkpointing", "bool", _T.gradient_checkpointing,
+        "Recompute activations during the backward pass: much less memory, somewhat slower (on).",
+        "recompute blocks in backward (saves memory)", commands=TRAINING),
+    Setting("lora_dtype", "choice", _T.lora_dtype,
+        "Precision of the trained LoRA weights (float32 typical).", "LoRA weights dtype",
+        choices=tuple(LORA_DTYPES), commands=TRAINING),
+)  # fmt: skip

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..data.buckets import BUCKET_SCALE
 from ..method.flow import (
     FORMULATIONS,
     check_choice,
@@ -37,8 +38,9 @@ from ..method.flow import (
     sampling_sigmas,
     starts_from_degraded,
 )
-from ..method.train_config import TrainConfig
+from ..method.train_config import TRAIN_SETTINGS, TrainConfig
 from ..method.training_prompt import PROMPT_KEY, prompt_mismatch
+from ..setting import NODE_ONLY, Setting, check_values
 
 log = logging.getLogger("kontext_restore")
 
@@ -52,13 +54,12 @@ KONTEXT_STEPS = 28
 # where they live so restoring and training cannot drift apart (tests/test_defaults.py).
 DEFAULT_FORMULATION = TrainConfig.formulation
 DEFAULT_GUIDANCE = TrainConfig.guidance
-DEFAULT_BUCKET_SCALE = 1.0  # build_dataset's bucket_scale (checked by tests/test_defaults.py)
+DEFAULT_BUCKET_SCALE = BUCKET_SCALE.default  # what training uses unless told otherwise
 # The line flow.flux_shift_mu draws through (256 tokens, base) and (4096 tokens, max): the
 # resolution-dependent time shift training samples sigmas with.
 DEFAULT_BASE_SHIFT = 0.5
 DEFAULT_MAX_SHIFT = 1.15
-# The settings table's range of bucket_scale (options.py; tests/test_options.py checks they agree).
-MIN_BUCKET_SCALE, MAX_BUCKET_SCALE = 0.0625, 4.0
+MIN_BUCKET_SCALE, MAX_BUCKET_SCALE = BUCKET_SCALE.min, BUCKET_SCALE.max
 
 FROM_USER, FROM_LORA, FROM_DEFAULT = "user", "LoRA metadata", "default"
 
@@ -206,11 +207,10 @@ class RestoreSettings:
 
     def __post_init__(self) -> None:
         check_choice("formulation", self.formulation, FORMULATIONS)
-        from ..options import check_settings  # the settings table imports this module
-
         # The ranges the nodes and the command use (NaN guidance once gave black restores).
-        check_settings(
-            {"guidance": self.guidance, "bridge_noise": self.bridge_noise, "bucket_scale": self.bucket_scale}
+        check_values(
+            {"guidance": self.guidance, "bridge_noise": self.bridge_noise, "bucket_scale": self.bucket_scale},
+            (*TRAIN_SETTINGS, BUCKET_SCALE),
         )
         if not (math.isfinite(self.base_shift) and math.isfinite(self.max_shift)):
             raise ValueError(
@@ -344,6 +344,34 @@ def resolve_restore_settings(
         warnings=tuple(warnings),
         **values,
     )
+
+
+# The rows of the settings table for what a user sets on a restore (0 and "auto": what the LoRA
+# records). The command restores with the training rows ``guidance`` and ``bucket_scale``.
+RESTORE_SETTINGS: tuple[Setting, ...] = (
+    Setting("mode", "choice", "auto",
+        "How to sample: auto uses the formulation recorded in the LoRA (lora_name), else bridge.",
+        choices=MODES, surfaces=NODE_ONLY),
+    Setting("restore_steps", "int", 0,
+        "Sampling steps to restore (0: automatic, 8 for bridge LoRAs and 28 for kontext).",
+        "sampling steps to restore (0 = automatic: 8 for bridge LoRAs, 28 for kontext)",
+        min=0, max=200, node_name="steps"),
+    Setting("sigma_steps", "int", BRIDGE_STEPS, "Sampling steps from the degraded image to the clean one (8).",
+        min=1, max=200, surfaces=NODE_ONLY, node_name="steps"),
+    Setting("sampler", "choice", "euler", "ComfyUI sampler used to restore (euler typical).",
+        "ComfyUI sampler name for restoration", node_name="sampler_name"),
+    Setting("scheduler", "choice", AS_TRAINED,
+        "as_trained (recommended): from 1 to 0 with the time shift training used; or a ComfyUI scheduler.",
+        surfaces=NODE_ONLY),
+    Setting("restore_guidance", "float", 0.0,
+        "Flux guidance to restore with; 0: the guidance the LoRA was trained with (lora_name), else "
+        f"{DEFAULT_GUIDANCE}.",
+        min=0.0, max=100.0, step=0.1, surfaces=NODE_ONLY, node_name="guidance"),
+    Setting("restore_bucket_scale", "float", 0.0,
+        "Resolution scale to restore at (1.0: Kontext's ~1 MP, 0.5: ~512 px); 0: the scale the LoRA was "
+        f"trained at (lora_name), else {DEFAULT_BUCKET_SCALE}.", min=0.0, max=4.0, step=0.0625, surfaces=NODE_ONLY,
+        node_name="bucket_scale"),
+)  # fmt: skip
 
 
 def read_restore_settings(lora_path: str | Path | None, **given: Any) -> RestoreSettings:
