@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-import uuid
 import urllib.error
+import uuid
 
 import pytest
-from server_host import server_fixture, write_png
+from server_host import ServerError, server_fixture, write_png
 from test_server import _train_graph
 
 comfy_server = server_fixture()
@@ -154,3 +155,85 @@ def test_a_valid_graph_with_the_summary_shown_is_still_queued(comfy_server):
     assert status == 200 and answer["node_errors"] == {}, answer
     entry = comfy_server.wait_history(answer["prompt_id"], timeout=120)
     assert "no_such_folder_h5" in json.dumps(entry["status"]["messages"])
+
+
+# ------------------------------------------------------------ run-time messages a user can act on
+
+
+def _photos(server, folder: str, seed: int) -> str:
+    for i in range(3):
+        write_png(server.input_dir / folder / f"photo_{i}.png", 176, 128, seed=seed + i)
+    return folder
+
+
+def _failure(server, graph: dict) -> str:
+    with pytest.raises(ServerError) as err:
+        server.run_prompt(graph, timeout=180)
+    return str(err.value)
+
+
+def test_a_fifo_in_the_dataset_is_reported_as_not_a_regular_file(comfy_server):
+    # Once "missing file" for a pipe that is right there.
+    folder = _photos(comfy_server, "fifo_set", seed=90)
+    os.mkfifo(comfy_server.input_dir / folder / "pipe.png")
+    graph = {
+        "1": {
+            "class_type": "KontextRestoreDataset",
+            "inputs": {"hq_folder": folder, "bucket_scale": 0.25, "val_count": 1, "seed": 0},
+        },
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}},
+    }
+    entry = comfy_server.run_prompt(graph, timeout=120)
+    summary = "".join(entry["outputs"]["2"]["text"])
+    assert "pipe.png" in summary and "not a regular file" in summary and "missing file" not in summary
+
+
+@pytest.mark.parametrize("what", ["file", "fifo"])
+def test_a_cache_folder_that_is_a_file_or_fifo_is_a_clear_error(comfy_server, what):
+    # Once FileExistsError.
+    folder = _photos(comfy_server, "cache_kind_set", seed=95)
+    name = f"cache_is_a_{what}"
+    target = comfy_server.output_dir / name
+    if what == "file":
+        target.write_text("not a folder")
+    else:
+        os.mkfifo(target)
+    graph = {
+        "1": {
+            "class_type": "KontextRestoreDataset",
+            "inputs": {"hq_folder": folder, "bucket_scale": 0.25, "val_count": 1, "seed": 0},
+        },
+        "2": {"class_type": "KontextRestoreTestTinyVAE", "inputs": {"seed": 0}},
+        "3": {
+            "class_type": "KontextRestoreCacheLatents",
+            "inputs": {
+                "dataset": ["1", 0],
+                "vae": ["2", 0],
+                "control_mode": "pool",
+                "pool_size": 2,
+                "seed": 0,
+                "cache_folder": name,
+            },
+        },
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}},
+    }
+    message = _failure(comfy_server, graph)
+    assert str(target) in message and "cache_folder" in message, message
+    assert ("is a file" if what == "file" else "not a folder (a pipe") in message
+    assert "FileExistsError" not in message
+
+
+def test_a_run_lock_that_is_a_folder_is_a_clear_error(comfy_server):
+    # Once IsADirectoryError.
+    folder = _photos(comfy_server, "lock_dir_set", seed=99)
+    lock = comfy_server.output_dir / "kontext_restore" / "lock_dir_h5" / "run.lock"
+    lock.mkdir(parents=True)
+    graph = _train_graph()
+    graph[_node(graph, "KontextRestoreDataset")]["inputs"].update(
+        hq_folder=folder, val_count=1, bucket_scale=0.25
+    )
+    graph[_node(graph, "KontextRestoreTrainLoRA")]["inputs"].update(lora_name="lock_dir_h5", steps=2)
+    message = _failure(comfy_server, graph)
+    assert str(lock) in message and "is a folder" in message and "lock file" in message, message
+    assert "IsADirectoryError" not in message
+    assert not (comfy_server.loras_dir / "lock_dir_h5.safetensors").exists()
