@@ -16,6 +16,7 @@ import urllib.error
 import uuid
 
 import pytest
+import torch
 from server_host import ServerError, server_fixture, write_png
 from test_server import _train_graph
 
@@ -237,3 +238,13 @@ def test_a_run_lock_that_is_a_folder_is_a_clear_error(comfy_server):
     assert str(lock) in message and "is a folder" in message and "lock file" in message, message
     assert "IsADirectoryError" not in message
     assert not (comfy_server.loras_dir / "lock_dir_h5.safetensors").exists()
+
+
+@pytest.mark.parametrize("value", ["ae.safetensors", 3, None])
+def test_a_vae_that_is_not_one_is_named_when_the_node_runs(value):
+    # Where the queue-time check cannot run (a script calling the nodes): the VAE is checked first.
+    from kontext_train.comfyui import host
+
+    for use in (host.vae_identity, lambda v: host.vae_encode(v, torch.zeros(1, 3, 8, 8))):
+        with pytest.raises(ValueError, match=rf"vae: expected a ComfyUI VAE, got {type(value).__name__}"):
+            use(value)
