@@ -3,6 +3,7 @@
 ComfyUI registers them through the pack's ``comfy_entrypoint`` (the repository's __init__.py).
 """
 
+from ..kontext_train.comfyui import prompt_check
 from ..kontext_train.comfyui.node_api import ComfyExtension, io
 from . import dataset_nodes, metrics_nodes, restore_nodes, train_nodes
 
@@ -20,5 +21,7 @@ class KontextRestoreExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> KontextRestoreExtension:
-    """What ComfyUI calls to register the pack's nodes (nodes.load_custom_node)."""
+    """What ComfyUI calls to register the pack's nodes (nodes.load_custom_node); also puts the
+    pack's queue-time check in front of ``POST /prompt`` (``comfyui.prompt_check``)."""
+    prompt_check.install()
     return KontextRestoreExtension()

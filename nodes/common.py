@@ -8,10 +8,13 @@ table's kinds to V3 inputs, so every node shows a setting the same way.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..kontext_train.comfyui.node_api import io
+from ..kontext_train.method.flow import check_formulation
+from ..kontext_train.method.lora import sanitize_lora_name
+from ..kontext_train.method.train_config import TrainConfig
 from ..kontext_train.options import SettingError, check_value, setting
 
 CATEGORY = "Kontext Restore"
@@ -81,7 +84,12 @@ def output(kind: type, name: str) -> io.Output:
     return kind.Output(display_name=name)
 
 
-def input_validator(*names: str, zero_or: Mapping[str, str] | None = None):
+def input_validator(
+    *names: str,
+    zero_or: Mapping[str, str] | None = None,
+    also: tuple[str, ...] = (),
+    cross: Callable[[dict[str, Any]], list[str]] | None = None,
+):
     """A ``validate_inputs`` classmethod that checks the named settings when a prompt is queued,
     so NaN, infinities, out-of-range numbers and unknown choices get ComfyUI's HTTP 400 with
     ``node_errors`` naming the input instead of running.
@@ -91,7 +99,9 @@ def input_validator(*names: str, zero_or: Mapping[str, str] | None = None):
     numbers against the table, choices against the options the node declares (ComfyUI 0.3.75
     does not check a V3 combo's value at all, 0.33.0 does). Values that come through links are not
     known yet at that point (None) and are checked when the node runs. ``zero_or`` maps a setting
-    whose 0 means "from the LoRA" to the setting any other value must satisfy.
+    whose 0 means "from the LoRA" to the setting any other value must satisfy. ``cross`` checks
+    values together (by input name; None where linked or left out), given the inputs of ``names``
+    and of ``also`` (more input names, not checked one by one), and returns its problems.
     """
     zero_or = dict(zero_or or {})
     by_input = {setting(n).input_name: n for n in names}
@@ -100,7 +110,7 @@ def input_validator(*names: str, zero_or: Mapping[str, str] | None = None):
         declared = {i.id: i for i in cls.define_schema().inputs}
         problems = []
         for input_name, value in values.items():
-            if value is None:
+            if value is None or input_name not in by_input:
                 continue
             name = by_input[input_name]
             widget = declared[input_name]
@@ -114,12 +124,38 @@ def input_validator(*names: str, zero_or: Mapping[str, str] | None = None):
                         check_value(zero_or[name], value, label=f"{input_name} (0: from the LoRA)")
             except SettingError as e:
                 problems.append(str(e))
+        if cross is not None and not problems:
+            problems += cross(values)
         return "; ".join(problems) if problems else True
 
     params = [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in by_input]
+    params += [
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+        for n in [*by_input, *(a for a in also if a not in by_input)]
+    ]
     validate.__signature__ = inspect.Signature(params)  # what ComfyUI's getfullargspec reads
     return classmethod(validate)
+
+
+def trainer_problems(values: Mapping[str, Any]) -> list[str]:
+    """Queue-time checks of the trainer's inputs taken together: the LoRA name makes a file name
+    inside the loras folder, and the formulation suits the bridge noise (``check_formulation``;
+    a bridge_noise left out is its default). Linked values (None) are checked at run time."""
+    problems = []
+    name = values.get("lora_name")
+    if name is not None:
+        try:
+            sanitize_lora_name(name)
+        except ValueError as e:
+            problems.append(f"lora_name: {e}")
+    formulation = values.get("formulation")
+    if formulation is not None:
+        noise = values.get("bridge_noise")
+        try:
+            check_formulation(formulation, TrainConfig.bridge_noise if noise is None else noise)
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
 
 
 def _check_choice(name: str, input_name: str, value: Any, options: list) -> None:

@@ -10,7 +10,7 @@ from ..kontext_train import comfyui
 from ..kontext_train.comfyui.host import check_writable
 from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.data.buckets import bucket_resolutions, fit_to_bucket, nearest_bucket
-from ..kontext_train.data.dataset import build_dataset, resolve_dataset_path
+from ..kontext_train.data.dataset import build_dataset, resolve_dataset_path, same_folder_problem
 from ..kontext_train.data.degradations import DegradationConfig, degrade, describe
 from ..kontext_train.data.images import (
     comfy_image_to_tensors,
@@ -130,6 +130,16 @@ class KontextRestoreBucketImage(io.ComfyNode):
         return io.NodeOutput(tensors_to_comfy_image(torch.stack(out)))
 
 
+def _folder_problems(values: dict) -> list[str]:
+    """Queue-time check that the LQ folder is not the HQ folder (``same_folder_problem``)."""
+    hq, lq = values.get("hq_folder"), values.get("lq_folder")
+    if not (isinstance(hq, str) and hq.strip() and isinstance(lq, str) and lq.strip()):
+        return []
+    base = str(comfyui.input_folder())
+    problem = same_folder_problem(resolve_dataset_path(hq, base), resolve_dataset_path(lq, base))
+    return [f"lq_folder: {problem}"] if problem else []
+
+
 class KontextRestoreDataset(io.ComfyNode):
     """A folder of high-quality images (and optionally their real degraded counterparts)."""
 
@@ -158,7 +168,7 @@ class KontextRestoreDataset(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
         )
 
-    validate_inputs = input_validator("bucket_scale")
+    validate_inputs = input_validator("bucket_scale", also=("hq_folder", "lq_folder"), cross=_folder_problems)
 
     @classmethod
     def fingerprint_inputs(

@@ -14,7 +14,16 @@ from ..kontext_train.report.plots import image_grid
 from ..kontext_train.train.run import RunHooks, RunOutputs, train_lora
 from ..kontext_train.train.trainer import TrainConfig
 from ..kontext_train.train.validation import format_validation_report, format_validation_row
-from .common import CATEGORY, LATENTS, LOSS, input_validator, output, setting_inputs, shown_text
+from .common import (
+    CATEGORY,
+    LATENTS,
+    LOSS,
+    input_validator,
+    output,
+    setting_inputs,
+    shown_text,
+    trainer_problems,
+)
 
 log = logging.getLogger("kontext_restore")
 DEFAULTS = TrainConfig()
@@ -103,6 +112,8 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
         "loss_weighting",
         "lora_targets",
         "lora_dtype",
+        also=("lora_name",),
+        cross=trainer_problems,
     )
 
     @classmethod

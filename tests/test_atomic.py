@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from kontext_train.files.atomic import WriteError, atomic_path, atomic_write_csv, atomic_write_text
 
@@ -92,3 +93,24 @@ def test_a_folder_in_the_way_is_a_clear_error(tmp_path):
         atomic_write_text(target, "x")
     assert str(target) in str(e.value)
     assert (target / "inner").is_dir()
+
+
+def test_a_full_disk_under_safetensors_names_the_lora_file(tmp_path, monkeypatch):
+    # safetensors raises SafetensorError (no OSError, no file name) on a full disk.
+    from safetensors import SafetensorError
+
+    from kontext_train.method import lora
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr(lora, "save_file", full)
+    target = tmp_path / "loras" / "mine.safetensors"
+    with pytest.raises(WriteError) as e:
+        lora.atomic_save_safetensors({"a": torch.zeros(2)}, target, {})
+    message = str(e.value)
+    assert "\n" not in message and "mine.safetensors" in message and str(target.parent) in message
+    assert "no space left on device" in message and "free some space" in message
+    assert list(target.parent.iterdir()) == []

@@ -100,3 +100,25 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous(
     assert "\n" not in message and "space" in message and "step_000002" in message
     assert list_checkpoints(tmp_path) == [previous] and load_state(previous)["step"] == 1
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000001"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("step", "six"), ("position", 2.5), ("losses", None), ("epoch", -1)]
+)
+def test_a_state_with_a_wrong_field_type_is_moved_aside_like_other_unreadable_ones(
+    tmp_path, caplog, field, value
+):
+    # Once "invalid literal for int()" while planning, and the checkpoint stayed the latest one.
+    good = _save(tmp_path, 1)
+    bad = _save(tmp_path, 2)
+    state = torch.load(bad / "state.pt", weights_only=True)
+    state[field] = value
+    torch.save(state, bad / "state.pt")
+    with pytest.raises(CheckpointError, match=rf"damaged: in its state.pt {field} is"):
+        load_state(bad)
+    with caplog.at_level(logging.WARNING, logger="kontext_restore"):
+        path, _, loaded = find_resumable(tmp_path)
+    assert path == good and loaded["step"] == 1
+    assert list_checkpoints(tmp_path) == [good]
+    assert any(p.name.startswith(".step_000002.unreadable-") for p in (tmp_path / "checkpoints").iterdir())
+    assert "step_000002" in caplog.text and field in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -213,7 +214,9 @@ def test_demo_runs_end_to_end_and_writes_everything(demo_run):
         "chelsea.png",
         "coffee.png",
     ]
-    assert (out / "checkpoints" / "step_000004" / "lora.safetensors").is_file()
+    assert (
+        out / "runs" / "kontext_restore_demo" / "checkpoints" / "step_000004" / "lora.safetensors"
+    ).is_file()
     rows = json.loads((out / "kontext_restore_demo.validation.json").read_text())
     assert rows[-1]["step"] == 4 and "psnr_restored" in rows[-1]
     evaluation = json.loads((out / "evaluation.json").read_text())
@@ -237,7 +240,7 @@ def test_demo_runs_end_to_end_and_writes_everything(demo_run):
     assert "train \\" in report and "--unet" in report  # the real command
     assert "VAE round trip" in report
     assert "| PSNR dB |" in report and "![samples](samples.png)" in report
-    assert len(json.loads((out / "loss_history.json").read_text())) == 4
+    assert len(json.loads((out / "runs" / "kontext_restore_demo" / "loss_history.json").read_text())) == 4
 
 
 def _printed_command(report: str) -> str:
@@ -295,10 +298,10 @@ def test_the_command_is_found_however_it_was_started(tmp_path, monkeypatch):
 
 def test_resume_continues_and_no_resume_refuses(demo_run, capsys):
     out, *_ = demo_run
-    before = json.loads((out / "loss_history.json").read_text())
+    before = json.loads((out / "runs" / "kontext_restore_demo" / "loss_history.json").read_text())
     assert cli.main(["demo", "--output-dir", str(out), "--steps", "6", *TINY]) == 0
     assert "resumed from step 4" in capsys.readouterr().out
-    after = json.loads((out / "loss_history.json").read_text())
+    after = json.loads((out / "runs" / "kontext_restore_demo" / "loss_history.json").read_text())
     assert len(after) == 6 and after[:4] == before
     assert "(resumed from step 4)" in (out / "report.md").read_text()
 
@@ -307,6 +310,67 @@ def test_resume_continues_and_no_resume_refuses(demo_run, capsys):
     err = _error_line(capsys)
     assert "already holds a run" in err and "resume is off" in err
     assert (out / "kontext_restore_demo.safetensors").read_bytes() == lora_bytes  # nothing overwritten
+
+
+def test_a_new_name_in_the_same_output_dir_starts_its_own_run(demo_run, tmp_path, capsys):
+    # Once "resumed from step 4 (fresh.safetensors)": a new --name continued another LoRA's
+    # checkpoints, and fresh.safetensors recorded step 6 after 2 steps under that name.
+    out = tmp_path / "shared_out"
+    shutil.copytree(demo_run[0], out)
+    first = (out / "kontext_restore_demo.safetensors").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["demo", "--output-dir", str(out), "--name", "fresh", "--steps", "2", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed" not in printed, printed
+    fresh = out / "runs" / "fresh"
+    assert [p.name for p in (fresh / "checkpoints").iterdir()] == ["step_000002"]
+    assert len(json.loads((fresh / "loss_history.json").read_text())) == 2
+    assert load_file(str(out / "fresh.safetensors"))  # its own LoRA, the first one untouched
+    assert (out / "kontext_restore_demo.safetensors").read_bytes() == first
+    assert "runs/fresh/checkpoints/" in (out / "report.md").read_text()
+    # The first name still continues its own run.
+    done = len(json.loads((out / "runs" / "kontext_restore_demo" / "loss_history.json").read_text()))
+    assert cli.main(["demo", "--output-dir", str(out), "--steps", str(done + 2), *TINY]) == 0
+    assert f"resumed from step {done} (kontext_restore_demo.safetensors)" in capsys.readouterr().out
+
+
+def test_checkpoints_of_the_earlier_layout_are_not_continued_under_any_name(demo_run, tmp_path, capsys):
+    out = tmp_path / "old_layout"
+    shutil.copytree(demo_run[0], out)
+    (out / "runs" / "kontext_restore_demo").rename(out / "moved")
+    (out / "moved" / "checkpoints").rename(out / "checkpoints")
+    capsys.readouterr()
+    assert cli.main(["demo", "--output-dir", str(out), "--name", "fresh", "--steps", "2", *TINY]) == 2
+    err = _error_line(capsys)
+    assert "earlier version" in err and str(out / "runs" / "fresh") in err
+    assert not (out / "fresh.safetensors").exists()
+
+
+def test_a_full_disk_under_the_cache_dir_is_one_line_and_exit_code_1(comfy_root, tmp_path, clean_env, capsys):
+    # Once a raw SafetensorError traceback, and exit code 2 where the docs say 1.
+    from safetensors import SafetensorError
+
+    from kontext_train.data import latent_cache
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    cache = tmp_path / "cache"
+    args = ["demo", "--cache-dir", str(cache), "--steps", "2", *TINY]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(latent_cache, "save_file", full)
+        assert cli.main([*args, "--output-dir", str(tmp_path / "out")]) == 1
+    err = _error_line(capsys)
+    assert str(cache) in err and ".safetensors" in err and "no space left on device" in err, err
+    assert "free some space" in err
+    # A file in the cache folder's place is a bad setting: exit code 2, naming it.
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.write_text("not a folder")
+    assert cli.main([*args, "--output-dir", str(tmp_path / "out2")]) == 2
+    err = _error_line(capsys)
+    assert str(cache) in err and "is a file" in err and "--cache-dir" in err, err
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(comfy_root, tmp_path, clean_env, capsys):
@@ -340,7 +404,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(comfy_root, tmp_path, clean_env
     )
     err = capsys.readouterr().err
     assert "interrupted at step 3" in err and "resume" in err
-    assert (out / "checkpoints" / "step_000003" / "state.pt").is_file()
+    assert (out / "runs" / "kontext_restore_demo" / "checkpoints" / "step_000003" / "state.pt").is_file()
 
 
 def test_restore_and_evaluate_use_the_trained_demo_lora(demo_run, tmp_path, capsys):
@@ -546,6 +610,57 @@ def test_comfyui_not_found_in_a_subprocess(tmp_path, how):
     assert "is not a ComfyUI install" in err and str(bogus) in err
 
 
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_a_comfyui_whose_requirements_this_python_lacks_is_named_with_the_way_out(tmp_path, how):
+    # Once ModuleNotFoundError 'comfy_aimdo' (a 0.3.75 venv that found the 0.33.0 ComfyUI).
+    fake = tmp_path / "OtherComfyUI"
+    (fake / "comfy").mkdir(parents=True)
+    (fake / "comfy" / "__init__.py").write_text("")
+    (fake / "comfy" / "cli_args.py").write_text("class _Args:\n    pass\n\nargs = _Args()\n")
+    (fake / "comfy" / "model_management.py").write_text("import comfy_aimdo_not_installed_here\n")
+    (fake / "folder_paths.py").write_text("")
+    (fake / "comfyui_version.py").write_text('__version__ = "9.9.9"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("HR_ROOT", "OUTPUT_DIR", "COMFYUI_PATH")}
+    env["PYTHONPATH"] = str(ROOT)
+    args = [
+        sys.executable,
+        "-m",
+        "kontext_train",
+        "demo",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--steps",
+        "1",
+    ]
+    if how == "env":
+        env["COMFYUI_PATH"] = str(fake)
+    else:
+        args += ["--comfyui", str(fake)]
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]  # after the dataset's warnings
+    assert (
+        err.startswith("kontext-train: error: ")
+        and str(fake) in err
+        and "version 9.9.9" in err
+        and "'comfy_aimdo_not_installed_here'" in err
+    ), err
+    assert sys.executable in err and "requirements.txt" in err and "COMFYUI_PATH" in err
+    assert ("env COMFYUI_PATH" if how == "env" else "flag") in err
+
+
+def test_without_comfyui_path_the_test_host_of_this_python_is_found_first(monkeypatch):
+    from kontext_train.comfyui import find_comfyui
+
+    here = Path(sys.prefix).resolve()
+    hosts = {(ROOT / ".host" / v / "venv").resolve(): v for v in ("0.33.0", "0.3.75")}
+    if here not in hosts:
+        pytest.skip("runs inside a test host's venv (scripts/test.sh)")
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert find_comfyui() == (ROOT / ".host" / hosts[here] / "ComfyUI").resolve()
+
+
 def test_a_second_run_on_the_same_output_dir_is_refused(comfy_root, tmp_path, clean_env, capsys):
     out = tmp_path / "busy"
     code = (
@@ -564,4 +679,4 @@ def test_a_second_run_on_the_same_output_dir_is_refused(comfy_root, tmp_path, cl
     finally:
         holder.kill()
         holder.wait()
-    assert not (out / "checkpoints").exists() and not (out / "kontext_restore_demo.safetensors").exists()
+    assert not (out / "runs").exists() and not (out / "kontext_restore_demo.safetensors").exists()

@@ -294,3 +294,24 @@ def test_text_drawn_on_a_node_is_escaped(comfy_root, monkeypatch):
     comfyui.show_on_node("skipped 1:\n  - <b>&.png", "7")
     comfyui.show_on_node("not sent", None)
     assert sent == [("skipped 1:\n  - &lt;b&gt;&amp;.png", "7")]
+
+
+def test_a_fifo_in_the_folder_is_skipped_as_not_a_regular_file(tmp_path):
+    # Once reported as "missing file" though it is right there.
+    hq = _folder(tmp_path / "hq", 2)
+    os.mkfifo(hq / "pipe.png")
+    ds = build_dataset(hq, val_count=0, bucket_scale=SCALE)
+    assert len(ds.train) == 2
+    reasons = dict(ds.skipped)
+    assert any(name.endswith("pipe.png") for name in reasons)
+    assert list(reasons.values()) == ["not a regular file (a pipe, socket or device)"]
+    assert "not a regular file" in ds.summary()
+
+
+def test_an_lq_folder_equal_to_the_hq_folder_is_refused(tmp_path):
+    # Once accepted: every pair was an image with itself, and the LoRA learned the identity.
+    hq = _folder(tmp_path / "hq", 3)
+    (tmp_path / "link").symlink_to(hq)
+    for lq in (hq, tmp_path / "link", hq / "."):
+        with pytest.raises(ValueError, match="is the HQ folder"):
+            build_dataset(hq, lq, val_count=0, bucket_scale=SCALE)

@@ -267,3 +267,43 @@ def test_entry_that_is_a_folder_is_a_clear_error(data):
     with pytest.raises(OSError, match=rf"{entry.name}: a folder of that name is in the way. Move or delete"):
         fresh.target(ds, s)
     assert fresh.stats["corrupt"] == 1
+
+
+@pytest.mark.parametrize("what", ["file", "fifo", "file_above"])
+def test_a_cache_folder_that_is_not_a_folder_is_a_clear_error(tmp_path, what):
+    # Once FileExistsError from mkdir, naming neither the setting nor what to do.
+    if what == "fifo":
+        os.mkfifo(tmp_path / "cache")
+        cache_dir = tmp_path / "cache"
+    else:
+        (tmp_path / "cache").write_text("a file")
+        cache_dir = tmp_path / "cache" / "sub" if what == "file_above" else tmp_path / "cache"
+    with pytest.raises(ValueError) as e:
+        LatentCache(cache_dir, "fake-vae-1", FakeVAE())
+    message = str(e.value)
+    assert str(tmp_path / "cache") in message and "cache_folder / --cache-dir" in message
+    assert ("a file" if what != "fifo" else "not a folder (a pipe") in message
+
+
+def test_a_full_disk_while_caching_names_the_entry(data, monkeypatch):
+    # safetensors raises SafetensorError without the file's name on a full disk.
+    from safetensors import SafetensorError
+
+    from kontext_train.data import latent_cache
+    from kontext_train.files.atomic import WriteError
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    tmp_path, hq = data
+    ds = _ds(hq)
+    cache, _ = _cache(tmp_path)
+    monkeypatch.setattr(latent_cache, "save_file", full)
+    with pytest.raises(WriteError) as e:
+        cache.target(ds, ds.train[0])
+    message = str(e.value)
+    assert "\n" not in message and "no space left on device" in message and "free some space" in message
+    assert str(tmp_path / "cache") in message and ".safetensors" in message
+    assert _entries(tmp_path) == [] and list((tmp_path / "cache").iterdir()) == []

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from kontext_train.train.run_checks import RunError
 from kontext_train.train.run_lock import LOCK_NAME, RunLockedError, run_lock
 
 
@@ -52,3 +53,24 @@ def test_a_lock_from_another_host_or_unreadable_is_never_taken_over(tmp_path):
         with run_lock(tmp_path):
             pass
     assert (tmp_path / LOCK_NAME).read_text() == "{not json"
+
+
+@pytest.mark.parametrize("what", ["lock_folder", "lock_fifo", "run_dir_file"])
+def test_a_lock_or_run_folder_of_the_wrong_kind_is_a_clear_error(tmp_path, what):
+    # Once IsADirectoryError (run.lock a folder) or FileExistsError (the run folder a file).
+    run = tmp_path / "run"
+    if what == "run_dir_file":
+        run.write_text("x")
+        path, needed = run, "its folder"
+    else:
+        run.mkdir()
+        path, needed = run / LOCK_NAME, "its lock file"
+        if what == "lock_folder":
+            path.mkdir()
+        else:
+            os.mkfifo(path)
+    with pytest.raises(RunError) as e:
+        with run_lock(run):
+            pass
+    message = str(e.value)
+    assert str(path) in message and needed in message and "move it away" in message

@@ -23,6 +23,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from ..files.atomic import WriteError
 from .restore_command import cmd_evaluate, cmd_restore
 from .settings import (
     PROG,
@@ -97,6 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except WriteError as e:  # a full disk mid-run: a failure during the run, not a bad setting
+        if debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except (FileNotFoundError, ValueError) as e:
         if debug:
             raise

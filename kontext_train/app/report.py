@@ -52,7 +52,7 @@ def render_report(
         "## Files",
         "",
         f"- LoRA: `{lora_path.name}` (kohya format; ComfyUI's LoraLoaderModelOnly and diffusers load it)",
-        f"- checkpoints: `checkpoints/` (resume: run the same command again), latent cache: `{Path(settings.cache_dir).name if settings.cache_dir else 'latent_cache'}/`",
+        f"- checkpoints: `runs/{lora_path.relative_to(out).as_posix()[: -len('.safetensors')]}/checkpoints/` (resume: run the same command again), latent cache: `{Path(settings.cache_dir).name if settings.cache_dir else 'latent_cache'}/`",
         f"- validation metrics: `{lora_path.stem}.validation.json` / `.csv`",
         "- loss plot: `loss.png`; restored samples: `samples.png` (degraded | restored | VAE round trip | clean); `evaluation.json` / `.csv`",
         "",

@@ -117,7 +117,14 @@ def bootstrap(settings: Settings) -> Path:
     # ComfyUI warns at import about optional packages (torchaudio ...) the trainer never uses.
     logging.disable(logging.WARNING)
     try:
-        comfyui.bootstrap_comfyui(root, cpu=True if settings.cpu else None)
+        how = (
+            f"given by {settings.sources['comfyui']}"
+            if settings.comfyui
+            else "found automatically, as COMFYUI_PATH and --comfyui are unset"
+        )
+        comfyui.bootstrap_comfyui(root, cpu=True if settings.cpu else None, how=how)
+    except comfyui.ComfyUINotFound as e:  # its requirements are not installed in this Python
+        raise UsageError(str(e)) from None
     finally:
         logging.disable(logging.NOTSET)
     return root

@@ -108,7 +108,49 @@ def cmd_train(settings: Settings, ctx) -> int:
     tiny_model = settings.demo and not any(settings.values.get(k) for k in WEIGHT_KEYS)
     weights = None if tiny_model else resolve_weights(settings)
     with removed_if_failed_empty(out, enabled=settings.is_main):
-        return _train(settings, ctx, config, out, out / name, weights, wall_start)
+        return _train_alone(settings, ctx, config, out, out / name, weights, wall_start)
+
+
+def _train_alone(
+    settings: Settings, ctx, config, out: Path, lora_path: Path, weights, wall_start: float
+) -> int:
+    """``_train`` holding OUTPUT_DIR's lock (the main process): the report, plots, samples and
+    latent cache there are written by one run at a time, whatever its LoRA name."""
+    from ..train.run_lock import RunLockedError, acquire, release
+
+    try:
+        lock = acquire(out) if settings.is_main else None
+    except RunLockedError as e:
+        raise UsageError(str(e)) from None
+    try:
+        return _train(settings, ctx, config, out, lora_path, weights, wall_start)
+    finally:
+        if lock is not None:
+            release(*lock)
+
+
+def run_folder(out: Path, lora_name: str) -> Path:
+    """The run folder of LoRA ``lora_name`` (sanitised) in OUTPUT_DIR: its checkpoints, loss
+    history and lock. One per name, as the node keeps one per name in ComfyUI's output folder: a
+    new ``--name`` in the same OUTPUT_DIR starts its own run instead of continuing another's."""
+    return Path(out) / "runs" / lora_name[: -len(".safetensors")]
+
+
+def check_earlier_layout(out: Path, run_dir: Path) -> None:
+    """UsageError when OUTPUT_DIR holds checkpoints where earlier versions kept the one run of the
+    folder (``OUTPUT_DIR/checkpoints``) and this name has no run folder yet: whose run it is cannot
+    be told, and it must neither be continued under another name nor silently left behind."""
+    from ..train.checkpoints import latest_checkpoint
+
+    old = latest_checkpoint(out)
+    if old is None or latest_checkpoint(run_dir) is not None:
+        return
+    raise UsageError(
+        f"{out / 'checkpoints'} holds a run in the layout of an earlier version (one run per output folder, "
+        f"latest {old.name}); runs are now kept per LoRA name in {out / 'runs'}. To continue that run as "
+        f"{run_dir.name}, move {out / 'checkpoints'} (and {out / 'loss_history.json'}) into {run_dir}/; "
+        "for a new LoRA, choose another --output-dir."
+    )
 
 
 def _train(settings: Settings, ctx, config, out: Path, lora_path: Path, weights, wall_start: float) -> int:
@@ -125,12 +167,14 @@ def _train(settings: Settings, ctx, config, out: Path, lora_path: Path, weights,
     if settings.is_main:
         _say(dataset.summary())
     say = _say if settings.is_main else (lambda text: None)
+    run_dir = run_folder(out, lora_path.relative_to(out).as_posix())
+    check_earlier_layout(out, run_dir)
     try:
         run = open_run(
             dataset,
             settings.seed,
             config,
-            RunOutputs(lora_path, out),
+            RunOutputs(lora_path, run_dir),
             resume=settings.resume,
             dist=ctx,
             on_message=say,

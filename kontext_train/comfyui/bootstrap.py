@@ -37,12 +37,12 @@ def find_comfyui(explicit: str | os.PathLike | None = None) -> Path:
             "or folder_paths.py). Point it at the folder that holds ComfyUI's main.py."
         )
     pack = Path(__file__).resolve().parents[2]
-    # Inside ComfyUI/custom_nodes/<pack>, else the test hosts of scripts/setup_test_env.sh, newest first.
-    candidates = [
-        pack.parent.parent,
-        pack / ".host" / "0.33.0" / "ComfyUI",
-        pack / ".host" / "0.3.75" / "ComfyUI",
-    ]
+    # Inside ComfyUI/custom_nodes/<pack>, else the test hosts of scripts/setup_test_env.sh: the one
+    # whose venv runs this Python first (each host's requirements are in its own venv), then newest.
+    hosts = [pack / ".host" / v / "ComfyUI" for v in ("0.33.0", "0.3.75")]
+    here = Path(sys.prefix).resolve()
+    hosts.sort(key=lambda c: (c.parent / "venv").resolve() != here)
+    candidates = [pack.parent.parent, *hosts]
     for c in candidates:
         if _looks_like_comfyui(c.resolve()):
             return c.resolve()
@@ -57,10 +57,14 @@ def comfyui_loaded() -> bool:
     return "comfy.model_management" in sys.modules
 
 
-def bootstrap_comfyui(path: str | os.PathLike | None = None, cpu: bool | None = None) -> Path:
+def bootstrap_comfyui(
+    path: str | os.PathLike | None = None, cpu: bool | None = None, how: str | None = None
+) -> Path:
     """Imports ComfyUI in this process (no server), once. Returns its folder.
 
     Inside a running ComfyUI this is a no-op. ``cpu`` None means: CPU when CUDA is unavailable.
+    ``how`` says how ``path`` was chosen, for the error when this Python lacks its requirements
+    (ComfyUINotFound).
     """
     if comfyui_loaded():
         import folder_paths
@@ -75,20 +79,53 @@ def bootstrap_comfyui(path: str | os.PathLike | None = None, cpu: bool | None = 
         cpu = not torch.cuda.is_available()
     args.cpu = bool(cpu)
     args.disable_api_nodes = True
-    import folder_paths  # noqa: F401
+    try:
+        import folder_paths  # noqa: F401
 
-    # ComfyUI's nodes.py puts comfy/ first on sys.path; after that comfy/utils.py shadows
-    # ComfyUI's own utils/ package, so it has to be imported before nodes.
-    with contextlib.suppress(ImportError):
-        import utils.install_util  # noqa: F401
-    import comfy.model_management  # noqa: F401
-    import comfy.sd  # noqa: F401
+        # ComfyUI's nodes.py puts comfy/ first on sys.path; after that comfy/utils.py shadows
+        # ComfyUI's own utils/ package, so it has to be imported before nodes.
+        with contextlib.suppress(ImportError):
+            import utils.install_util  # noqa: F401
+        import comfy.model_management  # noqa: F401
+        import comfy.sd  # noqa: F401
 
-    # ComfyUI's own top-level ``nodes`` module (its built-in nodes and loaders), NOT this pack's
-    # ``nodes/`` package, which shares the name; importing it finishes ComfyUI's start.
-    import nodes as comfy_nodes  # noqa: F401
-
+        # ComfyUI's own top-level ``nodes`` module (its built-in nodes and loaders), NOT this
+        # pack's ``nodes/`` package, which shares the name; importing it finishes ComfyUI's start.
+        import nodes as comfy_nodes  # noqa: F401
+    except ModuleNotFoundError as e:
+        raise missing_requirement(e, root, how or _how_found(path)) from None
     return root
+
+
+def _version(root: Path) -> str:
+    try:
+        text = (root / "comfyui_version.py").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    found = [
+        line.split("=", 1)[1].strip().strip("\"'") for line in text.splitlines() if "__version__" in line
+    ]
+    return found[0] if found else "unknown"
+
+
+def _how_found(explicit: str | os.PathLike | None) -> str:
+    if explicit:
+        return "given"
+    if os.environ.get("COMFYUI_PATH"):
+        return "from COMFYUI_PATH"
+    return "found automatically, as COMFYUI_PATH is unset"
+
+
+def missing_requirement(error: ModuleNotFoundError, root: Path, how: str) -> ComfyUINotFound:
+    """The error for a ComfyUI whose own requirements this Python lacks (another install's venv,
+    e.g. a 0.3.75 environment that found a 0.33.0 ComfyUI): which ComfyUI, how it was found, the
+    missing package, and the two ways out."""
+    return ComfyUINotFound(
+        f"The ComfyUI at {root} (version {_version(root)}, {how}) needs the package {error.name!r}, which is "
+        f"not installed in this Python ({sys.executable}): its requirements are not installed here. Run "
+        f"'{sys.executable} -m pip install -r {root / 'requirements.txt'}', or set COMFYUI_PATH (or "
+        "--comfyui) to the ComfyUI this Python was set up for."
+    )
 
 
 def load_models_headless(unet: str, clip_l: str, t5xxl: str, vae: str, weight_dtype: str = "default"):

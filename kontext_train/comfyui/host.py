@@ -129,8 +129,20 @@ def scheduler_names() -> list[str]:
     return list(comfy.samplers.SCHEDULER_NAMES)
 
 
+def require_vae(vae, input_name: str = "vae") -> None:
+    """A clear error unless ``vae`` is a ComfyUI VAE (text or another object where a VAE loader's
+    output belongs once failed deep inside with "encode() argument 'encoding' must be str")."""
+    if not all(callable(getattr(vae, m, None)) for m in ("encode", "decode")) or isinstance(
+        vae, (str, bytes)
+    ):
+        raise ValueError(
+            f"{input_name}: expected a ComfyUI VAE, got {type(vae).__name__}. Connect a VAE loader's VAE output."
+        )
+
+
 def vae_encode(vae, images_bchw: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [0,1] -> raw latents (B,16,H/8,W/8) on the CPU."""
+    require_vae(vae)
     pixels = images_bchw.permute(0, 2, 3, 1).contiguous()
     with torch.no_grad():
         return vae.encode(pixels[:, :, :, :3]).float().cpu()
@@ -138,6 +150,7 @@ def vae_encode(vae, images_bchw: torch.Tensor) -> torch.Tensor:
 
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Raw latents -> (B,3,H,W) in [0,1] on the CPU."""
+    require_vae(vae)
     with torch.no_grad():
         images = vae.decode(latents)
     if images.ndim == 5:  # some VAEs return (B, T, H, W, C)
@@ -147,6 +160,7 @@ def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def vae_identity(vae) -> str:
     """A stable identity for cache keys: class, latent channels and a fingerprint of some weights."""
+    require_vae(vae)
     sd_model = getattr(vae, "first_stage_model", None)
     parts = [type(sd_model).__name__, str(getattr(vae, "latent_channels", "?"))]
     if sd_model is not None:

@@ -152,6 +152,23 @@ def resolve_dataset_path(path: str, base_dir: str | None) -> Path:
     return base / p
 
 
+def same_folder_problem(hq: Path, lq: Path | None) -> str | None:
+    """Why ``lq`` cannot be the paired degraded folder of ``hq`` (None when it can): the same
+    folder (after symlinks) would pair every image with itself and train the identity."""
+    if lq is None:
+        return None
+    try:
+        same = Path(hq).expanduser().resolve() == Path(lq).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    if not same:
+        return None
+    return (
+        f"the LQ (degraded) folder {lq} is the HQ folder {hq}: every pair would be an image with itself. "
+        "Give the folder of the degraded copies, or leave the LQ folder empty to degrade the HQ images."
+    )
+
+
 def _check_folder(folder: Path, role: str) -> None:
     if not folder.exists():
         raise ValueError(f"{role} folder {folder} does not exist: create it or fix the path")
@@ -265,6 +282,9 @@ def build_dataset(
     _check_folder(hq, "HQ image")
     if lq is not None:
         _check_folder(lq, "LQ (degraded) image")
+        problem = same_folder_problem(hq, lq)
+        if problem:
+            raise ValueError(problem)
     buckets = bucket_resolutions(bucket_scale)
     exts = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
 

@@ -77,13 +77,15 @@ def load_rgb(
     """Fully decode ``path`` into an upright 8-bit RGB image.
 
     Applies the EXIF orientation; composites transparency on white; scales 16-bit data to 8 bits.
-    Raises ``ImageLoadError`` with reason "missing file", "not an image", "truncated (...)",
+    Raises ``ImageLoadError`` with reason "missing file", "not a regular file", "not an image", "truncated (...)",
     "corrupt (...)", "too small (WxH, minimum side N px)" or "too large (WxH ...)"; the size
     limit ``max_pixels`` (None: Pillow's own only) is checked from the header, before decoding.
     """
     path = Path(path)
     if not path.is_file():
-        raise ImageLoadError(path, "missing file")
+        # A FIFO, socket or device under an image's name would block or mislead: say what it is.
+        reason = "not a regular file (a pipe, socket or device)" if path.exists() else "missing file"
+        raise ImageLoadError(path, reason)
     try:
         with Image.open(path) as im:
             w, h = im.size  # from the header: nothing is decoded yet

@@ -68,6 +68,25 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
+def check_cache_folder(cache_dir: Path) -> None:
+    """ValueError naming ``cache_dir`` (or the part of its path) that is in the way as something
+    other than a folder: a file, a pipe or a device cannot hold the cache."""
+    for path in [Path(cache_dir), *Path(cache_dir).parents]:
+        if path.exists() or path.is_symlink():
+            if path.is_dir():
+                return
+            what = "a file" if path.is_file() else "not a folder (a pipe, socket, device or broken link)"
+            where = (
+                "The latent cache folder"
+                if path == Path(cache_dir)
+                else "A folder on the latent cache's path,"
+            )
+            raise ValueError(
+                f"{where} {path} is {what}: the cache cannot be kept there. Move it away, or choose another "
+                "cache folder (cache_folder / --cache-dir)."
+            )
+
+
 class LatentCache:
     """Target and control latents for dataset samples, (C, h/8, w/8) float32 on the CPU.
 
@@ -88,6 +107,7 @@ class LatentCache:
         if pool_size < 1:
             raise ValueError(f"pool_size must be >= 1, got {pool_size}")
         self.cache_dir = Path(cache_dir)
+        check_cache_folder(self.cache_dir)
         self.vae_id = str(vae_id)
         self.encode = encode
         self.control_mode = control_mode
@@ -196,6 +216,7 @@ class LatentCache:
         return z
 
     def _write(self, path: Path, z: torch.Tensor, key_json: str) -> None:
+        check_cache_folder(self.cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         # A folder in the entry's place is refused by atomic_path (a rename cannot replace it, and
         # deleting a user's folder is not ours to do).

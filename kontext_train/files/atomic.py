@@ -19,6 +19,15 @@ _RANDOM_CHARS = 8
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 # torch.save reports a failed write as RuntimeError from its zip writer, without the errno.
 _TORCH_WRITE_FAILED = ("inline_container", "unexpected pos", "file write failed", "PytorchStreamWriter")
+# safetensors reports it as SafetensorError('Error while serializing: IoError(Os { code: 28, kind:
+# StorageFull, message: "No space left on device" })'): no OSError, no file name.
+_NO_SPACE_TEXT = (
+    "No space left on device",
+    "StorageFull",
+    "Disk quota exceeded",
+    "QuotaExceeded",
+    "FileTooLarge",
+)
 
 
 class WriteError(OSError, ValueError):
@@ -32,6 +41,8 @@ def _write_failure(exc: BaseException, path: Path) -> WriteError | None:
         reason = exc.strerror or "no space left"
     elif isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_FAILED):
         reason = "the write stopped short, most likely no space left"
+    elif not isinstance(exc, OSError) and any(s in str(exc) for s in _NO_SPACE_TEXT):
+        reason = "no space left on device"
     else:
         return None
     return WriteError(
@@ -45,7 +56,7 @@ def reporting_write_errors(path: str | os.PathLike) -> Iterator[None]:
     """Turns a full disk while writing ``path`` into one clear line (WriteError)."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - only a full disk is replaced, everything else re-raised
         clear = _write_failure(e, Path(path))
         if clear is None:
             raise

@@ -100,11 +100,30 @@ def save_checkpoint(
     return final
 
 
+# The type each field of REQUIRED_STATE must have (a whole number for the counters).
+_STATE_TYPES = {
+    "step": int,
+    "epoch": int,
+    "position": int,
+    "optimizer": dict,
+    "scheduler": dict,
+    "losses": list,
+    "validation": list,
+}
+
+
 def _read_state(path: Path) -> dict:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     missing = [k for k in REQUIRED_STATE if k not in state] if isinstance(state, dict) else REQUIRED_STATE
     if missing:
         raise CheckpointError(f"Checkpoint {path} is incomplete: its state.pt lacks {', '.join(missing)}")
+    wrong = [
+        f"{k} is {type(state[k]).__name__} {state[k]!r:.40}"
+        for k, kind in _STATE_TYPES.items()
+        if not isinstance(state[k], kind) or (kind is int and (isinstance(state[k], bool) or state[k] < 0))
+    ]
+    if wrong:
+        raise CheckpointError(f"Checkpoint {path} is damaged: in its state.pt {'; '.join(wrong)}.")
     return state
 
 

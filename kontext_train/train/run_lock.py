@@ -109,8 +109,15 @@ def _take_over(lock: Path, seen: str) -> None:
 def acquire(run_dir: Path) -> tuple[Path, str]:
     """Takes the lock of ``run_dir`` (created if needed); (lock path, token to release it)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_NAME
+    for path, what in ((run_dir, "folder"), (lock, "lock file")):
+        if path.exists() and not (path.is_dir() if what == "folder" else path.is_file()):
+            kind = "a folder" if path.is_dir() else "a file" if path.is_file() else "not a regular file"
+            raise RunError(
+                f"{path} is {kind}, but the run needs it as its {what}: move it away, or choose another "
+                "LoRA name / output folder."
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(8)
     me = {
         "pid": os.getpid(),
