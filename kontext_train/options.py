@@ -101,24 +101,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("lq_folder", "str", "",
         "Optional folder of real degraded versions of the clean photos, matched by relative path "
         "(empty: synthetic degradations).", surfaces=NODE_ONLY),
-    BUCKET_SCALE,
-    *DATASET_SETTINGS,
-    *DEGRADATION_SETTINGS,
-    *CACHE_SETTINGS,
+    BUCKET_SCALE,  # data/buckets.py
+    *DATASET_SETTINGS,  # data/dataset.py: val_count, min_size
+    *DEGRADATION_SETTINGS,  # data/degradations.py: DegradationConfig's fields
+    *CACHE_SETTINGS,  # data/latent_cache.py: control_mode, pool_size
     Setting("cache_folder", "str", "kontext_restore_cache",
         "Where encoded latents are kept; a relative path is inside ComfyUI's output folder.",
         surfaces=NODE_ONLY),
     Setting("cache_dir", "path", None, "Latent cache folder.", "latent cache folder (default OUTPUT_DIR/latent_cache)",
         surfaces=COMMAND_ONLY, commands=TRAINING),
     # -- training (TrainConfig) --------------------------------------------------------------
-    *TRAIN_SETTINGS,
+    *TRAIN_SETTINGS,  # method/train_config.py: one row per TrainConfig field
     Setting("resume", "bool", True,
         "Continue from this LoRA name's latest checkpoint; off refuses to touch an existing run.",
         "continue the run in OUTPUT_DIR (--no-resume refuses an existing run)", commands=TRAINING),
     Setting("log_every", "int", 10, "Progress line every N steps when not on a terminal.", min=1,
         max=1_000_000, surfaces=COMMAND_ONLY, commands=TRAINING),
     # -- restoration and evaluation ----------------------------------------------------------
-    *RESTORE_SETTINGS,
+    *RESTORE_SETTINGS,  # restore/restore_settings.py: mode .. restore_bucket_scale
     Setting("restore_lora", "choice", NO_LORA,
         "LoRA file in the loras folder whose metadata sets mode auto, guidance, bucket scale, bridge noise "
         "and time shift (none: no LoRA).", surfaces=NODE_ONLY, node_name="lora_name"),
