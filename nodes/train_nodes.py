@@ -10,6 +10,7 @@ from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.data.images import tensor_to_pil
 from ..kontext_train.method.lora import sanitize_lora_name
 from ..kontext_train.report.plots import image_grid
+from ..kontext_train.train.progress_text import TrainingStatus
 from ..kontext_train.train.run import RunHooks, RunOutputs, train_lora
 from ..kontext_train.train.trainer import TrainConfig
 from ..kontext_train.method.training_prompt import PROMPT_KEY, prompt_from_graph
@@ -145,16 +146,26 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
         if prompt is not None:  # unknown when the conditioning is not a text encoder's widget
             metadata[PROMPT_KEY] = prompt
 
+        # Step, speed, time left and the run's events (resumed, checkpoints, validation) on the node.
+        status = TrainingStatus(config.steps)
+
         def on_step(info):
-            progress.update(
-                info.step, f"step {info.step}/{info.total}  loss {info.loss:.4f}  lr {info.lr:.2e}"
-            )
+            progress.update(info.step, status.on_step(info))
+
+        def on_checkpoint(step, path):
+            log.info("Kontext Restore: checkpoint saved at step %d (%s)", step, path)
+            progress.update(step, status.on_checkpoint(step, path))
+
+        def on_resumed(step, path):
+            log.info("Kontext Restore: resumed from step %d (%s)", step, path)
+            progress.update(step, status.on_resumed(step, path))
 
         def on_validation(row, images):
-            log.info("Kontext Restore validation: %s", row)
+            log.info("Kontext Restore validation: %s", format_validation_row(row))
             # The held-out images (degraded | restored | clean) as the node's preview.
-            text = f"validation at {format_validation_row(row)}"
-            progress.update(row["step"], text, validation_preview(images) if images else None)
+            progress.update(
+                row["step"], status.on_validation(row), validation_preview(images) if images else None
+            )
 
         result = train_lora(
             latents,
@@ -167,11 +178,14 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
             hooks=RunHooks(
                 on_step=on_step,
                 on_validation=on_validation,
+                on_checkpoint=on_checkpoint,
+                on_resumed=on_resumed,
                 on_message=lambda text: log.info("Kontext Restore: %s", text),
                 check_cancel=comfyui.check_interrupted,
             ),
             metadata=metadata,
         )
+        progress.update(result.step, status.on_done(lora_path, result.step, result.already_complete))
         trained = comfyui.apply_lora(model, result.lora_state)
         report = format_validation_report(result.validation)
         if result.already_complete:
