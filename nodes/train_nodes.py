@@ -83,10 +83,10 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
                 ),
             ],
             outputs=[
-                output(io.Model, "model"),
-                output(io.String, "lora_name"),
-                output(LOSS, "loss"),
-                output(io.String, "validation_report"),
+                output(io.Model, "model", "The input model with the trained LoRA applied."),
+                output(io.String, "lora_name", "The LoRA file inside models/loras, for Restore Image."),
+                output(LOSS, "loss", "Loss history and validation scores, for Loss Plot."),
+                output(io.String, "validation_report", "Held-out scores at each validation."),
             ],
             # PROMPT: the queued workflow, to record the prompt text behind the conditioning.
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
