@@ -8,4 +8,8 @@ comfy_entrypoint is never called (ComfyUI 0.3.75 and 0.33.0, ``nodes.load_custom
 
 from .nodes import comfy_entrypoint
 
-__all__ = ["comfy_entrypoint"]
+# The pack's web extension (web/kontext_restore.js): pickers that refresh with R, text on the
+# nodes that wraps between words, templates that open on their Read me.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -74,14 +74,16 @@ def setting_inputs(*names: str, optional: bool = False) -> list[io.Input]:
     return [setting_input(n, optional=optional) for n in names]
 
 
-def seed_input() -> io.Input:
-    return setting_input("seed")
+def seed_input(tooltip: str | None = None) -> io.Input:
+    """The seed widget; ``tooltip`` says what it seeds on this node (the table's covers training)."""
+    return setting_input("seed", tooltip=tooltip)
 
 
-def output(kind: type, name: str) -> io.Output:
-    """An output shown as ``name``. Its id is left to ComfyUI: V3 ids must differ from the input
-    ids, and several outputs are named like an input (the trainer's model and lora_name)."""
-    return kind.Output(display_name=name)
+def output(kind: type, name: str, tooltip: str | None = None) -> io.Output:
+    """An output shown as ``name``, with the tooltip the frontend shows over its dot. Its id is
+    left to ComfyUI: V3 ids must differ from the input ids, and several outputs are named like an
+    input (the trainer's model and lora_name)."""
+    return kind.Output(display_name=name, tooltip=tooltip)
 
 
 def input_validator(

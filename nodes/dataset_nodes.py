@@ -42,7 +42,7 @@ class KontextRestoreDegradation(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="KontextRestoreDegradation",
-            display_name="Kontext Restore: Degradation Settings",
+            display_name="Kontext Restore: Synthetic Degradation",
             category=CATEGORY + "/dataset",
             description="Fixed: blur -> down/up -> noise -> JPEG with these values. realesrgan: random ranges, "
             "order and second pass.",
@@ -50,7 +50,12 @@ class KontextRestoreDegradation(io.ComfyNode):
                 *setting_inputs("degradation", "noise_sigma", "blur_radius", "jpeg_quality", "downscale"),
                 *setting_inputs("second_order_prob", "shuffle_prob", optional=True),
             ],
-            outputs=[output(DEGRADATION, "degradation"), output(io.String, "description")],
+            outputs=[
+                output(
+                    DEGRADATION, "degradation", "These settings, for Image Folder Dataset and Degrade Image."
+                ),
+                output(io.String, "description", "The settings in words."),
+            ],
         )
 
     validate_inputs = input_validator(
@@ -82,16 +87,21 @@ class KontextRestoreDegradeImage(io.ComfyNode):
             node_id="KontextRestoreDegradeImage",
             display_name="Kontext Restore: Degrade Image",
             category=CATEGORY + "/dataset",
+            description="Degrades images the way training does (noise, blur, JPEG from Synthetic "
+            "Degradation): test inputs and previews inside a graph.",
             inputs=[
                 io.Image.Input("images", tooltip="The clean images to degrade."),
-                seed_input(),
+                seed_input(
+                    "Seed of the random noise (image i of a batch uses seed + i); the same seed "
+                    "gives the same degraded image."
+                ),
                 DEGRADATION.Input(
                     "degradation",
-                    tooltip="From Degradation Settings; not connected: the fixed pipeline's defaults.",
+                    tooltip="From Synthetic Degradation; not connected: the fixed pipeline's defaults.",
                     optional=True,
                 ),
             ],
-            outputs=[output(io.Image, "IMAGE")],
+            outputs=[output(io.Image, "IMAGE", "The degraded images, same size as the input.")],
         )
 
     @classmethod
@@ -112,11 +122,13 @@ class KontextRestoreBucketImage(io.ComfyNode):
             node_id="KontextRestoreBucketImage",
             display_name="Kontext Restore: Scale to Kontext Bucket",
             category=CATEGORY + "/dataset",
+            description="Scales and centre-crops each image to the nearest of Kontext's preferred "
+            "resolutions (times bucket_scale), as training does.",
             inputs=[
                 io.Image.Input("images", tooltip="The images to scale."),
                 *setting_inputs("bucket_scale"),
             ],
-            outputs=[output(io.Image, "IMAGE")],
+            outputs=[output(io.Image, "IMAGE", "The images at their bucket's size (no distortion).")],
         )
 
     validate_inputs = input_validator("bucket_scale")
@@ -149,18 +161,23 @@ class KontextRestoreDataset(io.ComfyNode):
             node_id="KontextRestoreDataset",
             display_name="Kontext Restore: Image Folder Dataset",
             category=CATEGORY + "/dataset",
+            description="Reads a folder of clean photos (and optionally their real degraded "
+            "versions), skips unusable files, holds some out for validation and buckets the rest.",
             inputs=[
                 *setting_inputs("hq_folder", "bucket_scale", "val_count", "seed"),
                 *setting_inputs("lq_folder", optional=True),
                 DEGRADATION.Input(
                     "degradation",
-                    tooltip="How the degraded half of each pair is made, from Degradation Settings; not "
+                    tooltip="How the degraded half of each pair is made, from Synthetic Degradation; not "
                     "connected: the fixed pipeline's defaults.",
                     optional=True,
                 ),
                 *setting_inputs("min_size", optional=True),
             ],
-            outputs=[output(DATASET, "dataset"), output(io.String, "summary")],
+            outputs=[
+                output(DATASET, "dataset", "The image pairs, for Cache Latents."),
+                output(io.String, "summary", "Images used and skipped (and why), the split and the buckets."),
+            ],
             # Not an output node: ComfyUI would run it even when the trainer fails validation, drop
             # the trainer with only a log line and report success. Its summary is an output, and
             # drawn on the node as soon as it has run, long before a training run ends.
@@ -215,6 +232,8 @@ class KontextRestoreCacheLatents(io.ComfyNode):
             node_id="KontextRestoreCacheLatents",
             display_name="Kontext Restore: Cache Latents",
             category=CATEGORY + "/dataset",
+            description="Encodes every pair with the VAE once and keeps the latents on disk, so "
+            "training never waits for the VAE.",
             inputs=[
                 DATASET.Input("dataset", tooltip="The dataset from Image Folder Dataset."),
                 io.Vae.Input(
@@ -223,7 +242,10 @@ class KontextRestoreCacheLatents(io.ComfyNode):
                 *setting_inputs("control_mode", "pool_size", "seed"),
                 *setting_inputs("cache_folder", optional=True),
             ],
-            outputs=[output(LATENTS, "latents"), output(io.String, "cache_stats")],
+            outputs=[
+                output(LATENTS, "latents", "The cached dataset, for Train LoRA."),
+                output(io.String, "cache_stats", "Entries found, encoded and re-encoded."),
+            ],
         )
 
     validate_inputs = input_validator("control_mode")

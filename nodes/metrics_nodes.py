@@ -37,11 +37,11 @@ class KontextRestoreMetrics(io.ComfyNode):
                 ),
             ],
             outputs=[
-                output(io.String, "table"),
-                output(io.Float, "psnr"),
-                output(io.Float, "ssim"),
-                output(io.Float, "psnr_y"),
-                output(io.Float, "ssim_y"),
+                output(io.String, "table", "Per image and mean, restored (and degraded) against reference."),
+                output(io.Float, "psnr", "Mean PSNR of restored vs reference, RGB, dB."),
+                output(io.Float, "ssim", "Mean SSIM of restored vs reference, RGB."),
+                output(io.Float, "psnr_y", "Mean PSNR on the luma (BT.601 Y) channel, dB."),
+                output(io.Float, "ssim_y", "Mean SSIM on the luma (BT.601 Y) channel."),
             ],
             is_output_node=True,
         )
@@ -78,7 +78,7 @@ class KontextRestoreLossPlot(io.ComfyNode):
                 LOSS.Input("loss", tooltip="The loss output of Kontext Restore: Train LoRA."),
                 *setting_inputs("smoothing", "log_scale", optional=True),
             ],
-            outputs=[output(io.Image, "plot")],
+            outputs=[output(io.Image, "plot", "The loss curve with validation PSNR below it.")],
         )
 
     validate_inputs = input_validator("smoothing")

@@ -88,7 +88,10 @@ class KontextRestoreRestore(io.ComfyNode):
                 setting_input("restore_guidance"),
                 setting_input("sampler", comfyui.sampler_names()),
                 setting_input("scheduler", [AS_TRAINED] + comfyui.scheduler_names()),
-                seed_input(),
+                seed_input(
+                    "Seed of the sampling noise: mode kontext's starting noise, the bridge noise of a LoRA "
+                    "trained with some, and noise of ancestral samplers; image i of a batch uses seed + i."
+                ),
                 setting_input("restore_bucket_scale"),
                 # The loras folder is listed each time ComfyUI asks for the node's inputs.
                 # A picker of the loras folder that also takes the trainer's lora_name output.
@@ -96,7 +99,7 @@ class KontextRestoreRestore(io.ComfyNode):
                     "restore_lora", [NO_LORA] + comfyui.lora_names(), optional=True, links=(io.String,)
                 ),
             ],
-            outputs=[output(io.Image, "images")],
+            outputs=[output(io.Image, "images", "The restored images, at the input size.")],
             # PROMPT: the queued workflow, to compare its prompt text with the LoRA's training prompt.
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
@@ -194,9 +197,9 @@ class KontextRestoreDegradedNoise(io.ComfyNode):
                 setting_input(
                     "bridge_noise", tooltip="The bridge_noise the LoRA was trained with (0 for most LoRAs)."
                 ),
-                seed_input(),
+                seed_input("Seed of the noise added to the degraded start (only with bridge_noise above 0)."),
             ],
-            outputs=[output(io.Noise, "noise")],
+            outputs=[output(io.Noise, "noise", "For SamplerCustomAdvanced's noise input.")],
         )
 
     validate_inputs = input_validator("bridge_noise")
@@ -220,7 +223,7 @@ class KontextRestoreSigmas(io.ComfyNode):
                 *setting_inputs("sigma_steps"),
                 io.Latent.Input("latent", tooltip="The latent being restored: its size sets the time shift."),
             ],
-            outputs=[output(io.Sigmas, "sigmas")],
+            outputs=[output(io.Sigmas, "sigmas", "For SamplerCustomAdvanced's sigmas input.")],
         )
 
     @classmethod

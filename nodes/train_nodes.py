@@ -11,6 +11,7 @@ from ..kontext_train.data.images import tensor_to_pil
 from ..kontext_train.method.lora import sanitize_lora_name
 from ..kontext_train.method.training_prompt import PROMPT_KEY, prompt_from_graph
 from ..kontext_train.report.plots import image_grid
+from ..kontext_train.train.progress_text import TrainingStatus
 from ..kontext_train.train.run import RunHooks, RunOutputs, train_lora
 from ..kontext_train.train.trainer import TrainConfig
 from ..kontext_train.train.validation import format_validation_report, format_validation_row
@@ -91,10 +92,10 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
                 ),
             ],
             outputs=[
-                output(io.Model, "model"),
-                output(io.String, "lora_name"),
-                output(LOSS, "loss"),
-                output(io.String, "validation_report"),
+                output(io.Model, "model", "The input model with the trained LoRA applied."),
+                output(io.String, "lora_name", "The LoRA file inside models/loras, for Restore Image."),
+                output(LOSS, "loss", "Loss history and validation scores, for Loss Plot."),
+                output(io.String, "validation_report", "Held-out scores at each validation."),
             ],
             # PROMPT: the queued workflow, to record the prompt text behind the conditioning.
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -156,16 +157,26 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
         if prompt is not None:  # unknown when the conditioning is not a text encoder's widget
             metadata[PROMPT_KEY] = prompt
 
+        # Step, speed, time left and the run's events (resumed, checkpoints, validation) on the node.
+        status = TrainingStatus(config.steps)
+
         def on_step(info):
-            progress.update(
-                info.step, f"step {info.step}/{info.total}  loss {info.loss:.4f}  lr {info.lr:.2e}"
-            )
+            progress.update(info.step, status.on_step(info))
+
+        def on_checkpoint(step, path):
+            log.info("Kontext Restore: checkpoint saved at step %d (%s)", step, path)
+            progress.update(step, status.on_checkpoint(step, path))
+
+        def on_resumed(step, path):
+            log.info("Kontext Restore: resumed from step %d (%s)", step, path)
+            progress.update(step, status.on_resumed(step, path))
 
         def on_validation(row, images):
-            log.info("Kontext Restore validation: %s", row)
+            log.info("Kontext Restore validation: %s", format_validation_row(row))
             # The held-out images (degraded | restored | clean) as the node's preview.
-            text = f"validation at {format_validation_row(row)}"
-            progress.update(row["step"], text, validation_preview(images) if images else None)
+            progress.update(
+                row["step"], status.on_validation(row), validation_preview(images) if images else None
+            )
 
         result = train_lora(
             latents,
@@ -178,11 +189,14 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
             hooks=RunHooks(
                 on_step=on_step,
                 on_validation=on_validation,
+                on_checkpoint=on_checkpoint,
+                on_resumed=on_resumed,
                 on_message=lambda text: log.info("Kontext Restore: %s", text),
                 check_cancel=comfyui.check_interrupted,
             ),
             metadata=metadata,
         )
+        progress.update(result.step, status.on_done(lora_path, result.step, result.already_complete))
         trained = comfyui.apply_lora(model, result.lora_state)
         report = format_validation_report(result.validation)
         if result.already_complete:

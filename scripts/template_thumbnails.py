@@ -1,6 +1,11 @@
-"""Renders the template browser's thumbnails (workflows/<title>.jpg) from the real web UI.
+"""Renders the template browser's thumbnails (workflows/<title>.jpg).
 
-Starts a headless ComfyUI with this pack (tests/server_host.py), puts placeholder model files
+With ``--before B --after A`` (or ``--samples samples.png``, a grid written by the demo or
+``kontext-train evaluate``: its first row's degraded and restored images) each thumbnail is a
+before/after picture of a restoration under the template's title, which a person tells apart at a
+glance (``before_after_thumbnail``). Without them, each template is drawn by the real web UI:
+
+it starts a headless ComfyUI with this pack (tests/server_host.py), puts placeholder model files
 and sample photos where the templates' loaders look, opens the page in headless Chromium, loads
 each template, draws it at full size on a canvas large enough for the whole graph, and saves a
 square JPEG of the graph. The rendered nodes' sizes are checked against the frontend's own
@@ -8,6 +13,7 @@ minimum (LiteGraph's computeSize) on the way, so a template whose sizes the fron
 enlarge is refused rather than pictured.
 
     COMFYUI_PATH=.host/0.33.0/ComfyUI .host/0.33.0/venv/bin/python scripts/template_thumbnails.py
+    .host/0.33.0/venv/bin/python scripts/template_thumbnails.py --samples kontext-restore-demo/samples.png
 
 Needs Chromium and Playwright's Python package (scripts/setup_test_env.sh with WITH_BROWSER=1).
 tests/test_web_ui.py uses the same page helpers.
@@ -24,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for folder in (ROOT / "tests", ROOT / "workflows"):
+for folder in (ROOT, ROOT / "tests", ROOT / "workflows"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
@@ -217,10 +223,101 @@ def render_graph(page, path: Path) -> None:
     shot.unlink()
 
 
+# What each template's picture says under its title: what goes in and what comes out.
+CAPTIONS = {
+    "train_restoration_lora": ("photos in", "LoRA out"),
+    "restore_with_lora": ("degraded", "restored"),
+    "train_then_evaluate": ("degraded", "restored + scores"),
+}
+TITLE_BAND = 132  # px of the 640 px square above the picture
+
+
+def samples_first_row(samples: Path, columns: int = 4, gap: int = 4) -> tuple:
+    """(degraded, restored) of the first row of a samples grid (kontext_train.report.sample_grid:
+    ``columns`` square cells ``gap`` px apart under a label band), each cropped to its image."""
+    from PIL import Image, ImageChops
+
+    grid = Image.open(samples).convert("RGB")
+    cell = (grid.width - (columns - 1) * gap) // columns
+    rows = (grid.height + gap) // (cell + gap)
+    band = grid.height - rows * cell - (rows - 1) * gap
+    cells = []
+    for col in range(2):
+        box = grid.crop((col * (cell + gap), band, col * (cell + gap) + cell, band + cell))
+        background = Image.new("RGB", box.size, box.getpixel((0, 0)))
+        cells.append(box.crop(ImageChops.difference(box, background).getbbox() or (0, 0, *box.size)))
+    return cells[0], cells[1]
+
+
+def before_after_thumbnail(before, after, title: str, captions: tuple[str, str], path: Path) -> Path:
+    """A 640 px square JPEG: ``title`` on a band at the top, below it the photo split down the
+    middle, left half ``before`` and right half ``after`` (the same crop of both, so the eye sees
+    the change across the line), each half labelled with its caption."""
+    from PIL import Image, ImageDraw
+
+    from kontext_train.report.sample_grid import font, text_size
+
+    side = THUMBNAIL_PX
+    area = (side, side - TITLE_BAND)
+    before, after = (
+        Image.open(p).convert("RGB") if isinstance(p, (str, Path)) else p for p in (before, after)
+    )
+    after = after.resize(before.size, Image.LANCZOS)
+    scale = max(area[0] / before.width, area[1] / before.height)
+    size = (round(before.width * scale), round(before.height * scale))
+    left, top = (size[0] - area[0]) // 2, (size[1] - area[1]) // 2
+    crop = (left, top, left + area[0], top + area[1])
+    b = before.resize(size, Image.LANCZOS).crop(crop)
+    a = after.resize(size, Image.LANCZOS).crop(crop)
+    picture = b.copy()
+    picture.paste(a.crop((area[0] // 2, 0, *area)), (area[0] // 2, 0))
+    out = Image.new("RGB", (side, side), (24, 26, 32))
+    out.paste(picture, (0, TITLE_BAND))
+    draw = ImageDraw.Draw(out)
+    draw.line([(side // 2, TITLE_BAND), (side // 2, side)], fill=(255, 255, 255), width=4)
+    words, lines, size_px = title.split(), [""], 40
+    title_font = font(size_px)
+    for word in words:  # wrap the title into lines that fit
+        trial = f"{lines[-1]} {word}".strip()
+        if text_size(draw, trial, title_font)[0] > side - 40 and lines[-1]:
+            lines.append(word)
+        else:
+            lines[-1] = trial
+    for i, line in enumerate(lines[:2]):
+        draw.text((20, 16 + i * (size_px + 8)), line, fill=(255, 255, 255), font=title_font)
+    label_font = font(28)
+    for text, x in ((captions[0], 16), (captions[1], side // 2 + 16)):
+        w, h = text_size(draw, text, label_font)
+        draw.rectangle([x - 6, side - h - 30, x + w + 6, side - 12], fill=(0, 0, 0))
+        draw.text((x, side - h - 26), text, fill=(255, 255, 255), font=label_font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path, quality=88, optimize=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=build_workflows.HERE, help="folder for the .jpg files")
+    parser.add_argument(
+        "--before", type=Path, help="a degraded photo (with --after: before/after thumbnails)"
+    )
+    parser.add_argument("--after", type=Path, help="the same photo restored")
+    parser.add_argument(
+        "--samples", type=Path, help="a samples.png grid: its first degraded and restored image"
+    )
     args = parser.parse_args(argv)
+    if args.samples or args.before:
+        if args.samples:
+            before, after = samples_first_row(args.samples)
+        elif args.after:
+            before, after = args.before, args.after
+        else:
+            parser.error("--before needs --after")
+        for name, template in build_workflows.TEMPLATES.items():
+            target = args.out / build_workflows.thumbnail_path(name).name
+            before_after_thumbnail(before, after, template.title, CAPTIONS[name], target)
+            print(f"wrote {target}")
+        return 0
     from server_host import start_server
 
     problems = []

@@ -20,6 +20,22 @@ def test_written_file_has_umask_permissions(tmp_path):
     assert (path.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0600: others on a server can read it
 
 
+def test_lora_and_cache_files_written_by_safetensors_get_umask_permissions(tmp_path):
+    """safetensors' save_file (0.8) replaces the temporary file by a new one of mode 0600; the
+    LoRA, its checkpoints and the latent cache are still written like every other file."""
+    import torch
+
+    from kontext_train.method.lora import atomic_save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_save_safetensors({"w": torch.zeros(2)}, tmp_path / "lora.safetensors", {"k": "v"})
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
+
+
 def test_failure_inside_the_block_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "lora.safetensors"
     target.write_text("old")

@@ -513,18 +513,43 @@ def test_train_without_model_files_stops_naming_every_one_before_the_dataset(
     out = tmp_path / "run"
     assert cli.main(["train", "--output-dir", str(out), "--name", "loras/restore"]) == 2
     captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    for label, flag, env in (
-        ("Kontext model", "--unet", "KONTEXT_UNET"),
-        ("clip_l", "--clip-l", "KONTEXT_CLIP_L"),
-        ("t5xxl", "--t5xxl", "KONTEXT_T5XXL"),
-        ("VAE", "--vae", "KONTEXT_VAE"),
+    lines = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err, captured.err
+    # One short line per file, the command's name once: not one 900-character line.
+    assert lines[0] == "kontext-train: error: train needs the Kontext weights; 4 of 4 files not found:", lines
+    assert captured.err.count("kontext-train") == 2 and max(map(len, lines)) < 160, lines  # prefix + demo
+    for line, (label, flag, env) in zip(
+        lines[1:5],
+        (
+            ("Kontext model", "--unet", "KONTEXT_UNET"),
+            ("clip_l", "--clip-l", "KONTEXT_CLIP_L"),
+            ("t5xxl", "--t5xxl", "KONTEXT_T5XXL"),
+            ("VAE", "--vae", "KONTEXT_VAE"),
+        ),
+        strict=True,
     ):
-        assert f"{label} not given (set {flag} / {env} / " in err, err
-    assert str(Path(comfy_root).resolve()) in err and "kontext-train demo" in err
+        assert line.startswith(f"  {label}: not given (set {flag}, {env} or "), line
+    assert str(Path(comfy_root).resolve()) in lines[5] and lines[6].endswith("kontext-train demo"), lines
     assert "demo" not in captured.out.lower()  # the demo did not run
     assert not out.exists()  # neither the output folder nor its loras/ sub-folder
+
+
+def test_a_truncated_weights_file_is_one_line_naming_it(comfy_root, tmp_path, clean_env, capsys):
+    """A .safetensors cut short by a download once gave a 30-line traceback from the loader."""
+    import torch
+    from safetensors.torch import save_file
+
+    weights = _fake_weights(tmp_path / "w")
+    unet = Path(weights[1])
+    save_file({"w": torch.zeros(4096)}, str(unet))
+    unet.write_bytes(unet.read_bytes()[:-100])
+    out = tmp_path / "out"
+    assert (
+        cli.main(["train", "--output-dir", str(out), "--hr-root", str(_photos(tmp_path / "hq")), *weights])
+        == 2
+    )
+    err = _error_line(capsys)
+    assert f"Kontext model file {unet} cannot be read" in err and "download it again" in err, err
 
 
 def test_missing_weights_are_reported_together_with_the_folders_searched(
@@ -536,10 +561,11 @@ def test_missing_weights_are_reported_together_with_the_folders_searched(
     base = ["train", "--output-dir", str(out), "--hr-root", str(photos)]
     # A name that is not in ComfyUI's models/vae, and two encoders not given at all.
     assert cli.main([*base, "--unet", weights[1], "--vae", "missing_ae.safetensors"]) == 2
-    err = _error_line(capsys)
+    err = capsys.readouterr().err
+    assert err.startswith("kontext-train: error: ") and "Traceback" not in err, err
     assert "'missing_ae.safetensors'" in err and "models/vae" in err and "KONTEXT_VAE" in err
-    assert "clip_l not given" in err and "t5xxl not given" in err
-    assert "Kontext model not given" not in err  # the one that was found is not listed
+    assert "clip_l: not given" in err and "t5xxl: not given" in err and "3 of 4 files" in err
+    assert "Kontext model" not in err  # the one that was found is not listed
     assert str(Path(comfy_root).resolve() / "models") in err
     assert not out.exists()
 

@@ -266,3 +266,31 @@ def test_restore_settings_use_the_table():
     for name, value in [("guidance", math.inf), ("bridge_noise", 2.0), ("bucket_scale", 0.05)]:
         with pytest.raises(SettingError, match=f"{name} must be .*{options.setting(name).range_text}"):
             RestoreSettings(**{name: value})
+
+
+def _as_float_widget_keeps(value: float, step: float, lo: float | None, hi: float | None) -> float:
+    """What a FLOAT widget of frontends 1.32 and 1.49 stores when ``value`` is typed in (their
+    ``onFloatValueChange`` with the defaults of ``useFloatWidget``: precision from the step,
+    rounding to 10**-precision, toFixed(precision), then clamped to min..max)."""
+    precision = max(0, -math.floor(math.log10(step)))
+    rounding = 10**-precision
+    kept = float(f"{round(value / rounding) * rounding:.{precision}f}")
+    return min(max(kept, -math.inf if lo is None else lo), math.inf if hi is None else hi)
+
+
+def test_float_widgets_keep_the_values_their_settings_allow():
+    """The learning_rate widget once stored 0.000005 as 1e-05 (step 1e-5: five decimals). Every
+    float setting on the nodes keeps its default and its minimum, and the learning rate keeps
+    small rates."""
+    kept_wrong = []
+    for s in options.on_surface(NODE):
+        if s.kind != "float" or s.step is None:
+            continue
+        values = [v for v in (s.default, s.min) if isinstance(v, float) and v > 0]
+        if s.name == "learning_rate":
+            values += [5e-6, 3e-6, 2.5e-5, 1e-7]
+        for v in values:
+            kept = _as_float_widget_keeps(v, s.step, s.min, s.max)
+            if not math.isclose(kept, v, rel_tol=1e-9):
+                kept_wrong.append(f"{s.name}: {v!r} becomes {kept!r} (step {s.step})")
+    assert kept_wrong == []

@@ -266,8 +266,25 @@ INTENDED_CHANGES = {
         "default": "none",
         "options": None,
     },
+    # The seed says what it seeds on each node (issue 23; the table's tooltip is about training).
+    ("KontextRestoreRestore", "seed"): {"tooltip": "Seed of the sampling noise"},
+    ("KontextRestoreDegradeImage", "seed"): {"tooltip": "Seed of the random noise"},
+    ("KontextRestoreDegradedNoise", "seed"): {"tooltip": "Seed of the noise added to the degraded start"},
+    # Degradation Settings is now Synthetic Degradation (V1_DISPLAY_NAME_CHANGED).
+    ("KontextRestoreDataset", "degradation"): {"tooltip": "from Synthetic Degradation"},
+    ("KontextRestoreDegradeImage", "degradation"): {"tooltip": "From Synthetic Degradation"},
+    # Small learning rates survive the frontends' float rounding (issue 23: 0.000005 became 1e-05).
+    ("KontextRestoreTrainLoRA", "learning_rate"): {"step": 1e-07},
 }
-V1_DESCRIPTION_CHANGED = {"KontextRestoreRestore"}  # it explains the 0 = "from the LoRA" inputs
+V1_DESCRIPTION_CHANGED = {  # Restore explains the 0 = "from the LoRA" inputs; four had none (issue 23)
+    "KontextRestoreRestore",
+    "KontextRestoreBucketImage",
+    "KontextRestoreCacheLatents",
+    "KontextRestoreDataset",
+    "KontextRestoreDegradeImage",
+}
+# Display names that the node library showed as the same truncated text (issue 23).
+V1_DISPLAY_NAME_CHANGED = {"KontextRestoreDegradation": "Kontext Restore: Synthetic Degradation"}
 
 
 def _served_inputs(node_info: dict) -> list[dict]:
@@ -307,10 +324,15 @@ def test_object_info_shows_every_node_with_its_v1_inputs_outputs_and_tooltips(co
     assert sorted(served) == sorted(V1_NODES)
     for name, before in V1_NODES.items():
         now = served[name]
-        for key in ("display_name", "category", "output", "output_name", "output_node"):
+        for key in ("category", "output", "output_name", "output_node"):
             assert now[key] == before[key], (name, key)
+        assert now["display_name"] == V1_DISPLAY_NAME_CHANGED.get(name, before["display_name"]), name
         if name not in V1_DESCRIPTION_CHANGED:
             assert now["description"] == before["description"], name
+        # Every node says what it does, and every output what it gives (the frontend's tooltips).
+        assert now["description"].strip(), name
+        tips = now.get("output_tooltips") or []
+        assert len(tips) == len(now["output"]) and all(t and t.strip() for t in tips), (name, tips)
         inputs = _served_inputs(now)
         # Names, groups and order: the workflows' widgets_values depend on them.
         assert [(i["group"], i["name"]) for i in inputs] == [

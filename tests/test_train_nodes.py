@@ -154,9 +154,48 @@ def test_validation_shows_a_preview_grid_on_the_node(pack_nodes, image_folder, t
     previews = [(v, t, p) for v, t, p in updates if p is not None]
     assert previews, "validation should push a preview image to the node"
     value, text, image = previews[-1]
-    assert value == 3 and text.startswith("validation at step 3")
+    assert value == 3 and "\nvalidation at step 3, latent MSE" in text
     assert image.size[0] >= 3 * 192  # degraded | restored | clean
-    assert [v for v, t, p in updates if t and t.startswith("step ")] == [1, 2, 3]
+    assert sorted({v for v, t, p in updates if t and t.startswith("step ")}) == [1, 2, 3]
+
+
+def test_node_status_shows_speed_time_left_checkpoints_resume_and_the_lora(
+    pack_nodes, comfy_dirs, image_folder, tiny_vae, monkeypatch
+):
+    """What the node draws on itself (ComfyUI's progress text): s/step and ETA with the step,
+    "checkpoint saved at step N" (checkpoint_every 2), "resumed from step N" when queued again
+    with more steps, and where the LoRA went when done."""
+    import re
+    import sys
+
+    updates = []
+
+    class RecordingProgress:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update(self, value, text=None, preview=None):
+            if text is not None:  # a bare progress-bar update (latent cache)
+                updates.append(text)
+
+    node_module = sys.modules[_node(pack_nodes, "KontextRestoreTrainLoRA").__module__]
+    monkeypatch.setattr(node_module.comfyui, "NodeProgress", RecordingProgress)
+    _, latents, _ = _cached_latents(pack_nodes, image_folder, tiny_vae)
+    name = f"status_{image_folder.name}"
+    model = make_tiny_flux()
+    _train(pack_nodes, model, latents, tiny_vae, name, steps=4)
+    step_1 = next(t for t in updates if t.startswith("step 1/4"))
+    assert re.search(r"^[\d.]+ s/step, ETA \d+s$", step_1.splitlines()[1], re.M), step_1
+    saved = [t for t in updates if "checkpoint saved at step 2" in t]
+    assert saved and "checkpoint saved at step 4" in updates[-1]
+    assert (
+        updates[-1].startswith("done: step 4/4")
+        and f"LoRA: {comfy_dirs['loras'] / name}.safetensors" in updates[-1]
+    )
+    updates.clear()
+    _train(pack_nodes, model, latents, tiny_vae, name, steps=6)
+    assert "resumed from step 4" in updates[0], updates[0]
+    assert any(t.startswith("step 5/6") and "resumed from step 4" in t for t in updates)
 
 
 def test_a_lora_name_too_long_for_its_files_fails_at_once(pack_nodes, comfy_dirs, image_folder, tiny_vae):

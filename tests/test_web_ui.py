@@ -77,25 +77,56 @@ PROBLEM_TEXT = re.compile(
 NETWORK_NOISE = re.compile(
     r"Content Security Policy|Failed to fetch|fetching file size|api\.comfy\.org|huggingface\.co", re.I
 )
-# 404s the frontend produces on a fresh user folder, whatever is loaded.
-BENIGN_404 = re.compile(r"/user\.css|/api/userdata")
+# What marks an error as the pack's: its script (web/kontext_restore.js is served under
+# /extensions/<pack folder>/), a URL of the pack's templates, or the pack's names in the text.
+PACK_MARKS = re.compile(
+    rf"/extensions/{re.escape(PACK_LINK_NAME)}/|workflow_templates/{re.escape(PACK_LINK_NAME)}"
+    r"|KontextRestore|kontext[ _-]?restore",
+    re.I,
+)
 
 comfy_server = server_fixture()
 
 
 class Console:
+    """Errors the page reports: console errors (with the script they come from), uncaught page
+    errors (with their stack) and failed HTTP responses. Only the pack's count: a host without
+    ComfyUI's core workflow templates logs a 404 for them, and the test machine has no internet
+    (blocked registry calls, model size probes); neither is the pack's doing."""
+
     def __init__(self) -> None:
-        self.messages: list[tuple[str, str]] = []
+        self.messages: list[tuple[str, str, str]] = []  # (kind, text, where: script URL or stack)
 
     def mark(self) -> int:
         return len(self.messages)
 
+    def record(self, kind: str, text: str, where: str = "") -> None:
+        self.messages.append((kind, text, where))
+
     def errors_since(self, mark: int) -> list[str]:
         return [
-            f"{kind}: {text}"
-            for kind, text in self.messages[mark:]
-            if kind in ("error", "pageerror", "http") and not NETWORK_NOISE.search(text)
+            f"{kind}: {text} ({where})" if where else f"{kind}: {text}"
+            for kind, text, where in self.messages[mark:]
+            if kind in ("error", "pageerror", "http")
+            and not NETWORK_NOISE.search(text)
+            and PACK_MARKS.search(f"{text} {where}")
         ]
+
+
+def test_console_counts_only_the_packs_errors():
+    console = Console()
+    console.record("http", "HTTP 404 http://127.0.0.1:8188/templates/index.json")  # core templates absent
+    console.record("error", "Failed to load resource: 404", "http://127.0.0.1:8188/templates/index.json")
+    console.record("warning", "KontextRestore: not an error")
+    assert console.errors_since(0) == []
+    console.record(
+        "pageerror",
+        "TypeError: x is undefined",
+        f"at http://h/extensions/{PACK_LINK_NAME}/kontext_restore.js:3",
+    )
+    console.record("error", "Error loading KontextRestoreTrainLoRA")
+    console.record("http", f"HTTP 500 http://h/api/workflow_templates/{PACK_LINK_NAME}/x.json")
+    assert len(console.errors_since(0)) == 3
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +151,14 @@ def ui(comfy_server):
         try:
             page = context.pages[0] if context.pages else context.new_page()
             page.set_default_timeout(STEP_S * 1000)
-            page.on("console", lambda m: console.messages.append((m.type, m.text)))
-            page.on("pageerror", lambda e: console.messages.append(("pageerror", str(e))))
+            page.on("console", lambda m: console.record(m.type, m.text, (m.location or {}).get("url", "")))
+            page.on("pageerror", lambda e: console.record("pageerror", str(e), e.stack or ""))
             page.on(
                 "response",
-                lambda r: (
-                    console.messages.append(("http", f"HTTP {r.status} {r.url}"))
-                    if r.status >= 400 and not BENIGN_404.search(r.url)
-                    else None
-                ),
+                lambda r: console.record("http", f"HTTP {r.status} {r.url}") if r.status >= 400 else None,
             )
+            # What the server tells the page to draw on nodes (progress_text frames), in order.
+            page.on("websocket", lambda ws: ws.on("framereceived", lambda f: _record_frame(console, f)))
             page.goto(comfy_server.url, timeout=UI_READY_S * 1000)
             page.wait_for_function(
                 "() => window.app && window.app.graph && window.LiteGraph"
@@ -141,6 +170,14 @@ def ui(comfy_server):
             context.close()
             for path in placeholders:
                 path.unlink(missing_ok=True)
+
+
+def _record_frame(console: Console, frame) -> None:
+    """Keeps the text of ComfyUI's binary progress_text frames (type 3: node id, then the text)."""
+    if isinstance(frame, (bytes, bytearray)) and len(frame) > 8 and int.from_bytes(frame[:4], "big") == 3:
+        size = int.from_bytes(frame[4:8], "big")
+        node = frame[8 : 8 + size].decode("utf-8", "replace")
+        console.record("progress_text", frame[8 + size :].decode("utf-8", "replace"), node)
 
 
 def problems(page) -> dict:
@@ -263,7 +300,7 @@ def test_template_browser_shows_each_title_with_its_thumbnail(ui):
     assert not errors, "\n".join(errors)
 
 
-def _text_shown_in_node(page, node_id: str, needle: str) -> dict:
+def _text_shown_in_node(page, node_id: str, needle: str, move: bool = True) -> dict:
     """Brings the node to the middle of the page at full size and looks for ``needle`` in what
     is drawn in it: text of elements (a preview's Markdown) and values of text boxes, visible
     (not hidden, inside the viewport, not covered) and inside the node's rectangle on the screen.
@@ -271,17 +308,20 @@ def _text_shown_in_node(page, node_id: str, needle: str) -> dict:
     <br>, or at the start of its paragraph, list item or table cell, past any table pipes), so
     that a text whose lines a Markdown preview ran together is caught."""
     return page.evaluate(
-        """([id, needle]) => {
+        """([id, needle, move]) => {
             const c = app.canvas, n = app.graph.nodes.find(n => String(n.id) === id);
             const r = c.canvas.getBoundingClientRect();
-            c.ds.scale = 1;
-            c.ds.offset[0] = innerWidth / 2 - r.left - n.pos[0] - n.size[0] / 2;
-            c.ds.offset[1] = innerHeight / 2 - r.top - n.pos[1] - n.size[1] / 2;
+            if (move) {
+                c.ds.scale = 1;
+                c.ds.offset[0] = innerWidth / 2 - r.left - n.pos[0] - n.size[0] / 2;
+                c.ds.offset[1] = innerHeight / 2 - r.top - n.pos[1] - n.size[1] / 2;
+            }
             c.setDirty(true, true);
             c.draw(true, true);
             return new Promise(done => setTimeout(() => {
-                const box = {left: r.left + (n.pos[0] + c.ds.offset[0]), top: r.top + (n.pos[1] + c.ds.offset[1])};
-                box.right = box.left + n.size[0]; box.bottom = box.top + n.size[1];
+                const s = c.ds.scale;
+                const box = {left: r.left + (n.pos[0] + c.ds.offset[0]) * s, top: r.top + (n.pos[1] + c.ds.offset[1]) * s};
+                box.right = box.left + n.size[0] * s; box.bottom = box.top + n.size[1] * s;
                 const found = [], starts = new Map(), ranges = new Map();
                 const startsLine = (text, first) => {
                     const i = text.indexOf(needle), before = text.slice(text.lastIndexOf('\\n', i - 1) + 1, i);
@@ -326,7 +366,7 @@ def _text_shown_in_node(page, node_id: str, needle: str) -> dict:
                 done({found: found.length, shown: shown.length, line_start: shown.filter(el => starts.get(el)).length, box});
             }, 600));
         }""",
-        [node_id, needle],
+        [node_id, needle, move],
     )
 
 
@@ -351,6 +391,7 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
     # dataset is read, the restore settings with the progress.
     (dataset_node,) = [str(n.id) for n in nodes if n.type == "KontextRestoreDataset"]
     (restore_node,) = [str(n.id) for n in nodes if n.type == "KontextRestoreRestore"]
+    (trainer_node,) = [str(n.id) for n in nodes if n.type == "KontextRestoreTrainLoRA"]
 
     before = set(comfy_server.get("/history"))
     load_workflow(page, workflow)
@@ -369,6 +410,15 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
     assert new, f"nothing queued from the page ran\n{comfy_server.log_tail()}"
     status = history[new[0]]["status"]
     assert status["status_str"] == "success", json.dumps(status.get("messages"))[-3000:]
+    # While it trained, the trainer's text on the node had the speed and the time left, and said
+    # when a checkpoint was saved (checkpoint_every 2 of 4 steps).
+    shown = [
+        text
+        for kind, text, node in console.messages[mark:]
+        if kind == "progress_text" and node == trainer_node
+    ]
+    assert any(re.search(r"s/step, ETA \d+s", t) for t in shown), shown
+    assert any("checkpoint saved at step 2" in t for t in shown), shown
 
     # The detector sees the text, and sees it covered when a dialog lies over it.
     needle = "used 3 image(s)"
@@ -396,8 +446,18 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
         "Metrics": [("mean", True), ("SSIM", False)],
         "Dataset node": [("used 3 image(s): 2 train, 1 held out for validation", True), ("skipped 1", True)],
         "Restore node": [("image 1/1, step 2/2", True), ("bucket scale", False)],
+        "Trainer node": [
+            ("done: step 4/4", True),
+            ("checkpoint saved at step 4", True),
+            ("web_ui_run", False),
+        ],
     }
-    node_ids = {**previews, "Dataset node": dataset_node, "Restore node": restore_node}
+    node_ids = {
+        **previews,
+        "Dataset node": dataset_node,
+        "Restore node": restore_node,
+        "Trainer node": trainer_node,
+    }
     for title, needles in expected.items():
         for needle, at_line_start in needles:
             deadline = time.monotonic() + STEP_S
@@ -413,5 +473,84 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
         page.screenshot(path=str(ARTIFACTS / f"web_ui_{title.lower().replace(' ', '_')}.png"))
     drawn = node_boxes(page)
     assert build_workflows.overlapping([(f"{b['id']} {b['title']}", b["box"]) for b in drawn]) == []
+    errors = console.errors_since(mark)
+    assert not errors, "\n".join(errors)
+
+
+def test_restore_picker_lists_a_freshly_trained_lora_after_refresh(ui, comfy_server):
+    """Train, press R, pick: the LoRA the queued template above trained (web_ui_run) is listed in
+    Restore Image's lora_name after the frontend's refresh (R), without reloading the page, as
+    in core Load LoRA's list. Written here if that test did not run."""
+    page, console = ui
+    loras = comfy_server.base / "models" / "loras"
+    fresh = "web_ui_run.safetensors"
+    if not (loras / fresh).is_file():
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"lora_unet_x.alpha": torch.ones(())}, str(loras / fresh))
+    workflow = json.loads(build_workflows.ui_path("restore_with_lora").read_text())
+    load_workflow(page, workflow)
+    (restore,) = [str(n["id"]) for n in workflow["nodes"] if n["type"] == "KontextRestoreRestore"]
+    lists = """(id) => { const n = app.graph.nodes.find(n => String(n.id) === id);
+        const core = app.graph.nodes.find(n => n.type === 'LoraLoaderModelOnly');
+        const values = (node) => [...(node?.widgets?.find(w => w.name === 'lora_name')?.options.values ?? [])];
+        return {restore: values(n), core: values(core)}; }"""
+    before = page.evaluate(lists, restore)
+    # The page was loaded before the LoRA existed: both lists lack it until the refresh.
+    assert fresh not in before["restore"] and fresh not in before["core"], before
+    mark = console.mark()
+    page.mouse.click(800, 500)  # the canvas has the keyboard focus, as after a click on it
+    page.keyboard.press("r")
+    page.wait_for_function(
+        "([id, f]) => app.graph.nodes.find(n => String(n.id) === id).widgets"
+        ".find(w => w.name === 'lora_name').options.values.includes(f)",
+        arg=[restore, fresh],
+        timeout=STEP_S * 1000,
+    )
+    after = page.evaluate(lists, restore)
+    assert fresh in after["restore"] and fresh in after["core"], after
+    # Picked in the widget, it is what the page would queue.
+    page.evaluate(
+        "([id, f]) => { const w = app.graph.nodes.find(n => String(n.id) === id).widgets"
+        ".find(w => w.name === 'lora_name'); w.value = f; w.callback?.(f); }",
+        [restore, fresh],
+    )
+    prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    assert prompt[restore]["inputs"]["lora_name"] == fresh
+    errors = console.errors_since(mark)
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("name", sorted(build_workflows.WORKFLOWS))
+def test_template_opens_on_its_read_me_at_a_zoom_where_text_is_drawn(ui, name):
+    """Opened the way the template browser opens it (both frontends call loadGraphData with the
+    template's JSON and title; 1.49 marks it openSource 'template' and then fits the whole graph,
+    at a zoom where it draws blank boxes; 1.32 takes the saved view): the first screenshot shows
+    the Read me, drawn, at a zoom of at least 0.8, with its steps readable where they are.
+    (Clicking through the browser itself is test_template_browser_shows_each_title_with_its_thumbnail.)"""
+    page, console = ui
+    mark = console.mark()
+    close_dialogs(page)
+    title = build_workflows.TEMPLATES[name].title
+    workflow = json.loads(build_workflows.ui_path(name).read_text())
+    page.evaluate(
+        "async ([wf, title]) => { await app.loadGraphData(wf, true, true, title, {openSource: 'template'}) }",
+        [workflow, title],
+    )
+    page.wait_for_timeout(1500)
+    close_dialogs(page)
+    shot = ARTIFACTS / f"web_ui_opened_{name}.png"
+    page.screenshot(path=str(shot))
+    (note,) = page.evaluate(
+        "() => app.graph.nodes.filter(n => n.type === 'MarkdownNote').map(n => String(n.id))"
+    )
+    scale = page.evaluate("() => app.canvas.ds.scale")
+    assert scale >= 0.8, f"{name} opened at zoom {scale:.2f}"
+    for needle in ("Press Queue", "Models"):
+        seen = _text_shown_in_node(page, note, needle, move=False)
+        assert seen["shown"], f"{name}: {needle!r} is not readable in the Read me as opened ({seen}); {shot}"
+    # The framing is not kept in the workflow: a saved copy opens where the user left it.
+    assert page.evaluate("() => app.graph.extra?.kontext_restore") is None
     errors = console.errors_since(mark)
     assert not errors, "\n".join(errors)

@@ -223,7 +223,11 @@ def test_loader_files_are_the_documented_ones(name):
 def test_note_says_which_models_where_and_what_fits(name):
     text = note_text(name)
     template = build_workflows.TEMPLATES[name]
-    assert text.startswith(f"{template.title}\n{template.description}\n")
+    assert text.startswith(f"## {template.title}\n{template.description}\n")
+    # Short, and says what to put where, what to press, how long and where the result goes.
+    assert len(text) < 1600, f"{name}: the Read me has {len(text)} characters"
+    for needed in ("**Put**", "**Press Queue**", "How long", "**Result:**"):
+        assert needed in text, f"{name}: the Read me does not say {needed!r}"
     for needed in (
         "FLUX.1 Kontext [dev]",
         "models/diffusion_models/flux1-kontext-dev.safetensors",
@@ -372,3 +376,78 @@ def test_restore_with_lora_runs_with_the_trained_lora(comfy_server, trained):
 
     with Image.open(saved[0]) as img:
         assert img.size == (176, 128)  # restored at the input's size
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_template_opens_framed_on_its_read_me(name):
+    """The saved view (1.32 opens a template with it) shows the Read me at full size near the
+    top-left corner; the web extension frames the node named in extra.kontext_restore on 1.49,
+    which fits the whole graph instead (tests/test_web_ui.py checks both as drawn)."""
+    ui = load_ui(name)
+    (note,) = [n for n in ui["nodes"] if n["type"] == NOTE]
+    ds = ui["extra"]["ds"]
+    assert ds["scale"] >= 0.8 and ui["extra"]["kontext_restore"]["frame"] == note["id"]
+    corner = [
+        (note["pos"][0] + ds["offset"][0]) * ds["scale"],
+        (note["pos"][1] - 30 + ds["offset"][1]) * ds["scale"],
+    ]
+    assert 0 <= corner[0] <= 100 and 0 <= corner[1] <= 100, corner
+    assert note["size"][1] * ds["scale"] < 900, "the Read me fits a 1080 px high window"
+
+
+def test_link_check_sees_a_link_through_a_node():
+    """Negative control for build_workflows.links_through_nodes: a node put on the straight line
+    between the VAE and Restore Image of the restore template is found on that link."""
+    ui = load_ui("restore_with_lora")
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    vae = next(n for n in ui["nodes"] if n["type"] == "VAELoader")
+    restore = next(n for n in ui["nodes"] if n["type"] == "KontextRestoreRestore")
+    save = next(n for n in ui["nodes"] if n["type"] == "SaveImage")
+    # Save Image moved to the middle of the VAE -> Restore Image link.
+    mid_x = (vae["pos"][0] + vae["size"][0] + restore["pos"][0]) / 2
+    mid_y = (vae["pos"][1] + restore["pos"][1]) / 2 + 34
+    save["pos"] = [mid_x - 20, mid_y - 20]
+    save["size"] = [40, 40]
+    found = build_workflows.links_through_nodes({"nodes": list(nodes.values()), "links": ui["links"]})
+    assert any("VAELoader -> " in link and "SaveImage" in node for link, node in found), found
+
+
+def test_restore_template_drops_load_lora_with_one_switch(monkeypatch, object_info):
+    """Once Restore Image applies its picker's LoRA itself, RESTORE_APPLIES_LORA = True is the
+    one change: no Load LoRA, the model straight from the loader, the Read me without it."""
+    import kontext_templates
+
+    monkeypatch.setattr(kontext_templates, "RESTORE_APPLIES_LORA", True)
+    nodes = kontext_templates.restore_with_lora()
+    assert "LoraLoaderModelOnly" not in {n.type for n in nodes}
+    restore = next(n for n in nodes if n.type == "KontextRestoreRestore")
+    assert restore.links["model"] == (1, 0) and restore.widgets["lora_name"] == "kontext_restore.safetensors"
+    note = next(n for n in nodes if n.type == NOTE).widgets["text"]
+    assert "Load LoRA" not in note
+    build_workflows.to_ui(nodes, object_info)  # still a valid workflow
+
+
+def test_before_after_thumbnail_shows_before_on_the_left_and_after_on_the_right(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from PIL import Image
+    from template_thumbnails import THUMBNAIL_PX, TITLE_BAND, before_after_thumbnail, samples_first_row
+
+    before, after = Image.new("RGB", (300, 200), (200, 40, 40)), Image.new("RGB", (300, 200), (40, 40, 200))
+    path = before_after_thumbnail(
+        before, after, "Restore photos with a Kontext LoRA", ("degraded", "restored"), tmp_path / "t.jpg"
+    )
+    with Image.open(path) as img:
+        assert img.format == "JPEG" and img.size == (THUMBNAIL_PX, THUMBNAIL_PX)
+        y = TITLE_BAND + 100
+        left, right = img.getpixel((100, y)), img.getpixel((THUMBNAIL_PX - 100, y))
+        assert left[0] > 150 > left[2] and right[2] > 150 > right[0], (left, right)
+    # The first row of a samples grid (degraded | restored | ...) gives the pair.
+    from kontext_train.report.sample_grid import image_grid
+
+    grid = image_grid(
+        [[before, after, after, before]], ["degraded", "restored", "VAE round trip", "clean"], cell=128
+    )
+    grid.save(tmp_path / "samples.png")
+    b, a = samples_first_row(tmp_path / "samples.png")
+    assert b.getpixel((b.width // 2, b.height // 2)) == (200, 40, 40)
+    assert a.getpixel((a.width // 2, a.height // 2)) == (40, 40, 200)

@@ -54,7 +54,11 @@ RESTORE_PROMPT = DEFAULT_PROMPT
 LORA_NAME = "kontext_restore"
 # The training templates load the base model in fp8 so that training fits a 24 GB card.
 TRAIN_WEIGHT_DTYPE = "fp8_e4m3fn"
-NOTE_TYPE = "Note"  # the frontend's own note node (virtual: never sent to the server)
+# The frontend's own Markdown note (virtual: never sent to the server; frontends 1.32 and 1.49).
+NOTE_TYPE = "MarkdownNote"
+# Restore Image applies the LoRA of its picker itself once it does (then the restore template needs
+# no Load LoRA node): the one line to change.
+RESTORE_APPLIES_LORA = False
 
 
 @dataclass
@@ -88,32 +92,27 @@ class Template:
 # --------------------------------------------------------------------------------------------
 
 MODELS_NOTE = """\
-Models (FLUX.1 Kontext [dev]) and the ComfyUI folders they go in:
-• models/diffusion_models/flux1-kontext-dev.safetensors: the FLUX.1 Kontext [dev] diffusion \
-model, from huggingface.co/black-forest-labs/FLUX.1-Kontext-dev. That page asks you to accept \
-its licence (FLUX.1 [dev] Non-Commercial License) while logged in to Hugging Face before the \
-download works.
-• models/vae/ae.safetensors: the Flux VAE ("ae").
-• models/text_encoders/clip_l.safetensors and t5xxl_fp16.safetensors: the clip_l and t5xxl \
-text encoders (huggingface.co/comfyanonymous/flux_text_encoders).
-The web UI offers download links for missing files."""
+**Models** (FLUX.1 Kontext [dev]; the web UI offers download links for missing files):
+- `models/diffusion_models/flux1-kontext-dev.safetensors`: from \
+huggingface.co/black-forest-labs/FLUX.1-Kontext-dev, which asks you to accept its licence while \
+logged in before the download works
+- `models/vae/ae.safetensors`
+- `models/text_encoders/clip_l.safetensors` and `t5xxl_fp16.safetensors`"""
 
 # The one sentence to update with kontext-train plan --table's numbers (README "Will it fit?").
 TRAIN_MEMORY_NOTE = """\
-GPU memory (numbers: README "Will it fit?"):
-• 24 GB card: this template as it is: weight_dtype fp8_e4m3fn (fp8 base model), bucket_scale \
-1.0 (1024 px buckets), gradient_checkpointing on, rank 16, batch_size 1: 15.8 GiB planned \
-(17.8 GiB with formulation bridge_ref, which adds reference tokens).
-• 16 GB card: the same with bucket_scale 0.5 (512 px buckets): 14.2 GiB planned, little margin.
-Planned = predicted by kontext-train plan, not yet measured on a GPU."""
+**GPU memory** (README "Will it fit?"; planned, not yet measured on a GPU): a 24 GB card runs \
+this template as it is (weight_dtype fp8_e4m3fn, bucket_scale 1.0, gradient_checkpointing on, \
+rank 16, batch_size 1: 15.8 GiB); a 16 GB card needs bucket_scale 0.5 (512 px: 14.2 GiB). \
+Every other setting is the node's default."""
 
-TRAIN_DEFAULTS_NOTE = """\
-Every setting is the node's default except weight_dtype: fp8_e4m3fn instead of default, so that \
-training fits a 24 GB card."""
+TRAIN_TIME_NOTE = """\
+**How long:** 3000 steps. Once it runs, Train LoRA shows s/step, the time left (ETA) and each \
+checkpoint; cancel (✕ in the queue) saves one, and queueing again continues from it."""
 
 
 def _note(template_title: str, description: str, *parts: str) -> str:
-    return "\n\n".join((f"{template_title}\n{description}", *parts))
+    return "\n\n".join((f"## {template_title}\n{description}", *parts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,17 +231,15 @@ EVALUATE = Template(
 )
 
 TRAIN_STEPS_NOTE = """\
-Put your clean photos in ComfyUI/input/restore_hq (sub-folders are fine) and queue. "Dataset \
-summary and validation report" shows, once training ends, which images were used or skipped (and \
-why), the split, the buckets and the held-out scores; ComfyUI's console prints the dataset \
-summary as soon as the folder is read. The LoRA is written to \
-models/loras/kontext_restore.safetensors, checkpoints to output/kontext_restore/; an \
-interrupted run continues from its last checkpoint when queued again."""
+1. **Put** 20 or more clean photos in `ComfyUI/input/restore_hq` (sub-folders are fine).
+2. **Press Queue** (Ctrl+Enter).
+3. **Result:** `models/loras/kontext_restore.safetensors`; press R and pick it in Restore \
+Image. The summary and the held-out scores show in "Dataset summary and validation report"."""
 
 
 def train_restoration_lora() -> list[Node]:
     note = _note(
-        TRAIN.title, TRAIN.description, TRAIN_STEPS_NOTE, MODELS_NOTE, TRAIN_MEMORY_NOTE, TRAIN_DEFAULTS_NOTE
+        TRAIN.title, TRAIN.description, TRAIN_STEPS_NOTE, TRAIN_TIME_NOTE, MODELS_NOTE, TRAIN_MEMORY_NOTE
     )
     return [
         _note_node(21, 0, note),
@@ -253,32 +250,30 @@ def train_restoration_lora() -> list[Node]:
 
 
 RESTORE_NOTE = """\
-Load your degraded photo in "Degraded photo" and queue; the result is saved to \
-output/kontext_restore/. Restore Image reads the settings the LoRA was trained with from its \
-file (lora_name), so keep it equal to the LoRA that Load LoRA applies.
-
-Settings are the nodes' defaults except Restore Image's lora_name (kontext_restore.safetensors \
-instead of none, so that mode auto samples the way that LoRA was trained)."""
+1. **Put** your degraded photo in "Degraded photo" (drop it there or click to upload).
+2. **Pick** the LoRA in Restore Image's lora_name (kontext_restore.safetensors here instead of \
+the default none; press R after training a new one).{load_lora}
+3. **Press Queue** (Ctrl+Enter). **How long:** 8 sampling steps, about as long as 8 steps of a \
+Flux image.
+4. **Result:** `output/kontext_restore/restored_*.png`, shown in Save Image."""
 
 RESTORE_MEMORY_NOTE = """\
-GPU memory (numbers: README "Will it fit?"): ComfyUI keeps in GPU memory what fits and offloads \
-the rest; weight_dtype fp8_e4m3fn on Load Diffusion Model halves the memory of the model's weights \
-(1 byte each instead of 2)."""
+**GPU memory** (README "Will it fit?"): ComfyUI offloads what does not fit; weight_dtype \
+fp8_e4m3fn on Load Diffusion Model halves the model's weights."""
 
 
 def restore_with_lora() -> list[Node]:
     lora_file = f"{LORA_NAME}.safetensors"
-    note = _note(RESTORE.title, RESTORE.description, RESTORE_NOTE, MODELS_NOTE, RESTORE_MEMORY_NOTE)
+    load_lora = "" if RESTORE_APPLIES_LORA else " Load LoRA applies it to the model: keep the two equal."
+    steps = RESTORE_NOTE.format(load_lora=load_lora)
+    note = _note(RESTORE.title, RESTORE.description, steps, MODELS_NOTE, RESTORE_MEMORY_NOTE)
+    lora_loader = Node(
+        5, "LoraLoaderModelOnly", 2, {"lora_name": lora_file, "strength_model": 1.0}, {"model": (1, 0)}
+    )
     return [
         _note_node(9, 0, note),
         *_loaders(1),
-        Node(
-            5,
-            "LoraLoaderModelOnly",
-            2,
-            {"lora_name": lora_file, "strength_model": 1.0},
-            {"model": (1, 0)},
-        ),
+        *([] if RESTORE_APPLIES_LORA else [lora_loader]),
         _prompt(2),
         Node(6, "LoadImage", 2, {"image": "degraded_photo.png"}, title="Degraded photo", size=(400, 400)),
         Node(
@@ -286,7 +281,12 @@ def restore_with_lora() -> list[Node]:
             "KontextRestoreRestore",
             3,
             {"lora_name": lora_file},
-            {"model": (5, 0), "vae": (3, 0), "conditioning": (4, 0), "images": (6, 0)},
+            {
+                "model": (1, 0) if RESTORE_APPLIES_LORA else (5, 0),
+                "vae": (3, 0),
+                "conditioning": (4, 0),
+                "images": (6, 0),
+            },
             room=RESTORE_TEXT_H,
         ),
         Node(
@@ -301,10 +301,12 @@ def restore_with_lora() -> list[Node]:
 
 
 EVALUATE_STEPS_NOTE = """\
-Put your clean photos in ComfyUI/input/restore_hq and a clean reference photo (not one of them) \
-in "Clean reference", then queue. The reference is degraded like the training data, restored \
-with the LoRA just trained (Train LoRA's model and lora_name outputs) and scored: "Metrics" \
-compares restored and degraded against the reference."""
+1. **Put** 20 or more clean photos in `ComfyUI/input/restore_hq`, and a clean reference photo \
+(not one of them) in "Clean reference".
+2. **Press Queue** (Ctrl+Enter).
+3. **Result:** the LoRA in `models/loras/kontext_restore.safetensors`; the reference is degraded \
+like the training data, restored with the new LoRA and scored in "Metrics" (restored and \
+degraded against the reference); the restored image in `output/kontext_restore/evaluated_*.png`."""
 
 
 def train_then_evaluate() -> list[Node]:
@@ -312,9 +314,9 @@ def train_then_evaluate() -> list[Node]:
         EVALUATE.title,
         EVALUATE.description,
         EVALUATE_STEPS_NOTE,
+        TRAIN_TIME_NOTE,
         MODELS_NOTE,
         TRAIN_MEMORY_NOTE,
-        TRAIN_DEFAULTS_NOTE,
     )
     return [
         _note_node(21, 0, note),

@@ -154,16 +154,16 @@ def resolve_weights(settings: Settings) -> dict[str, Path]:
     problems: list[str] = []
     for key, value in values.items():
         opt = BY_NAME[key]
-        how = f"{opt.flag} / {opt.env} / {key!r} in the config file"
+        how = f"{opt.flag}, {opt.env} or {key!r} in the config file"
         folders = " or ".join(f"models/{f}" for f in WEIGHT_FOLDERS[key])
         if not value:
-            problems.append(f"{WEIGHT_LABELS[key]} not given (set {how})")
+            problems.append(f"{WEIGHT_LABELS[key]}: not given (set {how})")
             continue
         path = resolve_model_file(str(value), WEIGHT_FOLDERS[key])
         if path is None:
             problems.append(
-                f"{WEIGHT_LABELS[key]} {str(value)!r} ({settings.sources[key]}) is neither a file nor in {folders} "
-                f"(fix {how})"
+                f"{WEIGHT_LABELS[key]}: {str(value)!r} ({settings.sources[key]}) is neither a file nor in "
+                f"{folders} (fix {how})"
             )
         else:
             found[key] = path
@@ -171,10 +171,17 @@ def resolve_weights(settings: Settings) -> dict[str, Path]:
         where = (
             "found automatically" if settings.sources["comfyui"] == "default" else settings.sources["comfyui"]
         )
+        # One short line per file (cli prints the first after "kontext-train: error: ").
         raise UsageError(
-            f"{PROG} {settings.command}: model files missing: {'; '.join(problems)}. Searched ComfyUI at {root} "
-            f"({where}; --comfyui / COMFYUI_PATH to change): give full paths, or names inside {root / 'models'}. "
-            f"To try the pipeline without weights: {PROG} demo"
+            "\n".join(
+                [
+                    f"{settings.command} needs the Kontext weights; {len(problems)} of 4 files not found:",
+                    *(f"  {p}" for p in problems),
+                    f"Names are looked up in {root / 'models'} (ComfyUI: {where}; --comfyui to change); "
+                    "full paths work too.",
+                    f"To try the pipeline without weights: {PROG} demo",
+                ]
+            )
         )
     return found
 

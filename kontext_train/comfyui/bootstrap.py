@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..files.weights_file import check_safetensors
+
 
 class ComfyUINotFound(RuntimeError):
     pass
@@ -138,6 +140,7 @@ def load_models_headless(unet: str, clip_l: str, t5xxl: str, vae: str, weight_dt
             raise FileNotFoundError(
                 f"{label} weights not found: {path!r}. Give the path to the .safetensors file."
             )
+        check_safetensors(path, label)  # a truncated download: one line, before any loading
     model_options = {}
     if weight_dtype == "fp8_e4m3fn":
         model_options["dtype"] = torch.float8_e4m3fn

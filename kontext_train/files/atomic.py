@@ -87,7 +87,9 @@ def _create_temporary(path: Path, suffix: str) -> Path:
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yields a temporary path in the target's folder; it replaces ``path`` if the block succeeds
-    and is removed if it raises. The result gets the permissions of any new file (umask)."""
+    and is removed if it raises. The result gets the permissions of any new file (umask), also
+    when the block's writer replaced the temporary file by one of its own: safetensors'
+    ``save_file`` (0.8) writes a new file with mode 0600, which is put back to the created one."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         # Checked first, so no work is spent on a file that could never replace the folder.
@@ -97,9 +99,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     with reporting_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _create_temporary(path, suffix)
+        mode = os.stat(tmp).st_mode & 0o7777
     try:
         with reporting_write_errors(path):
             yield tmp
+            if os.stat(tmp).st_mode & 0o7777 != mode:
+                os.chmod(tmp, mode)
             os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -96,7 +96,7 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
         min=1, max=1_000_000, commands=TRAINING),
     Setting("learning_rate", "float", _T.learning_rate,
         "How fast the LoRA learns (1e-4 typical; lower it if the loss becomes NaN).",
-        "AdamW learning rate", min=1e-7, max=1.0, step=1e-5, commands=TRAINING),
+        "AdamW learning rate", min=1e-7, max=1.0, step=1e-7, commands=TRAINING),
     Setting("rank", "int", _T.rank,
         "LoRA size: a higher rank learns more but takes more memory and disk (16 typical).",
         "LoRA rank", min=1, max=256, commands=TRAINING),

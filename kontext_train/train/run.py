@@ -81,6 +81,8 @@ class RunHooks:
     on_cache_progress: Callable[[int, int], None] | None = None
     check_cancel: Callable[[], None] | None = None  # raises to cancel (ComfyUI's interrupt)
     on_cancelled: Callable[[int, Path | None], None] | None = None  # (step, checkpoint written)
+    on_checkpoint: Callable[[int, Path], None] | None = None  # (step, checkpoint folder) when written
+    on_resumed: Callable[[int, Path], None] | None = None  # (step, checkpoint) as training continues
 
 
 @dataclass
@@ -293,6 +295,8 @@ def _train(latents, model, conditioning, config, paths, vae, resume, hooks, meta
         cancel_exceptions=comfyui.interrupt_exception_types(),
         oom_exceptions=comfyui.oom_exception_types(),
         on_validation=on_validation,
+        on_checkpoint=hooks.on_checkpoint,
+        on_resumed=hooks.on_resumed,
         sync_gradients=sync_gradients(ctx) if ctx.enabled else None,
         is_main_process=ctx.is_main,
     )

@@ -57,6 +57,8 @@ class TrainerHooks:
     cancel_exceptions: tuple[type[BaseException], ...] = (KeyboardInterrupt,)
     oom_exceptions: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
     on_validation: Callable[[dict], None] | None = None
+    on_checkpoint: Callable[[int, Path], None] | None = None  # (step, folder) after each one is written
+    on_resumed: Callable[[int, Path], None] | None = None  # (step, checkpoint) once its state is loaded
     # Multi-process training: average gradients across ranks; only the main process writes.
     sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None
     is_main_process: bool = True
@@ -255,6 +257,8 @@ class Trainer:
             keep=self.config.keep_checkpoints,
         )
         self.last_saved_step = self.step
+        if self.hooks.on_checkpoint:
+            self.hooks.on_checkpoint(self.step, self.last_checkpoint)
         return self.last_checkpoint
 
     def _resume(self, optimizer, scheduler) -> int:
@@ -271,6 +275,8 @@ class Trainer:
         self.validation = list(state["validation"])
         self.last_saved_step = self.step
         self.last_checkpoint = found
+        if self.hooks.on_resumed and self.hooks.is_main_process:
+            self.hooks.on_resumed(self.step, found)
         return self.step
 
     # -- validation -----------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Where the nodes of a template go on the canvas, and checks of the drawn result: no node on
+another, no link through a node, and the view a template opens with (framed on its Read me at a
+zoom where the frontend draws text).
+
+Canvas units throughout. LiteGraph draws a node's title bar above its position and a link as a
+cubic Bezier from an output slot on the right edge of its node to an input slot on the left edge
+of its target, with control points a quarter of the distance out horizontally (``LiteGraph
+SPLINE_LINK``, the default link style of frontends 1.32 and 1.49).
+"""
+
+from __future__ import annotations
+
+from kontext_templates import Node
+
+TITLE_H = 30
+GAP_X = 60
+GAP_Y = 40
+DEFAULT_WIDTH = 340
+SLOT_H = 20  # LiteGraph.NODE_SLOT_HEIGHT
+# The view a template opens with: its Read me at full size, this far from the canvas's corner.
+# Frontends drop text and widgets below about 0.6 (1.49 draws blank boxes at 0.37-0.51).
+OPEN_SCALE = 1.0
+OPEN_MARGIN = (40, 60)
+
+
+def node_size(node: Node, n_inputs: int, n_outputs: int, n_widgets: int) -> list[int]:
+    """The node's size below its title bar. The default is above what both supported frontends
+    compute as the minimum (LiteGraph's computeSize: 20 px per slot row and 24 per widget,
+    measured in 1.32 and 1.49; tests/test_web_ui.py checks every template node against it)."""
+    if node.size:
+        return list(node.size)
+    return [DEFAULT_WIDTH, 30 + 22 * max(n_inputs, n_outputs) + 26 * n_widgets + node.room]
+
+
+def layout(nodes: list[Node], sizes: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Positions: columns left to right, each as wide as its widest node, nodes stacked in the
+    order listed with room for the title bar between them, so no two nodes overlap."""
+    columns: dict[int, list[Node]] = {}
+    for node in nodes:
+        columns.setdefault(node.col, []).append(node)
+    pos, x = {}, 0
+    for col in sorted(columns):
+        y = 0
+        for node in columns[col]:
+            pos[node.id] = [x, y]
+            y += sizes[node.id][1] + TITLE_H + GAP_Y
+        x += max(sizes[n.id][0] for n in columns[col]) + GAP_X
+    return pos
+
+
+def node_boxes(ui: dict) -> list[tuple[str, list[float]]]:
+    """Each node of a UI workflow as (label, [x, y, width, height]) on the canvas, title bar
+    included (LiteGraph draws it above ``pos``)."""
+    return [
+        (f"{n['id']} {n.get('title') or n['type']}", [n["pos"][0], n["pos"][1] - TITLE_H, *n["size"]])
+        for n in ui["nodes"]
+    ]
+
+
+def overlapping(boxes: list[tuple[str, list[float]]]) -> list[tuple[str, str]]:
+    """The pairs of boxes that overlap (touching edges do not count)."""
+    pairs = []
+    for i, (a, (ax, ay, aw, ah)) in enumerate(boxes):
+        for b, (bx, by, bw, bh) in boxes[i + 1 :]:
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                pairs.append((a, b))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Links as the frontend draws them
+# --------------------------------------------------------------------------------------------
+
+
+def _slot_y(node: dict, index: int) -> float:
+    """LiteGraph's slot position: the middle of slot row ``index`` below the node's position."""
+    return node["pos"][1] + (index + 0.7) * SLOT_H
+
+
+def link_curves(ui: dict, samples: int = 48) -> list[tuple[str, int, int, list[tuple[float, float]]]]:
+    """Each link of a UI workflow as (label, source id, target id, points along its curve)."""
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    curves = []
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        a, b = nodes[src], nodes[dst]
+        start = (a["pos"][0] + a["size"][0], _slot_y(a, src_slot))
+        end = (b["pos"][0], _slot_y(b, dst_slot))
+        reach = 0.25 * ((end[0] - start[0]) ** 2 + (end[1] - start[1]) ** 2) ** 0.5
+        c1, c2 = (start[0] + reach, start[1]), (end[0] - reach, end[1])
+        points = []
+        for k in range(samples + 1):
+            t = k / samples
+            u = 1 - t
+            points.append(
+                tuple(
+                    u**3 * p0 + 3 * u * u * t * p1 + 3 * u * t * t * p2 + t**3 * p3
+                    for p0, p1, p2, p3 in zip(start, c1, c2, end, strict=True)
+                )
+            )
+        label = f"link {link_id} {kind}: {src} {a.get('title') or a['type']} -> {dst} {b.get('title') or b['type']}"
+        curves.append((label, src, dst, points))
+    return curves
+
+
+def links_through_nodes(ui: dict, inset: float = 4.0) -> list[tuple[str, str]]:
+    """(link, node) pairs where a link's curve passes over a node other than its two ends (the
+    node's box with its title bar, shrunk by ``inset`` so that a curve grazing an edge does not
+    count)."""
+    boxes = [(n["id"], label, box) for (label, box), n in zip(node_boxes(ui), ui["nodes"], strict=True)]
+    found = []
+    for label, src, dst, points in link_curves(ui):
+        for node_id, node_label, (x, y, w, h) in boxes:
+            if node_id in (src, dst):
+                continue
+            if any(x + inset < px < x + w - inset and y + inset < py < y + h - inset for px, py in points):
+                found.append((label, node_label))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# The view a template opens with
+# --------------------------------------------------------------------------------------------
+
+
+def view_on(ui_nodes: list[dict], framed_type: str) -> dict:
+    """The workflow's ``extra``: the canvas view (``ds``) with the first node of ``framed_type``
+    (the Read me) at ``OPEN_SCALE`` near the top-left corner, and which node that is.
+
+    Frontend 1.32 opens a template with this view. 1.49 fits the whole graph instead, at a zoom
+    where no text is drawn; the pack's web extension (web/kontext_restore.js) frames the node
+    named in ``kontext_restore.frame`` after the load, on both, and then removes that key so a
+    workflow the user saves keeps the user's own view."""
+    framed = next(n for n in ui_nodes if n["type"] == framed_type)
+    x, y = framed["pos"][0], framed["pos"][1] - TITLE_H
+    offset = [OPEN_MARGIN[0] / OPEN_SCALE - x, OPEN_MARGIN[1] / OPEN_SCALE - y]
+    return {
+        "ds": {"scale": OPEN_SCALE, "offset": offset},
+        "kontext_restore": {"frame": framed["id"], "scale": OPEN_SCALE},
+    }
