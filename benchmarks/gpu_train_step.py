@@ -183,13 +183,13 @@ class Runner:
             warmup_steps=0,
             checkpoint_every=0,
             validate_every_epochs=0,
-            formulation=formulation,
-            # bridge_ref trains only with noise on the start (flow.check_formulation); 0.1 is the
-            # smallest allowed value and the planner's.
-            bridge_noise=0.1 if formulation == "bridge_ref" else 0.0,
+            formulation="bridge",
             lora_targets="blocks",
             gradient_checkpointing=True,
         )
+        # bridge_ref is no longer trainable; its step is timed anyway (set past the check, with the
+        # 0.1 bridge noise it was last trained with).
+        cfg.formulation, cfg.bridge_noise = formulation, (0.1 if formulation == "bridge_ref" else 0.0)
         clean, degraded = latents(side)
         self.n += 1
         with torch.inference_mode(False):

@@ -23,7 +23,7 @@ from typing import Any
 
 from .data.dataset import build_dataset
 from .data.degradations import KINDS, DegradationConfig
-from .method.flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING
+from .method.flow import LOSS_WEIGHTING, TIMESTEP_SAMPLING, TRAINABLE_FORMULATIONS
 from .data.latent_cache import CONTROL_MODES, LatentCache
 from .method.lora import TARGET_SETS
 from .report.plots import render_loss_plot
@@ -234,11 +234,12 @@ SETTINGS: tuple[Setting, ...] = (
        "Random seed: the same seed gives the same split, degradations, training and sampling noise.",
        "seed of split, degradations, LoRA init and noise", min=0, max=MAX_SEED),
     _s("formulation", "choice", _T.formulation,
-       "bridge (default, fastest): start from the degraded image; bridge_ref: start from it with "
-       "bridge_noise >= 0.1 and also see it as reference; kontext: start from noise, see it as reference.",
-       "flow-matching formulation", choices=FORMULATIONS, commands=TRAINING),
+       "bridge: start from the degraded image; kontext: start from noise, see the degraded image as "
+       "reference; shortened: start from the degraded image mixed with noise at sigma 0.6, see it as "
+       "reference (bridge_ref is no longer trained: its reference gives the target away).",
+       "flow-matching formulation", choices=TRAINABLE_FORMULATIONS, commands=TRAINING),
     _s("bridge_noise", "float", _T.bridge_noise,
-       "Noise added to the degraded start of a bridge (0: none; bridge_ref needs at least 0.1). "
+       "Noise added to the degraded start of a bridge (0: none). "
        "Restoring uses the LoRA's value.",
        "noise added to the bridge start", min=0.0, max=1.0, step=0.01, commands=TRAINING),
     _s("timestep_sampling", "choice", _T.timestep_sampling,
