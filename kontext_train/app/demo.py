@@ -101,9 +101,31 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.model.diffusion_model.parameters())
 
 
-def honest_paragraph(n_params: int, steps: int, n_train: int, pretrain: dict, real_command: str) -> str:
-    """What the demo shows and does not, and the command that does the real job."""
+def honest_paragraph(
+    n_params: int,
+    steps: int,
+    n_train: int,
+    pretrain: dict,
+    real_command: str,
+    psnr: tuple[float, float] | None = None,
+) -> str:
+    """What the demo shows and does not, and the command that does the real job. ``psnr``:
+    (degraded, restored) mean PSNR of the held-out photo, which decides what this run showed."""
     settings = pretrain.get("settings", {})
+    if psnr is not None and psnr[1] > psnr[0]:
+        shown = (
+            f"In this run the LoRA restored the held-out photo better than the degraded input ({psnr[1]:.2f} "
+            f"against {psnr[0]:.2f} dB PSNR): the method and the plumbing"
+        )
+    elif psnr is not None:
+        shown = (
+            f"In this run the LoRA did **not** beat the degraded input on the held-out photo ({psnr[1]:.2f} "
+            f"against {psnr[0]:.2f} dB PSNR): with a few minutes of CPU training on five photos the tiny stand-in "
+            "does not generalise its restoration to an unseen photo (BENCHMARKS.md, section 10, has the "
+            "formulations at this budget). What it does show is that the method and the plumbing"
+        )
+    else:
+        shown = "The method and the plumbing"
     return (
         "**What this is.** The model is a stand-in, not FLUX.1 Kontext: a tiny Flux transformer "
         f"({n_params / 1e6:.2f}M parameters, ComfyUI's own Flux class) pre-trained by this pack on "
@@ -115,9 +137,9 @@ def honest_paragraph(n_params: int, steps: int, n_train: int, pretrain: dict, re
         "the clean photo is the best any latent can decode to. The restoration LoRA was trained here for "
         f"{steps} steps on {n_train} photos through the same code a real run uses, and the held-out photo "
         "was seen neither in pre-training nor by the LoRA.\n\n"
-        "**What it shows.** The method and the plumbing - synthetic degradation, Kontext buckets, the "
-        "latent cache, LoRA training with checkpoints and resume, restoration with ComfyUI's own sampler, "
-        "PSNR/SSIM scoring - restore real photo degradations in image space on a base that knows images. "
+        f"**What it shows.** {shown} - synthetic degradation, Kontext buckets, the latent cache, LoRA "
+        "training with checkpoints and resume, restoration with ComfyUI's own sampler, PSNR/SSIM scoring - "
+        "run end to end in image space on a base that knows images. "
         "**What it does not show** is the quality of a LoRA on FLUX.1 Kontext [dev]: the stand-in is a "
         "few-MB model that has seen a handful of photos at 128 px.\n\n"
         "With FLUX.1 Kontext [dev] weights, ComfyUI's text encoders and the Flux VAE in place and your "

@@ -78,6 +78,8 @@ def render_report(
     if ev is not None:
         evs = list(seed_evs) or [ev]
         seeds = f" over {len(evs)} sampling seeds (mean ± sd)" if len(evs) > 1 else ""
+        if seeds and config.formulation == "bridge" and not config.bridge_noise:
+            seeds += "; a bridge without bridge noise draws no noise, so every seed gives the same image"
         lines += [
             "## Held-out images: before (degraded) and after (restored)",
             "",
@@ -128,6 +130,7 @@ def render_report(
                 len(dataset.train),
                 pipe.standin or {},
                 demo_real_command(settings, out),
+                _psnr_pair(list(seed_evs) or ([ev] if ev is not None else [])),
             ),
         ]
     return "\n".join(lines) + "\n"
@@ -140,6 +143,15 @@ def demo_real_command(settings, out: Path) -> str:
     from .runtime import locate_comfyui
 
     return real_command(locate_comfyui(settings), Path(out).absolute().parent / "kontext-restore-output")
+
+
+def _psnr_pair(evs: list) -> tuple[float, float] | None:
+    """Mean (degraded, restored) PSNR over evaluations, or None without numbers."""
+    pairs = [(e.scores.means().get("psnr_degraded"), e.scores.means().get("psnr_restored")) for e in evs]
+    pairs = [p for p in pairs if all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
+    if not pairs:
+        return None
+    return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
 
 
 def _over(evs: list, key: str, spec: str) -> str:
