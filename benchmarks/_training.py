@@ -148,11 +148,12 @@ def train_ours(
         guidance=guidance,
         checkpoint_every=0,
         validate_every_epochs=0,
-        formulation=formulation,
-        bridge_noise=bridge_noise(formulation),
         lora_targets=targets,
         gradient_checkpointing=checkpointing,
     )
+    # bridge_ref is no longer trainable (flow.check_formulation); its step is still timed, set past
+    # the check with the smallest bridge noise it was trained with.
+    config.formulation, config.bridge_noise = formulation, bridge_noise(formulation)
     with torch.inference_mode(False):
         Trainer(config, lm, batches, cond, out_dir).run(resume=False)
 

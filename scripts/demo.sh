@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's first command: set up a fresh machine (the newest test host's environment) and run
-# the offline demo on the tiny random model. Extra arguments go to `kontext-train demo`.
+# the offline demo on the pretrained stand-in model. Extra arguments go to `kontext-train demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_test_env.sh 0.33.0

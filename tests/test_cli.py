@@ -112,6 +112,16 @@ def test_the_demo_has_its_own_defaults(clean_env, capsys):
     assert printed["settings"]["output_dir"]["value"] == "kontext-restore-demo"
 
 
+def test_the_demo_trains_layers_diffusers_loads_whole(clean_env, capsys):
+    """The trainer warns about diffusers only for all_linear; the demo no longer asks for it, so it
+    no longer prints that warning (issue 23)."""
+    from kontext_train.method.lora import OUTER_TARGETS, TARGET_SETS
+
+    assert cli.main(["demo", "--print-config"]) == 0
+    targets = json.loads(capsys.readouterr().out)["settings"]["lora_targets"]["value"]
+    assert not set(TARGET_SETS[targets]) & set(OUTER_TARGETS)  # the layers diffusers skips
+
+
 def test_train_without_weights_is_not_the_demo(clean_env, capsys):
     assert cli.main(["train", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -224,10 +234,9 @@ def test_demo_runs_end_to_end_and_writes_everything(demo_run):
     assert evaluation["per_image"][0]["image"].endswith(".png")
     with Image.open(out / "loss.png") as im:
         assert im.width > 100 and im.height > 100
-    # The demo's loss plot shows the held-out latent MSE (what its training moves), not the PSNR
-    # its random VAE caps: the validation rows drawn carry latent MSE.
-    assert [c.get("validation_metric") for c in plot_calls] == ["latent_mse"]
-    assert all("latent_mse_restored" in row for row in plot_calls[0]["validation"])
+    # The stand-in's photo VAE round-trips photos, so the loss plot shows the held-out PSNR.
+    assert [c.get("validation_metric") for c in plot_calls] == ["psnr"]
+    assert all("psnr_restored" in row for row in plot_calls[0]["validation"])
     # degraded | restored | VAE round trip | clean: four 256 px cells and three 4 px gaps, and the
     # round-trip cell holds a picture (not the blank background).
     with Image.open(out / "samples.png") as im:
@@ -236,7 +245,8 @@ def test_demo_runs_end_to_end_and_writes_everything(demo_run):
     roundtrip_cell = grid[-256:, 2 * 260 : 2 * 260 + 256]
     assert (roundtrip_cell != 255).any(axis=-1).mean() > 0.3
     report = (out / "report.md").read_text()
-    assert "offline demo" in report and "What these numbers mean" in report
+    assert "offline demo" in report and "What this is" in report and "does not show" in report
+    assert "the ceiling" not in report and "nan s/step" not in report
     assert "train \\" in report and "--unet" in report  # the real command
     assert "VAE round trip" in report
     assert "| PSNR dB |" in report and "![samples](samples.png)" in report
@@ -303,7 +313,25 @@ def test_resume_continues_and_no_resume_refuses(demo_run, capsys):
     assert "resumed from step 4" in capsys.readouterr().out
     after = json.loads((out / "runs" / "kontext_restore_demo" / "loss_history.json").read_text())
     assert len(after) == 6 and after[:4] == before
-    assert "(resumed from step 4)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "(resumed from step 4)" in report
+
+    # Run again when finished: nothing is trained, and the report keeps every validation row and
+    # says so instead of "nan s/step" (issue 23).
+    assert cli.main(["demo", "--output-dir", str(out), "--steps", "6", *TINY]) == 0
+    again = (out / "report.md").read_text()
+    assert "nothing left to train (the run was already at step 6)" in again and "nan s/step" not in again
+
+    def validation_rows(text):
+        return [
+            line
+            for line in text.split("## Validation during training")[1].splitlines()
+            if line.startswith("| ") and line[2].isdigit()
+        ]
+
+    assert validation_rows(again) == validation_rows(report) and validation_rows(report)[-1].startswith(
+        "| 6 "
+    )
 
     lora_bytes = (out / "kontext_restore_demo.safetensors").read_bytes()
     assert cli.main(["demo", "--output-dir", str(out), "--steps", "8", "--no-resume", *TINY]) == 2

@@ -263,3 +263,24 @@ def test_the_lora_records_what_restoring_reads_back(run):
     assert rs.warnings == ()
     other = read_restore_settings(outputs.lora_path, prompt="Restore this photo.")
     assert len(other.warnings) == 1 and prompt in other.warnings[0]
+
+
+def test_a_finished_run_read_back_keeps_its_last_validation(tmp_path, tiny_vae):
+    """The last validation runs after the last step's checkpoint; the checkpoint is saved again so
+    a re-run (which reads the finished run back) reports every validation row (issue 23)."""
+    outputs = RunOutputs(tmp_path / "loras" / "v.safetensors", tmp_path / "run")
+    dataset = build_dataset(_photos(tmp_path / "hq"), val_count=1, seed=0, bucket_scale=0.0625, min_size=8)
+    latents = latents_from_vae(dataset, tiny_vae, tmp_path / "cache", "pool", 1, 0)
+    config = TrainConfig(
+        steps=2, learning_rate=1e-3, rank=2, warmup_steps=0, checkpoint_every=1, validate_every_epochs=1,
+        validation_steps=1, gradient_checkpointing=False,
+    )  # fmt: skip
+
+    def train():
+        return train_lora(latents, make_tiny_flux(), make_conditioning(), config, outputs, hooks=RunHooks())
+
+    first = train()
+    assert first.validation and first.validation[-1]["step"] == 2
+    again = train()
+    assert again.already_complete
+    assert [r["step"] for r in again.validation] == [r["step"] for r in first.validation]

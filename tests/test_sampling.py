@@ -97,6 +97,29 @@ def test_sample_from_reads_formulation_guidance_and_bridge_noise_from_the_settin
     assert calls[0]["guidance"] == 2.5 and len(calls) == 2
 
 
+def test_shortened_starts_at_sigma0_from_the_noised_degraded_latent(comfy_root):
+    """ComfyUI's sampler builds the shortened path's start itself: at sigmas[0] = sigma0 its first
+    model input is sigma0 * eps + (1 - sigma0) * z_LQ (eps the seed's noise), with the degraded
+    latent as the reference; the plain sampler starts at the same sigma."""
+    from kontext_train.method.flow import SHORTENED_START_SIGMA
+
+    model, calls = _recording(make_tiny_flux())
+    degraded = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    settings = RestoreSettings(formulation="shortened", steps=3, seed=5)
+    sigmas = settings.as_trained_sigmas(8, 8)
+    assert sigmas[0].item() == pytest.approx(SHORTENED_START_SIGMA) and sigmas[-1] == 0
+    with torch.inference_mode():
+        comfyui.sample_from(model, make_conditioning(), degraded, sigmas, settings)
+    import comfy.sample
+
+    z = model.get_model_object("latent_format").process_in(degraded)
+    eps = comfy.sample.prepare_noise(degraded, 5, None)
+    s0 = SHORTENED_START_SIGMA
+    assert torch.allclose(calls[0]["input"], s0 * eps + (1 - s0) * z, atol=1e-5)
+    assert calls[0]["sigma"].flatten()[0].item() == pytest.approx(s0, abs=1e-6)
+    assert calls[0]["refs"] is not None and len(calls) == 3
+
+
 def test_unknown_sampler_or_scheduler_is_named(comfy_root):
     model = make_tiny_flux()
     with pytest.raises(ValueError, match="no_such_sampler"):

@@ -1,5 +1,6 @@
-"""The example templates made small enough to run on the CPU in the test server: the tiny
-test-only loaders of tests/host_nodes instead of the real model files, small buckets, few steps.
+"""The example templates made small enough to run on the CPU in the test server: the test-only
+loaders of tests/host_nodes instead of the real model files (the demo's pretrained stand-in Flux
+and photo VAE, a tiny random text encoder), small buckets, few steps.
 Used on API files (tests/test_workflows.py) and on the templates' descriptions, to build a UI
 workflow the web UI queues itself (tests/test_web_ui.py)."""
 
@@ -7,12 +8,13 @@ from __future__ import annotations
 
 import copy
 
-# Loader swaps for the tiny test-only models in tests/host_nodes (each takes only a seed).
+# Loader swaps for the test-only models in tests/host_nodes, with their inputs.
 TINY_LOADERS = {
-    "UNETLoader": "KontextRestoreTestTinyFlux",
+    "UNETLoader": "KontextRestoreTestStandInFlux",
     "DualCLIPLoader": "KontextRestoreTestTinyClip",
-    "VAELoader": "KontextRestoreTestTinyVAE",
+    "VAELoader": "KontextRestoreTestStandInVAE",
 }
+TINY_LOADER_INPUTS = {"KontextRestoreTestTinyClip": {"seed": 0}}
 # Per node type: the inputs changed so that a run takes seconds on the CPU.
 CPU_SETTINGS = {
     "KontextRestoreDataset": {"val_count": 1},
@@ -29,7 +31,7 @@ CPU_SETTINGS = {
     },
     "KontextRestoreRestore": {"steps": 2},
 }
-CPU_BUCKET_SCALE = 0.25
+CPU_BUCKET_SCALE = 0.125  # ~128 px: the stand-in's VAE downsamples 4x (32x32 latents)
 
 
 def _changes(kind: str, inputs: dict, dataset: str, images: dict[str, str], run: str) -> dict:
@@ -55,7 +57,8 @@ def shrink_api(api: dict, dataset: str, images: dict[str, str], run: str) -> dic
     for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind in TINY_LOADERS:
-            node["class_type"], node["inputs"] = TINY_LOADERS[kind], {"seed": 0}
+            node["class_type"] = TINY_LOADERS[kind]
+            node["inputs"] = dict(TINY_LOADER_INPUTS.get(node["class_type"], {}))
             continue
         inputs.update(_changes(kind, inputs, dataset, images, run))
     return api
@@ -67,7 +70,8 @@ def shrink_nodes(nodes: list, object_info: dict, dataset: str, images: dict[str,
     nodes = copy.deepcopy(nodes)
     for node in nodes:
         if node.type in TINY_LOADERS:
-            node.type, node.widgets = TINY_LOADERS[node.type], {"seed": 0}
+            node.type = TINY_LOADERS[node.type]
+            node.widgets = dict(TINY_LOADER_INPUTS.get(node.type, {}))
             continue
         if node.type not in object_info:  # the frontend's Note
             continue

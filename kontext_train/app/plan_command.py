@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="Kontext reference tokens (formulations bridge_ref and kontext; default off, as bridge)",
+        help="Kontext reference tokens (formulations kontext and shortened; default off, as bridge)",
     )
     for name in _FROM_OPTIONS:
         opt = setting(name)

@@ -22,13 +22,29 @@ def fmt_value(v: Any, spec: str = "{:.4f}") -> str:
 
 
 def render_report(
-    settings, ctx, pipe, dataset, config, result, ev, out, lora_path, train_seconds, total_seconds
+    settings,
+    ctx,
+    pipe,
+    dataset,
+    config,
+    result,
+    ev,
+    out,
+    lora_path,
+    train_seconds,
+    total_seconds,
+    seed_evs=(),
 ) -> str:
+    """``seed_evs``: evaluations of the same held-out images restored with other seeds (the demo's
+    mean and spread); ``ev`` is the first of them when given."""
     from ..data.degradations import describe
     from .demo import honest_paragraph
 
     trained_now = len(result.losses) - result.resumed_from
-    per_step = train_seconds / trained_now if trained_now > 0 else float("nan")
+    if trained_now > 0:
+        time_line = f"{train_seconds:.1f} s training ({train_seconds / trained_now:.3f} s/step)"
+    else:  # a re-run of a finished run trains nothing
+        time_line = f"nothing left to train (the run was already at step {result.step})"
     ema = None
     for v in result.losses:
         ema = v if ema is None else 0.9 * ema + 0.1 * v
@@ -46,7 +62,7 @@ def render_report(
         + (f" (resumed from step {result.resumed_from})" if result.resumed_from else "")
         + f", global batch {config.batch_size * ctx.world_size}, rank {config.rank}, lr {config.learning_rate:g} "
         f"({config.lr_schedule}, {config.warmup_steps} warm-up), formulation {config.formulation}, guidance {config.guidance:g}",
-        f"- time: {train_seconds:.1f} s training ({per_step:.3f} s/step), {total_seconds:.1f} s in all",
+        f"- time: {time_line}, {total_seconds:.1f} s in all",
         f"- loss: first {fmt_value(result.losses[0] if result.losses else None)}, last {fmt_value(result.losses[-1] if result.losses else None)}, EMA {fmt_value(ema)}",
         "",
         "## Files",
@@ -60,21 +76,31 @@ def render_report(
         "",
     ]
     if ev is not None:
-        m = ev.scores.means()
+        evs = list(seed_evs) or [ev]
+        seeds = f" over {len(evs)} sampling seeds (mean ± sd)" if len(evs) > 1 else ""
+        if seeds and config.formulation == "bridge" and not config.bridge_noise:
+            seeds += "; a bridge without bridge noise draws no noise, so every seed gives the same image"
         lines += [
             "## Held-out images: before (degraded) and after (restored)",
             "",
-            f"Restored with ComfyUI's `{settings.sampler}` sampler from the degraded latent; scored against the clean image.",
+            f"Restored with ComfyUI's `{settings.sampler}` sampler ({config.formulation}); scored against the "
+            f"clean image{seeds}.",
+            "",
+            "![samples](samples.png)",
             "",
             "| metric | degraded (before) | restored (after) |",
             "|---|---|---|",
-            f"| PSNR dB | {fmt_value(m.get('psnr_degraded'), '{:.2f}')} | {fmt_value(m.get('psnr_restored'), '{:.2f}')} |",
-            f"| SSIM | {fmt_value(m.get('ssim_degraded'))} | {fmt_value(m.get('ssim_restored'))} |",
-            f"| PSNR-Y dB | {fmt_value(m.get('psnr_y_degraded'), '{:.2f}')} | {fmt_value(m.get('psnr_y_restored'), '{:.2f}')} |",
+            f"| PSNR dB | {_over(evs, 'psnr_degraded', '{:.2f}')} | {_over(evs, 'psnr_restored', '{:.2f}')} |",
+            f"| SSIM | {_over(evs, 'ssim_degraded', '{:.4f}')} | {_over(evs, 'ssim_restored', '{:.4f}')} |",
+            f"| PSNR-Y dB | {_over(evs, 'psnr_y_degraded', '{:.2f}')} | {_over(evs, 'psnr_y_restored', '{:.2f}')} |",
             "",
-            f"VAE round trip of the clean images (the ceiling for any latent restoration): {fmt_value(ev.vae_roundtrip_psnr, '{:.2f}')} dB PSNR.",
-            "",
-            "![samples](samples.png)",
+            f"VAE round trip of the clean images (encode, then decode: what the VAE alone loses): "
+            f"{fmt_value(ev.vae_roundtrip_psnr, '{:.2f}')} dB PSNR. "
+            + (
+                "For the stand-in's linear VAE this is the best any latent can decode to."
+                if pipe.demo
+                else "A reference, not a bound: a learned VAE can decode a restored latent closer to the clean image."
+            ),
             "",
         ]
     else:
@@ -102,9 +128,9 @@ def render_report(
                 parameter_count(pipe.model),
                 result.step,
                 len(dataset.train),
-                ev.vae_roundtrip_psnr if ev is not None else None,
+                pipe.standin or {},
                 demo_real_command(settings, out),
-                _latent_trend(result.validation),
+                _psnr_pair(list(seed_evs) or ([ev] if ev is not None else [])),
             ),
         ]
     return "\n".join(lines) + "\n"
@@ -119,11 +145,26 @@ def demo_real_command(settings, out: Path) -> str:
     return real_command(locate_comfyui(settings), Path(out).absolute().parent / "kontext-restore-output")
 
 
-def _latent_trend(rows: list[dict]) -> tuple[float, float, float] | None:
-    rows = [r for r in rows if "latent_mse_restored" in r]
-    if not rows:
+def _psnr_pair(evs: list) -> tuple[float, float] | None:
+    """Mean (degraded, restored) PSNR over evaluations, or None without numbers."""
+    pairs = [(e.scores.means().get("psnr_degraded"), e.scores.means().get("psnr_restored")) for e in evs]
+    pairs = [p for p in pairs if all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
+    if not pairs:
         return None
-    return rows[-1]["latent_mse_degraded"], rows[0]["latent_mse_restored"], rows[-1]["latent_mse_restored"]
+    return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
+
+
+def _over(evs: list, key: str, spec: str) -> str:
+    """The mean of ``key`` over evaluations, ``± sd`` when there are several."""
+    values = [e.scores.means().get(key) for e in evs]
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return spec.format(mean)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{spec.format(mean)} ± {spec.format(sd)}"
 
 
 def _device_line(ctx) -> str:

@@ -124,7 +124,7 @@ def evaluate_samples(
     progress: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
     """Degrade (epoch 0, the run's seed), restore with ``patched_model``, score against the clean
-    image; also the VAE round trip of the clean image (the ceiling any latent restoration has)."""
+    image; also the VAE round trip of the clean image (what the VAE alone loses)."""
     from .. import comfyui
     from ..data.images import tensor_to_pil
     from ..report.metrics import evaluate_restoration, psnr
@@ -148,14 +148,21 @@ def evaluate_samples(
 
 
 def write_evaluation(ev: Evaluation, folder: Path, stem: str = "evaluation") -> dict[str, Path]:
-    from ..report.sample_grid import SAMPLE_COLUMNS, image_grid, sample_rows
+    from ..report.sample_grid import SAMPLE_COLUMNS, before_after, image_grid, sample_rows
 
     data = ev.to_dict()
-    paths = {"json": folder / f"{stem}.json", "csv": folder / f"{stem}.csv", "grid": folder / "samples.png"}
+    paths = {
+        "json": folder / f"{stem}.json",
+        "csv": folder / f"{stem}.csv",
+        "grid": folder / "samples.png",
+        "before_after": folder / "before_after.png",
+    }
     atomic_write_text(paths["json"], json.dumps(data, indent=2))
     atomic_write_csv(paths["csv"], data["per_image"])
-    # The VAE round trip column shows the ceiling of any restoration through this VAE.
+    # The VAE round trip column shows what the VAE alone does to the clean image.
     _save_png(image_grid(sample_rows(ev.triples, ev.roundtrips), list(SAMPLE_COLUMNS)), paths["grid"])
+    if ev.triples:  # the first image, degraded | restored
+        _save_png(before_after(ev.triples[0][0], ev.triples[0][1]), paths["before_after"])
     return paths
 
 
@@ -179,7 +186,7 @@ def _check_lora_matches(lora_path: Path, pipe: Pipeline) -> None:
     base = read_metadata(lora_path).get("kontext_restore.base_model")
     if base == DEMO_BASE_MODEL and not pipe.demo:
         raise UsageError(
-            f"{lora_path} was trained by the demo on the tiny random model; it does not fit {pipe.base_model}"
+            f"{lora_path} was trained by the demo on its stand-in model; it does not fit {pipe.base_model}"
         )
     if pipe.demo and base is not None and base != DEMO_BASE_MODEL:
         raise UsageError(

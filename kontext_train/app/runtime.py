@@ -278,6 +278,7 @@ class Pipeline:
     demo: bool
     base_model: str
     description: str
+    standin: dict | None = None  # the demo's stand-in: its pre-training metadata
 
 
 def load_pipeline(settings: Settings, weights: dict[str, Path] | None = None) -> Pipeline:
@@ -289,7 +290,10 @@ def load_pipeline(settings: Settings, weights: dict[str, Path] | None = None) ->
     if settings.demo and not any(settings.values.get(k) for k in WEIGHT_KEYS):
         from .demo import build_demo_models, parameter_count
 
-        model, vae, cond = build_demo_models(seed=0)
+        try:
+            model, vae, cond, meta = build_demo_models()
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from None
         n = parameter_count(model)
         return Pipeline(
             model,
@@ -297,7 +301,8 @@ def load_pipeline(settings: Settings, weights: dict[str, Path] | None = None) ->
             cond,
             True,
             DEMO_BASE_MODEL,
-            f"tiny random Flux ({n / 1e6:.2f}M parameters) + random VAE",
+            f"pretrained stand-in: tiny Flux ({n / 1e6:.2f}M parameters) + linear photo VAE",
+            standin=meta,
         )
     weights = weights or resolve_weights(settings)
     if settings.is_main:

@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     helps = {
         "train": "train a LoRA on HR_ROOT (needs --unet, --clip-l, --t5xxl and --vae)",
-        "demo": "the offline demo: sample photos, tiny random model, report (seconds on a CPU)",
+        "demo": "the offline demo: sample photos, the pretrained stand-in model, report (minutes on a CPU)",
         "restore": "restore images with a trained LoRA",
         "evaluate": "degrade held-out images, restore them and score PSNR/SSIM",
     }

@@ -56,7 +56,7 @@ class PlanSettings:
     weight_dtype: str = "bf16"  # how the base weights are stored (WEIGHT_DTYPES)
     width: int = 1024
     height: int = 1024
-    reference: bool = True  # Kontext reference tokens (formulations bridge_ref and kontext)
+    reference: bool = True  # Kontext reference tokens (formulations kontext and shortened)
     rank: int = 16
     lora_targets: str = "blocks"
     batch_size: int = 1
@@ -187,7 +187,8 @@ def _autocast_blocks(dtype: torch.dtype) -> Iterator[None]:
 
 # -- the step -----------------------------------------------------------------------------------
 def _train_config(s: PlanSettings) -> TrainConfig:
-    formulation = "bridge_ref" if s.reference else "bridge"
+    # Reference tokens: "kontext" costs what every referencing formulation costs (same token count).
+    formulation = "kontext" if s.reference else "bridge"
     return TrainConfig(
         rank=s.rank,
         batch_size=s.batch_size,

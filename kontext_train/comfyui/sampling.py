@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..method.flow import starts_from_degraded, uses_reference
+from ..method.flow import start_sigma, starts_from_degraded, uses_reference
 from ..restore.restore_settings import AS_TRAINED, RestoreSettings
 from .host import sampler_names, scheduler_names, vae_decode, vae_encode
 from .training_model import check_conditioning
@@ -106,7 +106,8 @@ def restore_sigmas(model, settings: RestoreSettings, latent_height: int, latent_
     ComfyUI scheduler run on ``model``'s clock (``on_trained_clock`` it first)."""
     if settings.scheduler == AS_TRAINED:
         return settings.as_trained_sigmas(latent_height, latent_width)
-    return comfy_sigmas(model, settings.scheduler, settings.steps)
+    # A shortened horizon starts at sigma0: the scheduler's sigmas scaled to end there.
+    return comfy_sigmas(model, settings.scheduler, settings.steps) * start_sigma(settings.formulation)
 
 
 def with_reference_and_guidance(conditioning, reference_raw: torch.Tensor | None, guidance: float):
@@ -161,7 +162,12 @@ def sample_from(
     guider.inner_set_conds({"positive": cond})
     guider.set_cfg(1.0)
     sampler = comfy.samplers.sampler_object(settings.sampler)
-    if starts_from_degraded(settings.formulation):
+    if settings.formulation == "shortened":
+        # ComfyUI starts at sigmas[0] * noise + (1 - sigmas[0]) * latent_image: the degraded latent
+        # noised to sigma0, the shortened path's start, when sigmas[0] is sigma0.
+        latent_image = degraded_raw
+        noise = _SeededNoise(seed)
+    elif starts_from_degraded(settings.formulation):
         noise = degraded_start_noise(model, degraded_raw, seed=seed, bridge_noise=settings.bridge_noise)
         # The degraded latent as latent_image too keeps the start exact when sigmas[0] < 1.
         latent_image = degraded_raw

@@ -1,7 +1,13 @@
-"""Tiny random Flux Kontext and VAE models built through ComfyUI's own classes: for the tests,
-the offline demo and the benchmarks' dry runs (nothing is downloaded)."""
+"""Tiny Flux Kontext and VAE models built through ComfyUI's own classes: for the tests, the
+offline demo and the benchmarks (nothing is downloaded). Random ones, and the pretrained stand-in's
+Flux loaded from its weights file (``load_tiny_flux``; see ``kontext_train/app/standin.py``)."""
 
 from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -142,3 +148,56 @@ def build_tiny_vae(seed: int = 0, latent_channels: int = 16):
                     p.zero_()
         state = {k: v.detach().clone() for k, v in taesd.state_dict().items()}
     return comfy.sd.VAE(sd=state)
+
+
+def load_tiny_flux(arch: dict, weights: str | Path, prefix: str = "flux."):
+    """A tiny Flux MODEL (``build_tiny_flux(**arch)``) with the weights stored under ``prefix`` in
+    the safetensors file ``weights`` (float32 in memory). ComfyUI's reload hook reads the same
+    file again, as a core loader would."""
+    from safetensors.torch import load_file
+
+    stored = load_file(str(weights))
+    state = {k[len(prefix) :]: v.float() for k, v in stored.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{weights} holds no '{prefix}*' tensors: not a stand-in weights file")
+    patcher = build_tiny_flux(**arch)
+    with torch.inference_mode(False), torch.no_grad():
+        patcher.model.diffusion_model.load_state_dict(state, strict=True)
+    patcher.cached_patcher_init = (_reload_tiny_flux, ({"arch": dict(arch), "weights": str(weights)},))
+    return patcher
+
+
+def _reload_tiny_flux(kwargs: dict, disable_dynamic: bool = False):
+    return load_tiny_flux(kwargs["arch"], kwargs["weights"])
+
+
+@contextlib.contextmanager
+def full_training(diffusion_model: torch.nn.Module) -> Iterator[dict]:
+    """Training every weight of a (tiny) Flux transformer directly, outside a LoRA: autograd on
+    inside ComfyUI's inference mode, ComfyUI's training flag (its RoPE kernel has no backward), and
+    the blocks run with out-of-place residual adds (``transformer_options`` to pass to the model's
+    forward, the same block patches LoRA training uses)."""
+    import comfy.model_management as mm
+
+    from .training_model import _BlockPatch
+
+    owner = types.SimpleNamespace(gradient_checkpointing=False)
+    replace = {
+        ("double_block", i): _BlockPatch(b, True, owner) for i, b in enumerate(diffusion_model.double_blocks)
+    }
+    replace.update(
+        {
+            ("single_block", i): _BlockPatch(b, False, owner)
+            for i, b in enumerate(diffusion_model.single_blocks)
+        }
+    )
+    had_flag = hasattr(mm, "in_training")
+    previous = getattr(mm, "in_training", None)
+    with torch.inference_mode(False), torch.enable_grad():
+        if had_flag:
+            mm.in_training = True
+        try:
+            yield {"patches_replace": {"dit": replace}}
+        finally:
+            if had_flag:
+                mm.in_training = previous

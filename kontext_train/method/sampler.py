@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .flow import euler_step, path_start, sampling_sigmas
+from .flow import euler_step, path_start, sampling_sigmas, start_sigma
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -25,7 +25,7 @@ def restore_latents(
     seed: int = 0,
     bridge_noise: float = 0.0,
 ) -> torch.Tensor:
-    """Integrates x from sigma = 1 (the start the formulation trained with) to 0.
+    """Integrates x from the start the formulation trained with (sigma 1, or sigma0) to 0.
 
     ``degraded`` and the result are model-space latents (B, C, h, w). ``velocity(x, sigma,
     reference)`` is the model; the reference is the degraded latent where the formulation uses one.
@@ -36,7 +36,7 @@ def restore_latents(
     noise = torch.randn(degraded.shape, generator=generator).to(degraded)
     x = path_start(formulation, degraded, noise, bridge_noise)
     reference = degraded if uses_reference(formulation) else None
-    sigmas = sampling_sigmas(steps, mu).tolist()
+    sigmas = sampling_sigmas(steps, mu, start_sigma(formulation)).tolist()
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         s = torch.full((x.shape[0],), sigma, device=x.device)
         x = euler_step(x, velocity(x, s, reference), sigma, sigma_next)

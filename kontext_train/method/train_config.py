@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..setting import COMMAND_ONLY, TRAINING, Setting, check_values
-from .flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING, check_formulation
+from .flow import LOSS_WEIGHTING, TIMESTEP_SAMPLING, TRAINABLE_FORMULATIONS, check_formulation
 from .lora import TARGET_SETS
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed widgets allow 64 bits
@@ -134,11 +134,12 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
         "Random seed: the same seed gives the same split, degradations, training and sampling noise.",
         "seed of split, degradations, LoRA init and noise", min=0, max=MAX_SEED),
     Setting("formulation", "choice", _T.formulation,
-        "bridge (default, fastest): start from the degraded image; bridge_ref: start from it with "
-        "bridge_noise >= 0.1 and also see it as reference; kontext: start from noise, see it as reference.",
-        "flow-matching formulation", choices=FORMULATIONS, commands=TRAINING),
+        "bridge: start from the degraded image; kontext: start from noise, see the degraded image as "
+        "reference; shortened: start from the degraded image mixed with noise at sigma 0.6, see it as "
+        "reference (bridge_ref is no longer trained: its reference gives the target away).",
+        "flow-matching formulation", choices=TRAINABLE_FORMULATIONS, commands=TRAINING),
     Setting("bridge_noise", "float", _T.bridge_noise,
-        "Noise added to the degraded start of a bridge (0: none; bridge_ref needs at least 0.1). "
+        "Noise added to the degraded start of a bridge (0: none). "
         "Restoring uses the LoRA's value.",
         "noise added to the bridge start", min=0.0, max=1.0, step=0.01, commands=TRAINING),
     Setting("timestep_sampling", "choice", _T.timestep_sampling,

@@ -111,3 +111,9 @@ def sample_rows(
         rt = roundtrips[i] if i < len(roundtrips) else None
         rows.append([degraded, restored, rt, clean])
     return rows
+
+
+def before_after(degraded: Image.Image, restored: Image.Image, cell: int = 256) -> Image.Image:
+    """One image's degraded and restored versions side by side, labelled: the demo writes it as
+    ``before_after.png`` (the templates' thumbnails use it)."""
+    return image_grid([[degraded, restored]], ["before (degraded)", "after (restored)"], cell=cell)

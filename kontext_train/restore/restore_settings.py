@@ -36,6 +36,7 @@ from ..method.flow import (
     flux_shift_mu,
     image_tokens,
     sampling_sigmas,
+    start_sigma,
     starts_from_degraded,
 )
 from ..method.train_config import TRAIN_SETTINGS, TrainConfig
@@ -224,8 +225,11 @@ class RestoreSettings:
         return flux_shift_mu(image_tokens(latent_height, latent_width), self.base_shift, self.max_shift)
 
     def as_trained_sigmas(self, latent_height: int, latent_width: int) -> torch.Tensor:
-        """``steps`` + 1 sigmas from 1 to 0 on the training clock for this latent size."""
-        return sampling_sigmas(self.steps, self.mu(latent_height, latent_width))
+        """``steps`` + 1 sigmas from the formulation's start (1, or sigma0) to 0 on the training clock
+        for this latent size."""
+        return sampling_sigmas(
+            self.steps, self.mu(latent_height, latent_width), start_sigma(self.formulation)
+        )
 
     def with_seed(self, seed: int) -> RestoreSettings:
         return replace(self, seed=int(seed))
@@ -244,7 +248,7 @@ class RestoreSettings:
 
 
 def resolve_formulation(mode: str, lora: LoraRecord | None) -> str:
-    """``auto``: the LoRA's recorded formulation when a LoRA file is given, else ``bridge_ref``."""
+    """``auto``: the LoRA's recorded formulation when a LoRA file is given, else the default."""
     check_choice("mode", mode, MODES)
     if mode != "auto":
         return mode
@@ -253,7 +257,7 @@ def resolve_formulation(mode: str, lora: LoraRecord | None) -> str:
     if lora.formulation is None:
         raise ValueError(
             f"mode is 'auto' but LoRA {lora.path} has no '{METADATA_PREFIX}formulation' metadata "
-            "(it was not trained by Kontext Restore). Choose the mode explicitly: bridge, bridge_ref or kontext."
+            "(it was not trained by Kontext Restore). Choose the mode explicitly: bridge, bridge_ref, kontext or shortened."
         )
     if lora.formulation not in FORMULATIONS:
         raise ValueError(

@@ -33,6 +33,7 @@ from ..method.flow import (
     image_tokens,
     loss_weights,
     make_training_example,
+    on_horizon,
     sample_training_sigmas,
 )
 from ..method.lora import atomic_save_safetensors, diffusers_support, load_kohya_into, to_kohya_state_dict
@@ -163,6 +164,7 @@ class Trainer:
         self._unread_losses: list[list[torch.Tensor]] = []
         self.validation: list[dict] = []
         self.last_saved_step = -1
+        self.last_saved_validations = 0
         self.last_checkpoint: Path | None = None
         self.last_restored: list = []
 
@@ -187,9 +189,8 @@ class Trainer:
         sigmas, noises = [], []
         for j in range(n):
             g = self.sample_generator(micro_step, batch.first_index + j)
-            sigmas.append(
-                sample_training_sigmas(1, cfg.timestep_sampling, mu, g, cfg.logit_mean, cfg.logit_std)
-            )
+            drawn = sample_training_sigmas(1, cfg.timestep_sampling, mu, g, cfg.logit_mean, cfg.logit_std)
+            sigmas.append(on_horizon(cfg.formulation, drawn, mu))
             # Drawn on the CPU: identical on any device.
             noises.append(torch.randn(clean.shape[1:], generator=g))
         sigmas_d = torch.cat(sigmas).to(device)
@@ -246,7 +247,10 @@ class Trainer:
 
     def save_checkpoint(self, optimizer, scheduler) -> Path | None:
         self.read_losses()  # a non-finite loss stops here, before its state is saved
-        if not self.hooks.is_main_process or self.step == self.last_saved_step or self.step == 0:
+        # Saved again at the same step when a validation ran since (the run's last one comes after
+        # the last step's checkpoint): a finished run read back then has every validation row.
+        unchanged = self.step == self.last_saved_step and len(self.validation) == self.last_saved_validations
+        if not self.hooks.is_main_process or unchanged or self.step == 0:
             return self.last_checkpoint
         self.last_checkpoint = save_checkpoint(
             self.run_dir,
@@ -257,6 +261,7 @@ class Trainer:
             keep=self.config.keep_checkpoints,
         )
         self.last_saved_step = self.step
+        self.last_saved_validations = len(self.validation)
         if self.hooks.on_checkpoint:
             self.hooks.on_checkpoint(self.step, self.last_checkpoint)
         return self.last_checkpoint
@@ -274,6 +279,7 @@ class Trainer:
         self.losses = list(state["losses"])
         self.validation = list(state["validation"])
         self.last_saved_step = self.step
+        self.last_saved_validations = len(self.validation)
         self.last_checkpoint = found
         if self.hooks.on_resumed and self.hooks.is_main_process:
             self.hooks.on_resumed(self.step, found)

@@ -9,6 +9,9 @@ for these so the example workflows run end to end on the CPU in seconds:
 - KontextRestoreTestTinyVAE: a 16-channel TAESD-format VAE with initialised weights.
 - KontextRestoreTestTinyClip: a CLIP-like object whose conditioning has Flux's layout
   ([[context (1, 8, 64), {"pooled_output": (1, 768)}]]), deterministic per prompt text.
+- KontextRestoreTestStandInFlux / KontextRestoreTestStandInVAE: the pretrained stand-in the demo
+  uses (kontext_train/app/standin.py: a tiny Flux pre-trained on photos, and its linear photo VAE),
+  so the shrunk templates restore a photo one can see. No inputs: the weights ship with the pack.
 """
 
 from __future__ import annotations
@@ -104,12 +107,47 @@ class KontextRestoreTestTinyClip:
         return (TinyClip(seed),)
 
 
+class KontextRestoreTestStandInFlux:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self):
+        from kontext_train.app.standin import load_standin
+
+        return (load_standin()[0],)
+
+
+class KontextRestoreTestStandInVAE:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self):
+        from kontext_train.app.standin import ASSET, read_standin
+        from kontext_train.comfyui.photo_vae import build_photo_vae
+
+        return (build_photo_vae(read_standin(ASSET)[0]),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "KontextRestoreTestStandInFlux": KontextRestoreTestStandInFlux,
+    "KontextRestoreTestStandInVAE": KontextRestoreTestStandInVAE,
     "KontextRestoreTestTinyFlux": KontextRestoreTestTinyFlux,
     "KontextRestoreTestTinyVAE": KontextRestoreTestTinyVAE,
     "KontextRestoreTestTinyClip": KontextRestoreTestTinyClip,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "KontextRestoreTestStandInFlux": "Kontext Restore Test: Stand-in Flux (pretrained)",
+    "KontextRestoreTestStandInVAE": "Kontext Restore Test: Stand-in photo VAE",
     "KontextRestoreTestTinyFlux": "Kontext Restore Test: Tiny Flux",
     "KontextRestoreTestTinyVAE": "Kontext Restore Test: Tiny VAE",
     "KontextRestoreTestTinyClip": "Kontext Restore Test: Tiny CLIP",
