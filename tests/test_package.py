@@ -42,6 +42,18 @@ def _pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
+def test_every_library_package_is_listed_for_the_wheel():
+    """setuptools installs only the packages named in pyproject.toml: a stage folder left out would be
+    missing from a wheel install while the tests (which import from the checkout) still pass."""
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "kontext_train").rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    assert listed == on_disk
+
+
 def test_license_is_the_gpl_3_text_the_pyproject_names():
     project = _pyproject()["project"]
     assert project["license"] == "GPL-3.0-only" and project["license-files"] == ["LICENSE"]

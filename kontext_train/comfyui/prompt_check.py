@@ -82,13 +82,13 @@ def _type_problem(name: str, declared: Any, value: Any) -> str | None:
 def input_type_errors(prompt: dict) -> dict[str, dict]:
     """``node_errors`` (ComfyUI's format) for the pack nodes of ``prompt`` whose inputs hold a
     raw value of the wrong JSON type. Needs ComfyUI's node registry (``nodes``)."""
-    import nodes
+    import nodes as comfy_nodes  # ComfyUI's own nodes module, not the pack's nodes/
 
     found: dict[str, dict] = {}
     for node_id, node in prompt.items():
         if not isinstance(node, dict) or not is_pack_node(node.get("class_type")):
             continue
-        cls = nodes.NODE_CLASS_MAPPINGS.get(node["class_type"])
+        cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(node["class_type"])
         inputs = node.get("inputs")
         if cls is None or not isinstance(inputs, dict):
             continue  # ComfyUI refuses these itself
