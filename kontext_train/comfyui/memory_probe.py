@@ -26,6 +26,7 @@ import torch
 
 from ..data.batches import LatentBatch
 from ..data.buckets import KONTEXT_RESOLUTIONS, bucket_resolutions
+from ..method.train_config import LORA_DTYPES, TrainConfig
 from ..plan.memory_plan import (
     DEFAULT_OVERHEAD_BYTES,
     AutocastEmulation,
@@ -34,7 +35,6 @@ from ..plan.memory_plan import (
     flash_attention,
     tensor_bytes,
 )
-from ..method.train_config import LORA_DTYPES, TrainConfig
 from ..train.trainer import Trainer
 from .tiny_models import flux_unet_config
 from .training_model import FluxLoraModel, PreparedConditioning
@@ -99,27 +99,39 @@ class PlanSettings:
         }
 
 
+# The largest side training can use: Kontext's longest side at the largest bucket_scale (4.0).
+MAX_SIDE = 4 * max(max(r) for r in KONTEXT_RESOLUTIONS)
+
+
 def parse_bucket(text: str | int, scale: float = 1.0) -> tuple[int, int]:
     """``"1024"`` (a square side), ``"1184x880"`` (width x height) or the index 0-16 of a Kontext
-    bucket; ``scale`` then scales it like the training's bucket scale (sides rounded to 16)."""
+    bucket; ``scale`` then scales it like the training's bucket scale (sides rounded to 16).
+
+    Raises ``ValueError`` with a one-line message for anything else: negative numbers, sides
+    that are not multiples of 16 or are larger than training can use (``MAX_SIDE``)."""
     raw = str(text).strip().lower()
+    usage = f"give a side (1024), WIDTHxHEIGHT (1184x880) or a Kontext bucket index 0-{len(KONTEXT_RESOLUTIONS) - 1}"
     try:
         if "x" in raw:
             w, h = (int(v) for v in raw.split("x", 1))
-        elif int(raw) < len(KONTEXT_RESOLUTIONS):
+        elif 0 <= int(raw) < len(KONTEXT_RESOLUTIONS):
             w, h = KONTEXT_RESOLUTIONS[int(raw)]
         else:
             w = h = int(raw)
     except ValueError:
-        raise ValueError(
-            f"bucket {text!r}: give a side (1024), WIDTHxHEIGHT (1184x880) or a Kontext bucket index 0-16"
-        ) from None
+        raise ValueError(f"bucket {text!r}: {usage}") from None
+    for side in (w, h):
+        if not 16 <= side <= MAX_SIDE or side % 16:
+            raise ValueError(
+                f"bucket {text!r}: sides must be multiples of 16 from 16 to {MAX_SIDE} px "
+                f"(Kontext's longest side at bucket_scale 4.0); {usage}"
+            )
     if scale != 1.0:
         index = KONTEXT_RESOLUTIONS.index((w, h)) if (w, h) in KONTEXT_RESOLUTIONS else None
         scaled = bucket_resolutions(scale)
         if index is not None and len(scaled) == len(KONTEXT_RESOLUTIONS):
             return scaled[index]
-        w, h = (max(16, round(v * scale / 16) * 16) for v in (w, h))
+        w, h = (min(MAX_SIDE, max(16, round(v * scale / 16) * 16)) for v in (w, h))
     return w, h
 
 
@@ -183,6 +195,13 @@ def _autocast_blocks(dtype: torch.dtype) -> Iterator[None]:
             yield
     finally:
         grad_checkpoint._run_out_of_place = original
+
+
+@contextlib.contextmanager
+def meta_default_device() -> Iterator[None]:
+    """Tensors created without a device go to meta while active (torch's default-device mode)."""
+    with torch.device("meta"):
+        yield
 
 
 # -- the step -----------------------------------------------------------------------------------
@@ -267,16 +286,22 @@ def plan_memory(
         stack.enter_context(_meta_free_memory())
         if attention == "flash":
             stack.enter_context(_flash_attention(compute))
-        model = FluxLoraModel(
-            patcher,
-            rank=s.rank,
-            alpha=float(s.rank),
-            lora_dtype=LORA_DTYPES[s.lora_dtype],
-            targets=s.lora_targets,
-            gradient_checkpointing=s.gradient_checkpointing,
-        )
+        # Everything made while building and loading goes to meta, on the host nothing: the LoRA
+        # adapters (up to gigabytes for all_linear at a high rank) and, on ComfyUI 0.33, the zeros
+        # ``ModelPatcher.load`` puts in place of meta weights (``_zero_init_parameter`` makes
+        # them on the default device: the size of the model in host memory).
+        with meta_default_device():
+            model = FluxLoraModel(
+                patcher,
+                rank=s.rank,
+                alpha=float(s.rank),
+                lora_dtype=LORA_DTYPES[s.lora_dtype],
+                targets=s.lora_targets,
+                gradient_checkpointing=s.gradient_checkpointing,
+            )
         try:
-            model.load()
+            with meta_default_device():
+                model.load()
             counter = LiveBytes("meta")
             _step(model, s, counter, _autocast_blocks(compute) if autocast else None)
             weights = tensor_bytes(t for t in patcher.model.diffusion_model.state_dict().values())
@@ -300,6 +325,7 @@ def full_size(**changes) -> PlanSettings:
 
 __all__ = [
     "ATTENTION",
+    "MAX_SIDE",
     "WEIGHT_DTYPES",
     "PlanSettings",
     "build_meta_flux",
