@@ -18,6 +18,7 @@ kernel; ``"native"`` keeps ComfyUI's function, which on meta takes torch's math 
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -313,6 +314,36 @@ def plan_memory(
     return MemoryPlan(s.label(), weights, lora, counter.peak, overhead, notes)
 
 
+@functools.lru_cache(maxsize=64)
+def plan_forward(settings: PlanSettings, attention: str = "flash", autocast: bool = True) -> int:
+    """Peak bytes one sampling call (a forward without gradients, batch 1) creates beyond the
+    weights, counted on meta like ``plan_memory``: what restoring needs per step on the model's
+    device. ``settings.reference`` adds the Kontext reference tokens; LoRA settings do not matter.
+    """
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
+    s = settings
+    patcher = build_meta_flux(s)
+    diffusion = patcher.model.diffusion_model
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    compute = torch.bfloat16 if autocast else None
+    meta = torch.device("meta")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_meta_free_memory())
+        if attention == "flash":
+            stack.enter_context(_flash_attention(compute))
+        stack.enter_context(torch.no_grad())
+        counter = stack.enter_context(LiveBytes("meta"))
+        x = torch.zeros(1, 16, s.height // 8, s.width // 8, device=meta, dtype=dtype)
+        refs = [torch.zeros_like(x)] if s.reference else None
+        context = torch.zeros(1, s.text_tokens, s.context_in_dim, device=meta, dtype=dtype)
+        pooled = torch.zeros(1, 768, device=meta, dtype=dtype)
+        t = torch.ones(1, device=meta)
+        guidance = torch.ones(1, device=meta, dtype=dtype)
+        diffusion(x, t, context, y=pooled, guidance=guidance, ref_latents=refs, transformer_options={})
+    return counter.peak
+
+
 def measure_step(model: FluxLoraModel, settings: PlanSettings, counter: LiveBytes) -> None:
     """Runs the same step as ``plan_memory`` for real on a loaded ``model`` under ``counter``."""
     _step(model, settings, counter)
@@ -333,5 +364,6 @@ __all__ = [
     "lora_state_bytes",
     "measure_step",
     "parse_bucket",
+    "plan_forward",
     "plan_memory",
 ]
