@@ -28,7 +28,13 @@ from .data.latent_cache import CONTROL_MODES, LatentCache
 from .method.lora import TARGET_SETS
 from .report.plots import render_loss_plot
 from .restore.restore_settings import AS_TRAINED, BRIDGE_STEPS, DEFAULT_BUCKET_SCALE, DEFAULT_GUIDANCE, MODES
-from .method.train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
+from .method.train_config import (
+    CHECKPOINTING_MODES,
+    LORA_DTYPES,
+    LR_SCHEDULES,
+    TrainConfig,
+    checkpointing_mode,
+)
 
 NODE = "node"
 COMMAND = "command"  # a --flag, a config-file key and, where ``env`` is set, an environment variable
@@ -259,9 +265,11 @@ SETTINGS: tuple[Setting, ...] = (
        "Layers that get LoRA adapters: blocks (typical), blocks+modulation, or all_linear (more "
        "capacity, more memory).", "layers that get LoRA adapters", choices=tuple(TARGET_SETS),
        commands=TRAINING),
-    _s("gradient_checkpointing", "bool", _T.gradient_checkpointing,
-       "Recompute activations during the backward pass: much less memory, somewhat slower (on).",
-       "recompute blocks in backward (saves memory)", commands=TRAINING),
+    _s("gradient_checkpointing", "choice", _T.gradient_checkpointing,
+       "Recompute blocks' activations during the backward pass: less memory, slower. auto: the memory "
+       "plan recomputes only as many blocks as the GPU's free memory needs; on: all; off: none.",
+       "recompute blocks in backward: auto (as many as the GPU needs), on (all), off",
+       choices=CHECKPOINTING_MODES, commands=TRAINING),
     _s("lora_dtype", "choice", _T.lora_dtype,
        "Precision of the trained LoRA weights (float32 typical).", "LoRA weights dtype",
        choices=tuple(LORA_DTYPES), commands=TRAINING),
@@ -325,6 +333,10 @@ def on_surface(surface: str) -> list[Setting]:
     return [s for s in SETTINGS if surface in s.surfaces]
 
 
+# Values a setting held before it changed kind, mapped to today's (saved workflows keep loading).
+_LEGACY_VALUES: dict[str, Callable[[Any], Any]] = {"gradient_checkpointing": checkpointing_mode}
+
+
 def check_value(name: str, value: Any, label: str | None = None) -> Any:
     """``value`` checked against setting ``name``; returned unchanged. ``label`` names it in the
     error when it is not the setting itself (an element of a range, say).
@@ -332,6 +344,7 @@ def check_value(name: str, value: Any, label: str | None = None) -> Any:
     Raises ``SettingError`` (a ``ValueError``) naming the setting and what it allows."""
     s = setting(name)
     label = label or name
+    value = _LEGACY_VALUES.get(name, lambda v: v)(value)
     if value is None:
         if s.default is None:
             return value

@@ -102,6 +102,7 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
         "timestep_sampling",
         "loss_weighting",
         "lora_targets",
+        "gradient_checkpointing",
         "lora_dtype",
     )
 

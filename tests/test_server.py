@@ -266,6 +266,14 @@ INTENDED_CHANGES = {
         "default": "none",
         "options": None,
     },
+    # Issue 19: auto / on / off (auto: the memory plan chooses the blocks); saved true/false
+    # values still load as on/off (tests/test_checkpoint_choice.py).
+    ("KontextRestoreTrainLoRA", "gradient_checkpointing"): {
+        "type": "COMBO",
+        "default": "auto",
+        "options": ["auto", "on", "off"],
+        "tooltip": "Recompute blocks' activations",
+    },
 }
 V1_DESCRIPTION_CHANGED = {"KontextRestoreRestore"}  # it explains the 0 = "from the LoRA" inputs
 

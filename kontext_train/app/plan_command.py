@@ -105,7 +105,7 @@ def settings_from(ns: argparse.Namespace):
         rank=ns.rank,
         lora_targets=ns.lora_targets,
         batch_size=ns.batch_size,
-        gradient_checkpointing=ns.gradient_checkpointing,
+        gradient_checkpointing=ns.gradient_checkpointing != "off",  # auto: see _plan_and_print
         lora_dtype=ns.lora_dtype,
         text_tokens=ns.text_tokens,
     )
@@ -183,6 +183,18 @@ def _plan_and_print(ns: argparse.Namespace, base) -> int:
         note = scaled_bucket_note(ns, base)
         if note:
             print(note)
+        if ns.gradient_checkpointing == "auto" and ns.free_gib is not None:
+            from dataclasses import replace
+
+            from ..comfyui.memory_check import choose_checkpointing
+
+            def planner(s):
+                return plan_memory(s, attention=ns.attention, overhead=overhead)
+
+            choice = choose_checkpointing(base, int(ns.free_gib * GIB), planner=planner)
+            print(choice.describe())
+            blocks = choice.blocks
+            base = replace(base, gradient_checkpointing=blocks if 0 < blocks < base.blocks else blocks > 0)
         plan = plan_memory(base, attention=ns.attention, overhead=overhead)
         print(plan.describe())
         if ns.free_gib is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import __version__
 from ..options import COMMAND, COMMANDS, DEFAULT_PROMPT, Setting, SettingError, check_value, on_surface
-from ..method.train_config import TrainConfig
+from ..method.train_config import TrainConfig, checkpointing_mode
 from .demo import DEMO_DEFAULTS, SAMPLE_PHOTOS
 
 __all__ = ["COMMANDS", "DEFAULT_PROMPT", "OPTIONS", "BY_NAME", "TRAIN_CONFIG_KEYS", "Settings", "UsageError"]
@@ -54,6 +54,8 @@ def _convert(opt: Option, value: Any, source: str) -> Any:
     where = f"{opt.name} ({source})"
     if value is None:
         return None
+    if opt.name == "gradient_checkpointing":  # true/false from before auto: on/off
+        value = checkpointing_mode(value)
     if opt.kind == "bool":
         if isinstance(value, bool):
             return value

@@ -61,7 +61,7 @@ class PlanSettings:
     rank: int = 16
     lora_targets: str = "blocks"
     batch_size: int = 1
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | int = True  # all blocks, none, or how many (the first ones)
     lora_dtype: str = "float32"
     text_tokens: int = 512
     hidden_size: int = 3072
@@ -84,6 +84,10 @@ class PlanSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
+    def blocks(self) -> int:
+        return self.depth + self.depth_single_blocks
+
+    @property
     def bucket(self) -> str:
         return f"{self.width}x{self.height}"
 
@@ -96,8 +100,17 @@ class PlanSettings:
             "rank": self.rank,
             "targets": self.lora_targets,
             "batch": self.batch_size,
-            "checkpointing": "on" if self.gradient_checkpointing else "off",
+            "checkpointing": checkpointing_label(self.gradient_checkpointing, self.blocks),
         }
+
+
+def checkpointing_label(value: bool | int, blocks: int) -> str:
+    """ "on", "off", or "N/M blocks" for a partial count."""
+    if value is True or (not isinstance(value, bool) and value == blocks):
+        return "on"
+    if value is False or value == 0:
+        return "off"
+    return f"{value}/{blocks} blocks"
 
 
 # The largest side training can use: Kontext's longest side at the largest bucket_scale (4.0).
@@ -212,7 +225,6 @@ def _train_config(s: PlanSettings) -> TrainConfig:
         rank=s.rank,
         batch_size=s.batch_size,
         lora_targets=s.lora_targets,
-        gradient_checkpointing=s.gradient_checkpointing,
         lora_dtype=s.lora_dtype,
         formulation=formulation,
         bridge_noise=0.1,

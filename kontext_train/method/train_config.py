@@ -12,6 +12,19 @@ LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LR_SCHEDULES = ("cosine", "constant_with_warmup", "linear")
 
 
+CHECKPOINTING_MODES = ("auto", "on", "off")
+
+
+def checkpointing_mode(value):
+    """``gradient_checkpointing`` as auto / on / off: true and false (what saved workflows and
+    configs before auto held) become on and off; anything else is returned for the check."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return "on" if value.strip().lower() == "true" else "off"
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Training settings. Defaults follow the original design note where it had one.
@@ -43,7 +56,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     lora_targets: str = "blocks"  # blocks | blocks+modulation | all_linear
-    gradient_checkpointing: bool = True
+    # auto: the memory plan chooses how many blocks to recompute (CUDA; all of them elsewhere);
+    # on: every block; off: none. true/false (saved workflows, old configs) mean on/off.
+    gradient_checkpointing: str = "auto"
     lora_dtype: str = "float32"
 
     # Settings that may change between a run and its resume; everything else must match.
@@ -63,6 +78,7 @@ class TrainConfig:
         # 0 is how the node's widget says "no alpha" (alpha = rank); one meaning on every surface.
         if self.alpha is not None and not isinstance(self.alpha, bool) and self.alpha == 0:
             self.alpha = None
+        self.gradient_checkpointing = checkpointing_mode(self.gradient_checkpointing)
         check_settings({f.name: getattr(self, f.name) for f in fields(self)})
         check_formulation(self.formulation, self.bridge_noise)
 
