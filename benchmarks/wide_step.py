@@ -78,7 +78,10 @@ VARIANTS = ("ours_act", "ours_weights", "native", "bare_act")
 # The constructor argument that selects the LoRA form (issue 14); absent before that change, when
 # the only form was the weight wrapper.
 FORM_ARG = "lora_form"
-FORMS = {"act": "activations", "weights": "weights"}
+FORMS = {"act": "activations", "weights": "weights", "half": "activations"}
+# ``half`` (issue 19): LoRA on activations with only the first half of the blocks checkpointed,
+# what gradient_checkpointing auto chooses under a memory budget that allows half of them
+# uncheckpointed. Run it with --variants ours_half,bare_half,native,ours_act.
 
 
 def has_forms() -> bool:
@@ -121,6 +124,8 @@ class Bench:
             seed=0,
             **extra,
         )
+        if form == "half":
+            lm.gradient_checkpointing = lm.block_count // 2
         # FluxLoraModel falls back to weights when it cannot use activations: never silently.
         if getattr(lm, FORM_ARG, FORMS[form]) != FORMS[form]:
             raise RuntimeError(f"asked for LoRA on {FORMS[form]}, got {getattr(lm, FORM_ARG)}")
@@ -210,6 +215,9 @@ RATIOS = (
     ("ours_act", "bare_act"),
     ("ours_weights", "bare_act"),
     ("native", "bare_act"),
+    ("ours_half", "native"),
+    ("ours_half", "bare_half"),
+    ("ours_half", "ours_act"),
     ("ours_weights", "bare_weights"),  # only before the activations form existed
 )
 

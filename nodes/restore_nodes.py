@@ -171,6 +171,7 @@ class KontextRestoreRestore(io.ComfyNode):
             comfyui.region_restorer(model, vae, conditioning, settings),
             on_progress=on_progress,
             check_cancel=comfyui.check_interrupted,
+            check_memory=comfyui.restore_memory_guard(model, vae, conditioning, settings),
         )
         return io.NodeOutput(
             tensors_to_comfy_image(torch.stack(outputs)), ui=ui.PreviewText(shown_text(report))

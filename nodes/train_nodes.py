@@ -112,6 +112,7 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
         "timestep_sampling",
         "loss_weighting",
         "lora_targets",
+        "gradient_checkpointing",
         "lora_dtype",
         also=("lora_name",),
         cross=trainer_problems,

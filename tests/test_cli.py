@@ -166,7 +166,7 @@ def test_json_config_and_bad_config_values(tmp_path, clean_env, capsys):
     good.write_text(json.dumps({"learning-rate": 3e-4, "gradient_checkpointing": False}))
     assert cli.main(["train", "--config", str(good), "--print-config"]) == 0
     s = json.loads(capsys.readouterr().out)["settings"]
-    assert s["learning_rate"]["value"] == 3e-4 and s["gradient_checkpointing"]["value"] is False
+    assert s["learning_rate"]["value"] == 3e-4 and s["gradient_checkpointing"]["value"] == "off"
 
     typo = tmp_path / "typo.toml"
     typo.write_text("learnig_rate = 1e-4\n")

@@ -239,14 +239,96 @@ def test_run_check_warns_on_cuda_when_free_memory_is_short(comfy_root, monkeypat
 
 
 def test_parse_bucket():
-    from kontext_train.comfyui.memory_probe import parse_bucket
+    from kontext_train.comfyui.memory_probe import MAX_SIDE, parse_bucket
 
     assert parse_bucket("1024") == (1024, 1024)
     assert parse_bucket("1184x880") == (1184, 880)
     assert parse_bucket(0) == (672, 1568)
     assert parse_bucket("1024", 0.5) == (512, 512)
-    with pytest.raises(ValueError, match="bucket 'big'"):
-        parse_bucket("big")
+    assert parse_bucket(f"{MAX_SIDE}x16") == (MAX_SIDE, 16) and MAX_SIDE == 6272
+    for bad in ("big", "-5", "100000", "1000", "1024x-16", f"{MAX_SIDE + 16}x1024"):
+        with pytest.raises(ValueError, match=f"bucket '{bad}'"):
+            parse_bucket(bad)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--bucket", "100000"], "bucket '100000': sides must be multiples of 16 from 16 to 6272"),
+        (["--bucket", "-5"], "bucket '-5': sides must be"),
+        (["--free-gib", "nan"], "--free-gib must be a number of GiB from 0"),
+        (["--free-gib", "-1"], "--free-gib must be"),
+        (["--overhead-gib", "inf"], "--overhead-gib must be"),
+        (["--text-tokens", "0"], "--text-tokens must be from 1 to 4096"),
+        (["--bucket-scale", "nan"], "bucket_scale must be a finite number"),
+    ],
+)
+def test_plan_command_bad_values_get_one_line_errors(capsys, flags, message):
+    from kontext_train.app.cli import main
+
+    assert main(["plan", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and "Traceback" not in err, err
+
+
+def test_plan_command_says_what_bucket_scale_made_of_the_bucket():
+    from kontext_train.app.plan_command import build_parser, scaled_bucket_note, settings_from
+
+    ns = build_parser().parse_args(["--bucket", "1024", "--bucket-scale", "0.5"])
+    note = scaled_bucket_note(ns, settings_from(ns))
+    assert note == (
+        "note: --bucket 1024 at --bucket-scale 0.5 plans 512x512 (scaled as training scales its "
+        "buckets; --bucket 512x512 alone plans the same)"
+    )
+    ns = build_parser().parse_args(["--bucket", "1024"])
+    assert scaled_bucket_note(ns, settings_from(ns)) is None
+
+
+_CAPPED_PLAN = """
+import resource, sys
+from kontext_train import comfyui
+from kontext_train.app.cli import main
+
+comfyui.bootstrap_comfyui(cpu=True)
+import kontext_train.comfyui.memory_probe  # noqa: F401  (everything imported before the cap)
+
+def data_bytes():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmData:")[1].split()[0]) * 1024
+
+cap = data_bytes() + (1 << 30)
+resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+for flags in sys.argv[1:]:
+    code = main(["plan", *flags.split()])
+    print("exit", code, flush=True)
+    if code:
+        sys.exit(code)
+print("grew at most", (data_bytes() - cap + (1 << 30)) >> 20, "MiB")
+"""
+
+
+@pytest.mark.slow
+def test_the_full_size_plan_needs_less_than_1_gib_of_host_memory(comfy_root, tmp_path):
+    """The full model planned on meta in a child process whose private memory (RLIMIT_DATA: heap
+    and anonymous mappings, which every tensor allocation goes through) is capped at what it held
+    after importing ComfyUI plus 1 GiB. On ComfyUI 0.33 loading a meta model used to fill it with
+    real zeros on the host (22 GiB for bf16); all_linear adapters at rank 256 are 1.6 GiB."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "capped_plan.py"
+    script.write_text(_CAPPED_PLAN)
+    env = {**os.environ, "COMFYUI_PATH": str(comfy_root), "PYTHONPATH": str(Path(__file__).parents[1])}
+    settings = ["--bucket 1024", "--bucket 6272x2688 --lora-targets all_linear --rank 256 --reference"]
+    done = subprocess.run(
+        [sys.executable, str(script), *settings], env=env, capture_output=True, text=True, timeout=900
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert out.count("exit 0") == 2 and "bucket=6272x2688" in out and "total" in out
+    assert "can't allocate" not in out
 
 
 def test_plan_command_refuses_a_bad_bucket_and_plans_the_table_combinations(capsys):

@@ -275,6 +275,14 @@ INTENDED_CHANGES = {
     ("KontextRestoreDegradeImage", "degradation"): {"tooltip": "From Synthetic Degradation"},
     # Small learning rates survive the frontends' float rounding (issue 23: 0.000005 became 1e-05).
     ("KontextRestoreTrainLoRA", "learning_rate"): {"step": 1e-07},
+    # Issue 19: auto / on / off (auto: the memory plan chooses the blocks); saved true/false
+    # values still load as on/off (tests/test_checkpoint_choice.py).
+    ("KontextRestoreTrainLoRA", "gradient_checkpointing"): {
+        "type": "COMBO",
+        "default": "auto",
+        "options": ["auto", "on", "off"],
+        "tooltip": "Recompute blocks' activations",
+    },
 }
 V1_DESCRIPTION_CHANGED = {  # Restore explains the 0 = "from the LoRA" inputs; four had none (issue 23)
     "KontextRestoreRestore",

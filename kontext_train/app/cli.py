@@ -108,3 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        # Host or device out of memory despite the memory checks: one line, not torch's traceback.
+        text = str(e)
+        if debug or not (isinstance(e, MemoryError) or "can't allocate" in text or "out of memory" in text):
+            raise
+        detail = text.strip().splitlines()[-1][:200] if text.strip() else type(e).__name__
+        print(
+            f"{PROG}: error: out of memory ({detail}); try a smaller --bucket-scale or --batch-size",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1

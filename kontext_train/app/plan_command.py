@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from collections.abc import Sequence
 
@@ -77,11 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_TEXT_TOKENS = 4096
+
+
+def _check_gib(flag: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and 0 <= value <= 1 << 20):
+        raise ValueError(f"{flag} must be a number of GiB from 0 to {1 << 20}, got {value!r}")
+
+
 def settings_from(ns: argparse.Namespace):
+    """The plan settings of the flags; ``ValueError`` with a one-line message for a bad value."""
     from ..comfyui.memory_probe import PlanSettings, parse_bucket
 
     for name in _FROM_OPTIONS:
         check_value(name, getattr(ns, name))
+    _check_gib("--free-gib", ns.free_gib)
+    _check_gib("--overhead-gib", ns.overhead_gib)
+    if not 1 <= ns.text_tokens <= MAX_TEXT_TOKENS:
+        raise ValueError(f"--text-tokens must be from 1 to {MAX_TEXT_TOKENS}, got {ns.text_tokens}")
     width, height = parse_bucket(ns.bucket, ns.bucket_scale)
     return PlanSettings(
         weight_dtype=ns.weights,
@@ -91,9 +105,20 @@ def settings_from(ns: argparse.Namespace):
         rank=ns.rank,
         lora_targets=ns.lora_targets,
         batch_size=ns.batch_size,
-        gradient_checkpointing=ns.gradient_checkpointing,
+        gradient_checkpointing=ns.gradient_checkpointing != "off",  # auto: see _plan_and_print
         lora_dtype=ns.lora_dtype,
         text_tokens=ns.text_tokens,
+    )
+
+
+def scaled_bucket_note(ns: argparse.Namespace, settings) -> str | None:
+    """What ``--bucket-scale`` made of ``--bucket`` when it changed it (None when it did not)."""
+    if ns.bucket_scale == 1.0:
+        return None
+    return (
+        f"note: --bucket {ns.bucket} at --bucket-scale {ns.bucket_scale:g} plans {settings.bucket} "
+        f"(scaled as training scales its buckets; --bucket {settings.width}x{settings.height} alone "
+        "plans the same)"
     )
 
 
@@ -134,15 +159,42 @@ def main(argv: Sequence[str]) -> int:
         print(f"{PROG} plan: error: {e}", file=sys.stderr)
         return 2
     from .. import comfyui
-    from ..comfyui.memory_probe import plan_memory
 
     try:
         comfyui.bootstrap_comfyui(ns.comfyui, cpu=True)
     except comfyui.ComfyUINotFound as e:
         print(f"{PROG} plan: error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _plan_and_print(ns, base)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "can't allocate" not in str(e):
+            raise
+        detail = str(e).splitlines()[-1][:200]
+        print(f"{PROG} plan: error: out of host memory while planning ({detail})", file=sys.stderr)
+        return 1
+
+
+def _plan_and_print(ns: argparse.Namespace, base) -> int:
+    from ..comfyui.memory_probe import plan_memory
+
     overhead = int(ns.overhead_gib * GIB)
     if not ns.table:
+        note = scaled_bucket_note(ns, base)
+        if note:
+            print(note)
+        if ns.gradient_checkpointing == "auto" and ns.free_gib is not None:
+            from dataclasses import replace
+
+            from ..comfyui.memory_check import choose_checkpointing
+
+            def planner(s):
+                return plan_memory(s, attention=ns.attention, overhead=overhead)
+
+            choice = choose_checkpointing(base, int(ns.free_gib * GIB), planner=planner)
+            print(choice.describe())
+            blocks = choice.blocks
+            base = replace(base, gradient_checkpointing=blocks if 0 < blocks < base.blocks else blocks > 0)
         plan = plan_memory(base, attention=ns.attention, overhead=overhead)
         print(plan.describe())
         if ns.free_gib is not None:

@@ -78,7 +78,8 @@ def restore_tensor(
     from ..restore.restore import restore_images
 
     restorer = comfyui.region_restorer(patched_model, pipe.vae, pipe.conditioning, rs)
-    return restore_images([image], rs, restorer, first_index=index)[0]
+    guard = comfyui.restore_memory_guard(patched_model, pipe.vae, pipe.conditioning, rs)
+    return restore_images([image], rs, restorer, first_index=index, check_memory=guard)[0]
 
 
 def patched_with_lora(pipe: Pipeline, lora_state: Mapping[str, torch.Tensor] | None):

@@ -41,6 +41,7 @@ from .host import (
     vae_encode,
     vae_identity,
 )
+from .restore_memory_check import restore_memory_guard
 from .sampling import (
     DegradedStartNoise,
     comfy_sigmas,
@@ -85,6 +86,7 @@ __all__ = [
     "output_folder",
     "prepare_conditioning",
     "region_restorer",
+    "restore_memory_guard",
     "require_flux",
     "resolve_model_file",
     "restore_pixels",

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..method.train_config import TrainConfig
-from ..plan.memory_plan import MemoryPlan, advise
+from ..plan.memory_plan import MemoryPlan, advise, gib
 from .memory_probe import WEIGHT_DTYPES, PlanSettings, plan_memory
 
 __all__ = [
+    "OFFLOAD_NOTE",
+    "CheckpointChoice",
+    "RunMemory",
     "cached_plan",
+    "choose_checkpointing",
+    "plan_run_memory",
     "check_run_memory",
     "device_free_bytes",
     "memory_warning",
@@ -54,7 +59,7 @@ def settings_for_run(model, config: TrainConfig, buckets, text_tokens: int) -> P
         rank=config.rank,
         lora_targets=config.lora_targets,
         batch_size=config.batch_size,
-        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=config.gradient_checkpointing != "off",
         lora_dtype=config.lora_dtype,
         text_tokens=text_tokens,
         hidden_size=unet["hidden_size"],
@@ -86,7 +91,14 @@ def savings(s: PlanSettings) -> list[tuple[str, PlanSettings]]:
 def memory_warning(settings: PlanSettings, free_bytes: int, planner=cached_plan) -> str | None:
     """The warning for a run with ``settings`` on a device with ``free_bytes`` free (None: fits)."""
     alternatives = [(change, functools.partial(planner, other)) for change, other in savings(settings)]
-    return advise(planner(settings), free_bytes, alternatives)
+    warning = advise(planner(settings), free_bytes, alternatives)
+    if warning and "None of the usual" in warning:
+        smallest = replace(settings, weight_dtype="fp8_e4m3fn", gradient_checkpointing=True)
+        warning += (
+            f" Even fp8 weights with every block checkpointed need {gib(planner(smallest).total)}. "
+            + OFFLOAD_NOTE
+        )
+    return warning
 
 
 def device_free_bytes(device) -> int:
@@ -107,11 +119,110 @@ def run_device(model) -> torch.device:
     return torch.device(model.load_device)
 
 
-def check_run_memory(model, config: TrainConfig, buckets, text_tokens: int = 512) -> str | None:
-    """The warning before a CUDA training run that would not fit (None on other devices, or when
-    it fits). Planning takes seconds to a minute of CPU; each setting is planned once per process."""
+CHECKPOINT_MARGIN = 0.10  # of the free memory kept spare when choosing how many blocks to checkpoint
+OFFLOAD_NOTE = (
+    "ComfyUI's own offloading (--lowvram, partial loading) does not help here: training loads the whole "
+    "model onto the GPU (like ComfyUI's Train LoRA node unless its 'offloading' option is on, ComfyUI 0.33 "
+    "only), so use a smaller bucket_scale, or a GPU with more memory."
+)
+
+
+@dataclass(frozen=True)
+class CheckpointChoice:
+    """How many blocks (the first ones) recompute their activations, and the plan with that."""
+
+    blocks: int
+    total_blocks: int
+    planned: int  # bytes
+    free: int
+    fits: bool
+
+    def describe(self) -> str:
+        what = (
+            "every block" if self.blocks == self.total_blocks
+            else "no block" if self.blocks == 0
+            else f"{self.blocks} of {self.total_blocks} blocks"
+        )  # fmt: skip
+        verdict = "" if self.fits else "; it does not fit even so"
+        return (
+            f"gradient_checkpointing auto: recomputing {what} ({gib(self.planned)} planned, "
+            f"{gib(self.free)} free, {CHECKPOINT_MARGIN:.0%} kept spare{verdict})"
+        )
+
+
+def choose_checkpointing(
+    settings: PlanSettings, free_bytes: int, planner=cached_plan, margin: float = CHECKPOINT_MARGIN
+) -> CheckpointChoice:
+    """The fewest checkpointed blocks whose step fits ``free_bytes`` with ``margin`` spare.
+
+    Plans all blocks checkpointed, none, and only the double blocks (the first ones); the blocks'
+    costs in between are interpolated from those, and the choice is planned again to confirm it
+    (one block more per failed confirmation)."""
+    n, doubles = settings.blocks, settings.depth
+    budget = free_bytes * (1.0 - margin)
+
+    def plan(k: int) -> int:
+        value = True if k == n else False if k == 0 else k  # the booleans share the cached plans
+        return planner(replace(settings, gradient_checkpointing=value)).total
+
+    every = plan(n)
+    if every > budget:
+        return CheckpointChoice(n, n, every, free_bytes, False)
+    none = plan(0)
+    if none <= budget:
+        return CheckpointChoice(0, n, none, free_bytes, True)
+    middle = plan(doubles)  # singles not checkpointed, doubles all checkpointed
+    single_cost = (middle - every) / max(1, n - doubles)
+    double_cost = (none - middle) / max(1, doubles)
+    if middle <= budget:
+        k = n - int((budget - every) // single_cost) if single_cost > 0 else doubles
+    else:
+        k = doubles - int((budget - middle) // double_cost) if double_cost > 0 else n
+    k = min(n, max(0, k))
+    while k < n and plan(k) > budget:
+        k += 1
+    return CheckpointChoice(k, n, plan(k), free_bytes, True)
+
+
+@dataclass(frozen=True)
+class RunMemory:
+    """What the memory plan says before a run: a warning (None: fits), and for ``auto`` the
+    number of blocks to checkpoint (``checkpointing``: True for all, an int otherwise)."""
+
+    warning: str | None
+    checkpointing: bool | int
+    note: str | None = None
+
+
+def plan_run_memory(model, config: TrainConfig, buckets, text_tokens: int = 512) -> RunMemory:
+    """The memory plan before a training run. On CUDA it warns when the run would not fit, and
+    with ``gradient_checkpointing`` auto chooses how many blocks to checkpoint so that the step
+    fits the free memory with a margin; elsewhere auto checkpoints every block. Planning takes
+    seconds to a minute of CPU; each setting is planned once per process."""
+    mode = config.gradient_checkpointing
+    fixed = mode != "off"
     device = run_device(model)
     if device.type != "cuda" or not buckets:
-        return None
+        note = (
+            "gradient_checkpointing auto: every block (memory is planned on CUDA only)"
+            if mode == "auto"
+            else None
+        )
+        return RunMemory(None, fixed, note)
     settings = settings_for_run(model, config, buckets, text_tokens)
-    return memory_warning(settings, device_free_bytes(device))
+    free = device_free_bytes(device)
+    if mode != "auto":
+        return RunMemory(memory_warning(settings, free), fixed)
+    choice = choose_checkpointing(settings, free)
+    chosen = replace(
+        settings,
+        gradient_checkpointing=choice.blocks if 0 < choice.blocks < settings.blocks else choice.blocks > 0,
+    )
+    checkpointing = chosen.gradient_checkpointing
+    return RunMemory(memory_warning(chosen, free), checkpointing, choice.describe())
+
+
+def check_run_memory(model, config: TrainConfig, buckets, text_tokens: int = 512) -> str | None:
+    """The warning before a CUDA training run that would not fit (None on other devices, or when
+    it fits); see ``plan_run_memory``."""
+    return plan_run_memory(model, config, buckets, text_tokens).warning

@@ -18,6 +18,7 @@ kernel; ``"native"`` keeps ComfyUI's function, which on meta takes torch's math 
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -60,7 +61,7 @@ class PlanSettings:
     rank: int = 16
     lora_targets: str = "blocks"
     batch_size: int = 1
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | int = True  # all blocks, none, or how many (the first ones)
     lora_dtype: str = "float32"
     text_tokens: int = 512
     hidden_size: int = 3072
@@ -83,6 +84,10 @@ class PlanSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
+    def blocks(self) -> int:
+        return self.depth + self.depth_single_blocks
+
+    @property
     def bucket(self) -> str:
         return f"{self.width}x{self.height}"
 
@@ -95,31 +100,52 @@ class PlanSettings:
             "rank": self.rank,
             "targets": self.lora_targets,
             "batch": self.batch_size,
-            "checkpointing": "on" if self.gradient_checkpointing else "off",
+            "checkpointing": checkpointing_label(self.gradient_checkpointing, self.blocks),
         }
+
+
+def checkpointing_label(value: bool | int, blocks: int) -> str:
+    """ "on", "off", or "N/M blocks" for a partial count."""
+    if value is True or (not isinstance(value, bool) and value == blocks):
+        return "on"
+    if value is False or value == 0:
+        return "off"
+    return f"{value}/{blocks} blocks"
+
+
+# The largest side training can use: Kontext's longest side at the largest bucket_scale (4.0).
+MAX_SIDE = 4 * max(max(r) for r in KONTEXT_RESOLUTIONS)
 
 
 def parse_bucket(text: str | int, scale: float = 1.0) -> tuple[int, int]:
     """``"1024"`` (a square side), ``"1184x880"`` (width x height) or the index 0-16 of a Kontext
-    bucket; ``scale`` then scales it like the training's bucket scale (sides rounded to 16)."""
+    bucket; ``scale`` then scales it like the training's bucket scale (sides rounded to 16).
+
+    Raises ``ValueError`` with a one-line message for anything else: negative numbers, sides
+    that are not multiples of 16 or are larger than training can use (``MAX_SIDE``)."""
     raw = str(text).strip().lower()
+    usage = f"give a side (1024), WIDTHxHEIGHT (1184x880) or a Kontext bucket index 0-{len(KONTEXT_RESOLUTIONS) - 1}"
     try:
         if "x" in raw:
             w, h = (int(v) for v in raw.split("x", 1))
-        elif int(raw) < len(KONTEXT_RESOLUTIONS):
+        elif 0 <= int(raw) < len(KONTEXT_RESOLUTIONS):
             w, h = KONTEXT_RESOLUTIONS[int(raw)]
         else:
             w = h = int(raw)
     except ValueError:
-        raise ValueError(
-            f"bucket {text!r}: give a side (1024), WIDTHxHEIGHT (1184x880) or a Kontext bucket index 0-16"
-        ) from None
+        raise ValueError(f"bucket {text!r}: {usage}") from None
+    for side in (w, h):
+        if not 16 <= side <= MAX_SIDE or side % 16:
+            raise ValueError(
+                f"bucket {text!r}: sides must be multiples of 16 from 16 to {MAX_SIDE} px "
+                f"(Kontext's longest side at bucket_scale 4.0); {usage}"
+            )
     if scale != 1.0:
         index = KONTEXT_RESOLUTIONS.index((w, h)) if (w, h) in KONTEXT_RESOLUTIONS else None
         scaled = bucket_resolutions(scale)
         if index is not None and len(scaled) == len(KONTEXT_RESOLUTIONS):
             return scaled[index]
-        w, h = (max(16, round(v * scale / 16) * 16) for v in (w, h))
+        w, h = (min(MAX_SIDE, max(16, round(v * scale / 16) * 16)) for v in (w, h))
     return w, h
 
 
@@ -185,6 +211,13 @@ def _autocast_blocks(dtype: torch.dtype) -> Iterator[None]:
         grad_checkpoint._run_out_of_place = original
 
 
+@contextlib.contextmanager
+def meta_default_device() -> Iterator[None]:
+    """Tensors created without a device go to meta while active (torch's default-device mode)."""
+    with torch.device("meta"):
+        yield
+
+
 # -- the step -----------------------------------------------------------------------------------
 def _train_config(s: PlanSettings) -> TrainConfig:
     # Reference tokens: "kontext" costs what every referencing formulation costs (same token count).
@@ -193,7 +226,6 @@ def _train_config(s: PlanSettings) -> TrainConfig:
         rank=s.rank,
         batch_size=s.batch_size,
         lora_targets=s.lora_targets,
-        gradient_checkpointing=s.gradient_checkpointing,
         lora_dtype=s.lora_dtype,
         formulation=formulation,
         bridge_noise=0.1,
@@ -268,16 +300,22 @@ def plan_memory(
         stack.enter_context(_meta_free_memory())
         if attention == "flash":
             stack.enter_context(_flash_attention(compute))
-        model = FluxLoraModel(
-            patcher,
-            rank=s.rank,
-            alpha=float(s.rank),
-            lora_dtype=LORA_DTYPES[s.lora_dtype],
-            targets=s.lora_targets,
-            gradient_checkpointing=s.gradient_checkpointing,
-        )
+        # Everything made while building and loading goes to meta, on the host nothing: the LoRA
+        # adapters (up to gigabytes for all_linear at a high rank) and, on ComfyUI 0.33, the zeros
+        # ``ModelPatcher.load`` puts in place of meta weights (``_zero_init_parameter`` makes
+        # them on the default device: the size of the model in host memory).
+        with meta_default_device():
+            model = FluxLoraModel(
+                patcher,
+                rank=s.rank,
+                alpha=float(s.rank),
+                lora_dtype=LORA_DTYPES[s.lora_dtype],
+                targets=s.lora_targets,
+                gradient_checkpointing=s.gradient_checkpointing,
+            )
         try:
-            model.load()
+            with meta_default_device():
+                model.load()
             counter = LiveBytes("meta")
             _step(model, s, counter, _autocast_blocks(compute) if autocast else None)
             weights = tensor_bytes(t for t in patcher.model.diffusion_model.state_dict().values())
@@ -287,6 +325,36 @@ def plan_memory(
             _forget_loaded(patcher)
     notes = [f"attention {attention}" + (", CUDA autocast bf16" if autocast else ", no autocast")]
     return MemoryPlan(s.label(), weights, lora, counter.peak, overhead, notes)
+
+
+@functools.lru_cache(maxsize=64)
+def plan_forward(settings: PlanSettings, attention: str = "flash", autocast: bool = True) -> int:
+    """Peak bytes one sampling call (a forward without gradients, batch 1) creates beyond the
+    weights, counted on meta like ``plan_memory``: what restoring needs per step on the model's
+    device. ``settings.reference`` adds the Kontext reference tokens; LoRA settings do not matter.
+    """
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
+    s = settings
+    patcher = build_meta_flux(s)
+    diffusion = patcher.model.diffusion_model
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    compute = torch.bfloat16 if autocast else None
+    meta = torch.device("meta")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_meta_free_memory())
+        if attention == "flash":
+            stack.enter_context(_flash_attention(compute))
+        stack.enter_context(torch.no_grad())
+        counter = stack.enter_context(LiveBytes("meta"))
+        x = torch.zeros(1, 16, s.height // 8, s.width // 8, device=meta, dtype=dtype)
+        refs = [torch.zeros_like(x)] if s.reference else None
+        context = torch.zeros(1, s.text_tokens, s.context_in_dim, device=meta, dtype=dtype)
+        pooled = torch.zeros(1, 768, device=meta, dtype=dtype)
+        t = torch.ones(1, device=meta)
+        guidance = torch.ones(1, device=meta, dtype=dtype)
+        diffusion(x, t, context, y=pooled, guidance=guidance, ref_latents=refs, transformer_options={})
+    return counter.peak
 
 
 def measure_step(model: FluxLoraModel, settings: PlanSettings, counter: LiveBytes) -> None:
@@ -301,6 +369,7 @@ def full_size(**changes) -> PlanSettings:
 
 __all__ = [
     "ATTENTION",
+    "MAX_SIDE",
     "WEIGHT_DTYPES",
     "PlanSettings",
     "build_meta_flux",
@@ -308,5 +377,6 @@ __all__ = [
     "lora_state_bytes",
     "measure_step",
     "parse_bucket",
+    "plan_forward",
     "plan_memory",
 ]

@@ -157,6 +157,15 @@ def training_clone(model):
     return model.get_non_dynamic_delegate()
 
 
+def checkpoint_count(value: bool | int | str, blocks: int) -> int:
+    """The number of blocks to checkpoint for a ``gradient_checkpointing`` value."""
+    if isinstance(value, bool) or value in ("on", "off", "auto"):
+        return blocks if value in (True, "on", "auto") else 0
+    if isinstance(value, int) and 0 <= value <= blocks:
+        return value
+    raise ValueError(f"gradient_checkpointing must be on, off, auto or 0-{blocks} blocks; got {value!r}")
+
+
 class _BlockPatch:
     """A ComfyUI "dit" block replacement that runs one block with safe adds, optionally checkpointed.
 
@@ -165,10 +174,11 @@ class _BlockPatch:
     that closure already points at the *last* block of the model.
     """
 
-    def __init__(self, block: torch.nn.Module, double: bool, owner: FluxLoraModel) -> None:
+    def __init__(self, block: torch.nn.Module, double: bool, owner: FluxLoraModel, index: int = 0) -> None:
         self.block = block
         self.double = double
         self.owner = owner
+        self.index = index  # in the model's order: double blocks, then single blocks
         # Older ComfyUI blocks take no transformer_options; pass it only where the block has it.
         self.takes_options = "transformer_options" in inspect.signature(block.forward).parameters
 
@@ -186,7 +196,7 @@ class _BlockPatch:
         args = dict(args)
         if isinstance(args.get("transformer_options"), dict):
             args["transformer_options"] = dict(args["transformer_options"])
-        return run_block(self._call, args, checkpoint=self.owner.gradient_checkpointing)
+        return run_block(self._call, args, checkpoint=self.index < self.owner.checkpoint_blocks)
 
 
 class FluxLoraModel:
@@ -215,7 +225,7 @@ class FluxLoraModel:
         alpha: float,
         lora_dtype: torch.dtype = torch.float32,
         targets: str = "blocks",
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | int | str = True,
         seed: int = 0,
         adapters: Mapping[str, LoraAdapter] | None = None,
         lora_form: str = lora_forward.ACTIVATIONS,
@@ -235,13 +245,27 @@ class FluxLoraModel:
         self._modules = {p: modules[p] for p in self.adapters}
         self.lora_form = lora_forward.choose_form(lora_form, self._modules, self.patcher.object_patches)
         lora_forward.install(self.patcher, self.lora_form, self._modules, self.adapters)
+        self.block_count = len(diffusion.double_blocks) + len(diffusion.single_blocks)
         self.gradient_checkpointing = gradient_checkpointing
+        doubles = len(diffusion.double_blocks)
         for i, block in enumerate(diffusion.double_blocks):
-            self.patcher.set_model_patch_replace(_BlockPatch(block, True, self), "dit", "double_block", i)
+            self.patcher.set_model_patch_replace(_BlockPatch(block, True, self, i), "dit", "double_block", i)
         for i, block in enumerate(diffusion.single_blocks):
-            self.patcher.set_model_patch_replace(_BlockPatch(block, False, self), "dit", "single_block", i)
+            patch = _BlockPatch(block, False, self, doubles + i)
+            self.patcher.set_model_patch_replace(patch, "dit", "single_block", i)
         self.device = torch.device(self.patcher.load_device)
         self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+
+    @property
+    def gradient_checkpointing(self) -> bool | int:
+        """How many blocks recompute their activations in backward (``checkpoint_blocks``; the
+        first ones in the model's order); set as True/"on"/"auto" (all), False/"off" (none) or a
+        number of blocks."""
+        return self.checkpoint_blocks
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool | int | str) -> None:
+        self.checkpoint_blocks = checkpoint_count(value, self.block_count)
 
     def prepare_conditioning(self, conditioning) -> PreparedConditioning:
         return prepare_conditioning(conditioning, self.device, self.dtype)

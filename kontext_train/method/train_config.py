@@ -17,6 +17,19 @@ LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LR_SCHEDULES = ("cosine", "constant_with_warmup", "linear")
 
 
+CHECKPOINTING_MODES = ("auto", "on", "off")
+
+
+def checkpointing_mode(value):
+    """``gradient_checkpointing`` as auto / on / off: true and false (what saved workflows and
+    configs before auto held) become on and off; anything else is returned for the check."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return "on" if value.strip().lower() == "true" else "off"
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Training settings. Defaults follow the original design note where it had one.
@@ -49,7 +62,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     lora_targets: str = "blocks"  # blocks | blocks+modulation | all_linear
-    gradient_checkpointing: bool = True
+    # auto: the memory plan chooses how many blocks to recompute (CUDA; all of them elsewhere);
+    # on: every block; off: none. true/false (saved workflows, old configs) mean on/off.
+    gradient_checkpointing: str = "auto"
     lora_dtype: str = "float32"
 
     # Settings that may change between a run and its resume; everything else must match.
@@ -65,6 +80,7 @@ class TrainConfig:
         # 0 is how the node's widget says "no alpha" (alpha = rank); one meaning on every surface.
         if self.alpha is not None and not isinstance(self.alpha, bool) and self.alpha == 0:
             self.alpha = None
+        self.gradient_checkpointing = checkpointing_mode(self.gradient_checkpointing)
         check_values({f.name: getattr(self, f.name) for f in fields(self)}, TRAIN_SETTINGS)
         check_formulation(self.formulation, self.bridge_noise)
 
@@ -160,9 +176,11 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
         "Layers that get LoRA adapters: blocks (typical), blocks+modulation, or all_linear (more "
         "capacity, more memory).", "layers that get LoRA adapters", choices=tuple(TARGET_SETS),
         commands=TRAINING),
-    Setting("gradient_checkpointing", "bool", _T.gradient_checkpointing,
-        "Recompute activations during the backward pass: much less memory, somewhat slower (on).",
-        "recompute blocks in backward (saves memory)", commands=TRAINING),
+    Setting("gradient_checkpointing", "choice", _T.gradient_checkpointing,
+        "Recompute blocks' activations during the backward pass: less memory, slower. auto: the memory "
+        "plan recomputes only as many blocks as the GPU's free memory needs; on: all; off: none.",
+        "recompute blocks in backward: auto (as many as the GPU needs), on (all), off",
+        choices=CHECKPOINTING_MODES, commands=TRAINING),
     Setting("lora_dtype", "choice", _T.lora_dtype,
         "Precision of the trained LoRA weights (float32 typical).", "LoRA weights dtype",
         choices=tuple(LORA_DTYPES), commands=TRAINING),

@@ -14,8 +14,9 @@ handled in one of two ways, chosen by ``plan_restoration``:
   blended with linear ramps across the overlaps. The tile size is the bucket that covers the image
   with the least total tile area.
 
-Images above ``MAX_MEGAPIXELS``, and requests planning more than ``MAX_REGION_STEPS`` sampling calls
-(tiles x steps), are refused with a clear error before any sampling rather than run for hours.
+Images above ``MAX_MEGAPIXELS``, images cut into more than ``MAX_TILES_PER_IMAGE`` tiles, and
+requests planning more than ``MAX_REGION_STEPS`` sampling calls (tiles x steps), are refused with a
+clear error before any sampling rather than run for hours.
 
 ``restore_images`` is the loop the Restore node and ``kontext-train restore/evaluate`` share: it
 plans every image, runs each region through a ``RegionRestorer`` (``comfyui.region_restorer`` in
@@ -45,6 +46,13 @@ MAX_MEGAPIXELS = 64.0
 # bucket scale: 8000x8000 at bucket_scale 0.0625 is 20,449 tiny tiles, x 8 steps = 163,592 model
 # calls (hours). A 64 MP image at scale 1 (81 tiles) even at the 200-step maximum stays below.
 MAX_REGION_STEPS = 20_000
+# Most tiles one image may be cut into. Only a bucket_scale far below the image's size gets near it
+# (1024x1024 at 0.0625: 375 tiles of 48x80; 4000x3000 at 0.0625: 4,104); every image the megapixel
+# cap allows at bucket_scale 1.0 (81 tiles at 64 MP) and a 24 MP photo at 0.5 (~120) stay below.
+# Measured with the tiny test model on the 2-core CPU (benchmarks/restore_tiles.py): the pack's own
+# work per tile (VAE encode/decode, sampler set-up, blending) is ~0.17 s before any model step, so
+# 375 tiles took 63 s at 1 step and 146 s at 8; with FLUX each step adds a full model call per tile.
+MAX_TILES_PER_IMAGE = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,6 +151,29 @@ def check_work(
             f"Restoring {len(plans)} image(s) at bucket_scale {bucket_scale:g} needs {regions:,} tile(s) x {steps} "
             f"step(s) = {regions * steps:,} sampling calls, above the limit of {limit:,}. Raise bucket_scale "
             "(fewer, larger tiles; 1.0 is what FLUX was trained at), lower steps, or scale the image down first."
+        )
+
+
+def check_tiles(plans: Sequence[RestorePlan], bucket_scale: float, limit: int = MAX_TILES_PER_IMAGE) -> None:
+    """Refuses an image that would be restored in more than ``limit`` tiles, naming the smallest
+    bucket scale at which it would not be."""
+    for i, p in enumerate(plans):
+        if len(p.tiles) <= limit:
+            continue
+        suggestion = ""
+        scale = bucket_scale
+        while scale < 4.0:
+            scale = min(4.0, scale + 0.0625)
+            n = len(plan_restoration(p.width, p.height, bucket_resolutions(scale)).tiles)
+            if n <= limit:
+                suggestion = f"bucket_scale {scale:g} makes {n} tile(s); "
+                break
+        bw, bh = p.bucket
+        raise ValueError(
+            f"Image {i + 1} ({p.width}x{p.height}) at bucket_scale {bucket_scale:g} would be restored in "
+            f"{len(p.tiles):,} tiles of {bw}x{bh}, above the limit of {limit} tiles per image (each tile is a "
+            "VAE encode, every sampling step of the model and a decode). "
+            f"{suggestion}or scale the image down first."
         )
 
 
@@ -284,6 +315,7 @@ def restore_images(
     on_progress: Callable[[RestoreProgress], None] | None = None,
     check_cancel: Callable[[], None] | None = None,
     first_index: int = 0,
+    check_memory: Callable[[list[tuple[int, int]], float], None] | None = None,
 ) -> list[torch.Tensor]:
     """Restores each (3, H, W) image at its own size, in one bucket pass or in tiles.
 
@@ -291,12 +323,16 @@ def restore_images(
     Region ``t`` of image ``i`` is sampled with ``tile_seed(settings.seed, first_index + i, t)``:
     the same image restored alone (``first_index`` = its position) or in a batch gets the same
     result. ``check_cancel`` runs before every region and after every step; it stops the loop by
-    raising.
+    raising. ``check_memory(sizes, bucket_scale)`` runs once the images are planned, before any
+    sampling, and refuses by raising (``comfyui.restore_memory_guard``).
     """
     buckets = bucket_resolutions(settings.bucket_scale)
     plans = [plan_restoration(int(im.shape[-1]), int(im.shape[-2]), buckets) for im in images]
     steps = settings.steps
+    check_tiles(plans, settings.bucket_scale)
     check_work(plans, steps, settings.bucket_scale)
+    if check_memory is not None:
+        check_memory([(p.width, p.height) for p in plans], settings.bucket_scale)
     total = sum(len(p.tiles) for p in plans) * steps
     done = 0
     outputs = []

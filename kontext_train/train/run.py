@@ -166,10 +166,12 @@ class TrainingRun:
         meta = _metadata(latents, self.config, self.identity, self.ctx, name, metadata)
         check_resume_prompt(self.plan, self.run_dir, meta.get(PROMPT_KEY))
         paths = (self.lora_path, self.run_dir)
-        _check_memory(model, latents, conditioning, self.config, hooks, self.ctx)
+        checkpointing = _check_memory(model, latents, conditioning, self.config, hooks, self.ctx)
+        meta["gradient_checkpointing"] = checkpointing_text(checkpointing, self.config)
         result = _train(
-            latents, model, conditioning, self.config, paths, vae, self.resume, hooks, meta, self.ctx
-        )
+            latents, model, conditioning, self.config, paths, vae, self.resume, hooks, meta, self.ctx,
+            checkpointing,
+        )  # fmt: skip
         if result.resumed_from:
             _say(hooks, self.ctx, f"resumed from step {result.resumed_from} ({self.lora_path.name})")
         return result
@@ -225,22 +227,38 @@ def _say(hooks: RunHooks, ctx: DistContext, text: str) -> None:
         hooks.on_message(text)
 
 
-def _check_memory(model, latents, conditioning, config, hooks, ctx) -> None:
-    """Warns through ``on_message`` when the memory check (``comfyui.memory_check``) says the run
-    will not fit the GPU's free memory, naming settings that would. CUDA only; the plan costs
-    seconds of CPU once per settings. ``KONTEXT_MEMORY_PLAN=0`` skips it."""
-    if not ctx.is_main or os.environ.get("KONTEXT_MEMORY_PLAN") == "0":
-        return
+def _check_memory(model, latents, conditioning, config, hooks, ctx) -> bool | int:
+    """The memory plan before a run (``comfyui.memory_check.plan_run_memory``): says through
+    ``on_message`` when the run will not fit the GPU's free memory, naming settings that would, and
+    how many blocks ``gradient_checkpointing`` auto checkpoints. Returns the checkpointing for the
+    model (True: every block; an int: that many). CUDA only; the plan costs seconds of CPU once
+    per settings. ``KONTEXT_MEMORY_PLAN=0`` skips it; so do data-parallel runs (every process must
+    checkpoint alike: auto checkpoints every block there)."""
+    fixed = config.gradient_checkpointing != "off"
+    if not ctx.is_main or ctx.enabled or os.environ.get("KONTEXT_MEMORY_PLAN") == "0":
+        return fixed
     try:
-        from ..comfyui.memory_check import check_run_memory
+        from ..comfyui.memory_check import plan_run_memory
 
         buckets = sorted({s.bucket for s in latents.dataset.train})
-        warning = check_run_memory(model, config, buckets, int(conditioning[0][0].shape[1]))
+        planned = plan_run_memory(model, config, buckets, int(conditioning[0][0].shape[1]))
     except Exception as e:  # a planning failure must never stop a run
         logging.getLogger("kontext_restore").warning("Kontext Restore: no memory plan (%s)", e)
-        return
-    if warning:
-        _say(hooks, ctx, warning)
+        return fixed
+    if planned.note:
+        logging.getLogger("kontext_restore").info("Kontext Restore: %s", planned.note)
+        _say(hooks, ctx, planned.note)
+    if planned.warning:
+        _say(hooks, ctx, planned.warning)
+    return planned.checkpointing
+
+
+def checkpointing_text(checkpointing: bool | int, config: TrainConfig) -> str:
+    """What the run checkpoints, for the LoRA's metadata: "auto: 20 blocks", "on", "off"."""
+    mode = config.gradient_checkpointing
+    if mode != "auto":
+        return mode
+    return "auto: every block" if checkpointing is True else f"auto: {int(checkpointing)} blocks"
 
 
 def _metadata(latents, config, identity, ctx, base_model, extra) -> dict:
@@ -280,7 +298,9 @@ def _finished(plan, lora_path: Path, config: TrainConfig, hooks: RunHooks) -> Ru
     )
 
 
-def _train(latents, model, conditioning, config, paths, vae, resume, hooks, meta, ctx) -> RunResult:
+def _train(
+    latents, model, conditioning, config, paths, vae, resume, hooks, meta, ctx, checkpointing=True
+) -> RunResult:
     dataset, cache = latents.dataset, latents.cache
     lora_path, run_dir = paths
     running: dict[str, Trainer] = {}
@@ -308,7 +328,7 @@ def _train(latents, model, conditioning, config, paths, vae, resume, hooks, meta
             alpha=config.lora_alpha,
             lora_dtype=LORA_DTYPES[config.lora_dtype],
             targets=config.lora_targets,
-            gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing=checkpointing,
             seed=config.seed,
         )
         try:
