@@ -25,10 +25,11 @@ from .data.dataset import build_dataset
 from .data.degradations import KINDS, DegradationConfig
 from .method.flow import FORMULATIONS, LOSS_WEIGHTING, TIMESTEP_SAMPLING
 from .data.latent_cache import CONTROL_MODES, LatentCache
-from .method.lora import TARGET_SETS
+from .method.lora import ADAPTER_KINDS, TARGET_SETS
 from .report.plots import render_loss_plot
 from .restore.restore_settings import AS_TRAINED, BRIDGE_STEPS, DEFAULT_BUCKET_SCALE, DEFAULT_GUIDANCE, MODES
 from .method.train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
+from .train.optimizers import LOSSES, OPTIMIZERS
 
 NODE = "node"
 COMMAND = "command"  # a --flag, a config-file key and, where ``env`` is set, an environment variable
@@ -265,6 +266,37 @@ SETTINGS: tuple[Setting, ...] = (
     _s("lora_dtype", "choice", _T.lora_dtype,
        "Precision of the trained LoRA weights (float32 typical).", "LoRA weights dtype",
        choices=tuple(LORA_DTYPES), commands=TRAINING),
+    _s("optimizer", "choice", _T.optimizer,
+       "adamw (typical); adam; adafactor (least memory); prodigy (sets its own step size: use "
+       "learning_rate 1.0; needs pip install prodigyopt); adamw8bit (8-bit state; needs pip install "
+       "bitsandbytes).", "optimizer (prodigy: pip install prodigyopt; adamw8bit: pip install bitsandbytes)",
+       choices=OPTIMIZERS, commands=TRAINING),
+    _s("adapter", "choice", _T.adapter,
+       "Kind of adapter: lora (typical); lokr (Kronecker product, far fewer numbers for its rank); "
+       "loha (Hadamard product, more expressive per number, slower). All load with ComfyUI's Load LoRA.",
+       "adapter kind (lora, lokr, loha)", choices=ADAPTER_KINDS, commands=TRAINING),
+    _s("loss", "choice", _T.loss,
+       "How the error in the predicted velocity is measured: mse (typical), l1, or huber (mse for small "
+       "errors, l1 for large ones).", "training loss", choices=LOSSES, commands=TRAINING),
+    _s("huber_delta", "float", _T.huber_delta, "Huber loss: where it turns from squared to linear (1.0).",
+       "Huber loss delta", min=1e-4, max=100.0, surfaces=_COMMAND_ONLY, commands=TRAINING),
+    _s("validate_every_steps", "int", _T.validate_every_steps,
+       "Restore and score the held-out images every this many steps instead of every few epochs "
+       "(0: use validate_every_epochs).", "validation every N steps (0 = every N epochs instead)",
+       min=0, max=1_000_000, commands=TRAINING),
+    _s("checkpoint_loras", "bool", _T.checkpoint_loras,
+       "Also save each checkpoint as a LoRA file in loras/<lora name>/, so LoRA pickers list it "
+       "(the newest keep_checkpoints are kept).", "checkpoints also as LoRA files in LORAS/<name>/",
+       commands=TRAINING),
+    _s("init_lora", "path", None,
+       "LoRA file to start from (ours or a kohya-format Kontext LoRA): its rank, alpha, layers and "
+       "adapter kind are read from the file; unset: a fresh LoRA.",
+       "LoRA file to start a new run from (kohya format); its rank, alpha, layers and kind are used",
+       surfaces=_COMMAND_ONLY, commands=TRAINING),
+    _s("init_lora_choice", "choice", NO_LORA,
+       "Start from this LoRA file's weights (ours or a kohya-format Kontext LoRA): its rank, alpha, "
+       "layers and adapter kind are read from the file (none: a fresh LoRA). Ignored when resuming.",
+       surfaces=_NODE_ONLY, node_name="init_lora"),
     _s("resume", "bool", True,
        "Continue from this LoRA name's latest checkpoint; off refuses to touch an existing run.",
        "continue the run in OUTPUT_DIR (--no-resume refuses an existing run)", commands=TRAINING),

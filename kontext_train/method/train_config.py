@@ -45,6 +45,12 @@ class TrainConfig:
     lora_targets: str = "blocks"  # blocks | blocks+modulation | all_linear
     gradient_checkpointing: bool = True
     lora_dtype: str = "float32"
+    optimizer: str = "adamw"  # train/optimizers.py: adamw | adam | adafactor | prodigy | adamw8bit
+    adapter: str = "lora"  # lora | lokr | loha (method/lycoris.py)
+    loss: str = "mse"  # mse | l1 | huber
+    huber_delta: float = 1.0
+    validate_every_steps: int = 0  # > 0: validation every N steps instead of every N epochs
+    checkpoint_loras: bool = True  # each checkpoint also as loras/<name>/<name>_step_N.safetensors
 
     # Settings that may change between a run and its resume; everything else must match.
     RESUMABLE_CHANGES = (
@@ -53,6 +59,8 @@ class TrainConfig:
         "keep_checkpoints",
         "validate_every_epochs",
         "validation_steps",
+        "validate_every_steps",
+        "checkpoint_loras",
     )
 
     def __post_init__(self) -> None:

@@ -142,8 +142,12 @@ class TrainingRun:
         hooks: RunHooks | None = None,
         metadata: Mapping[str, object] | None = None,
         base_model: str | None = None,
+        init_lora: Path | None = None,
     ) -> RunResult:
         """Trains (or continues) the run on ``latents`` (the dataset and seed it was opened with).
+
+        ``init_lora``: a LoRA file a new run starts from (``method/lora_init.py``); a resumed run
+        takes its adapters' layout from its checkpoint instead, so the file is not read again.
 
         ``vae`` decodes validation restorations for PSNR/SSIM (None: latent scores only).
         ``metadata`` adds keys to the LoRA's metadata; the base model, dataset size, degradation,
@@ -164,9 +168,12 @@ class TrainingRun:
         meta = _metadata(latents, self.config, self.identity, self.ctx, name, metadata)
         check_resume_prompt(self.plan, self.run_dir, meta.get(PROMPT_KEY))
         paths = (self.lora_path, self.run_dir)
+        init = _init_state(self.plan.checkpoint if self.resume else None, init_lora)
+        if init_lora is not None:
+            meta["init_lora"] = Path(init_lora).name
         _check_memory(model, latents, conditioning, self.config, hooks, self.ctx)
         result = _train(
-            latents, model, conditioning, self.config, paths, vae, self.resume, hooks, meta, self.ctx
+            latents, model, conditioning, self.config, paths, vae, self.resume, hooks, meta, self.ctx, init
         )
         if result.resumed_from:
             _say(hooks, self.ctx, f"resumed from step {result.resumed_from} ({self.lora_path.name})")
@@ -206,6 +213,7 @@ def train_lora(
     metadata: Mapping[str, object] | None = None,
     base_model: str | None = None,
     dist: DistContext | None = None,
+    init_lora: Path | None = None,
 ) -> RunResult:
     """One training run from start to end: ``open_run`` then ``TrainingRun.train``, lock released
     at the end whatever happens. See those two for the arguments."""
@@ -214,8 +222,32 @@ def train_lora(
         latents.dataset, latents.seed, config, outputs, resume=resume, dist=dist, on_message=hooks.on_message
     ) as run:
         return run.train(
-            latents, model, conditioning, vae=vae, hooks=hooks, metadata=metadata, base_model=base_model
+            latents,
+            model,
+            conditioning,
+            vae=vae,
+            hooks=hooks,
+            metadata=metadata,
+            base_model=base_model,
+            init_lora=init_lora,
         )
+
+
+def _init_state(checkpoint: Path | None, init_lora: Path | None):
+    """(kohya state dict, its source) the adapters are built from, or None for fresh adapters:
+    the checkpoint's LoRA when resuming (its layout is the run's), else the ``init_lora`` file."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / "lora.safetensors" if checkpoint is not None else init_lora
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"init_lora {path}: no such file; give a LoRA file (.safetensors).")
+    try:
+        return load_file(str(path)), path.name, checkpoint is not None
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise RunError(f"init_lora {path} cannot be read as safetensors ({e}).") from e
 
 
 def _say(hooks: RunHooks, ctx: DistContext, text: str) -> None:
@@ -278,7 +310,9 @@ def _finished(plan, lora_path: Path, config: TrainConfig, hooks: RunHooks) -> Ru
     )
 
 
-def _train(latents, model, conditioning, config, paths, vae, resume, hooks, meta, ctx) -> RunResult:
+def _train(
+    latents, model, conditioning, config, paths, vae, resume, hooks, meta, ctx, init=None
+) -> RunResult:
     dataset, cache = latents.dataset, latents.cache
     lora_path, run_dir = paths
     running: dict[str, Trainer] = {}
@@ -306,10 +340,19 @@ def _train(latents, model, conditioning, config, paths, vae, resume, hooks, meta
             targets=config.lora_targets,
             gradient_checkpointing=config.gradient_checkpointing,
             seed=config.seed,
+            adapter=config.adapter,
+            init_state=init[0] if init else None,
+            init_source=init[1] if init else "",
         )
+        info = lora_model.init_info
+        if info is not None:  # the file's rank and alpha, whatever the settings say
+            meta.update({"ss_network_dim": str(max(info.ranks)), "ss_network_alpha": str(max(info.alphas))})
+            if not init[2]:
+                _say(hooks, ctx, f"LoRA adapters from {init[1]}: {info.describe()}")
         try:
             validator = None
-            if ctx.is_main and dataset.val and config.validate_every_epochs:
+            validates = config.validate_every_steps or config.validate_every_epochs
+            if ctx.is_main and dataset.val and validates:
                 validator = Validator(
                     items_from_dataset(dataset, cache, latents.seed),
                     decode=(lambda z: comfyui.vae_decode(vae, z)) if vae is not None else None,
@@ -335,6 +378,7 @@ def _train(latents, model, conditioning, config, paths, vae, resume, hooks, meta
                     "description": meta["dataset"],
                     **({"prompt": meta[PROMPT_KEY]} if meta.get(PROMPT_KEY) else {}),
                 },
+                checkpoint_lora_dir=lora_path.with_suffix(""),
             )
             trainer = (
                 DataParallelTrainer(*args, **kwargs, dist_context=ctx)
