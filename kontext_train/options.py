@@ -336,6 +336,8 @@ SETTINGS: tuple[Setting, ...] = (
        choices=("val", "all"), surfaces=_COMMAND_ONLY, commands=("evaluate",)),
     _s("eval_count", "int", 8, "At most this many images are evaluated.", min=1, max=100_000,
        surfaces=_COMMAND_ONLY, commands=WITH_DATA),
+    _s("preview_count", "int", 8, "How many training pairs the preview shows (8 typical).", min=1, max=64,
+       surfaces=_NODE_ONLY, node_name="count"),
     # -- plots -------------------------------------------------------------------------------
     _s("smoothing", "float", _arg_default(render_loss_plot, "smoothing"),
        "How much the loss curve is smoothed (0: raw; 0.9 typical).", min=0.0, max=0.999, step=0.01,

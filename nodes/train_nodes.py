@@ -9,12 +9,23 @@ from ..kontext_train.comfyui.host import check_writable
 from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.data.images import tensor_to_pil
 from ..kontext_train.method.lora import sanitize_lora_name
+from ..kontext_train.options import NO_LORA
 from ..kontext_train.report.plots import image_grid
 from ..kontext_train.train.run import RunHooks, RunOutputs, train_lora
 from ..kontext_train.train.trainer import TrainConfig
 from ..kontext_train.method.training_prompt import PROMPT_KEY, prompt_from_graph
 from ..kontext_train.train.validation import format_validation_report, format_validation_row
-from .common import CATEGORY, LATENTS, LOSS, input_validator, output, setting_inputs, shown_text
+from .common import (
+    CATEGORY,
+    LATENTS,
+    LORA_MODEL,
+    LOSS,
+    input_validator,
+    output,
+    setting_input,
+    setting_inputs,
+    shown_text,
+)
 
 log = logging.getLogger("kontext_restore")
 DEFAULTS = TrainConfig()
@@ -80,12 +91,24 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
                     "validation_steps",
                     optional=True,
                 ),
+                # Issue 24's options (optional inputs, after the existing ones).
+                *setting_inputs(
+                    "optimizer",
+                    "adapter",
+                    "loss",
+                    "validate_every_steps",
+                    "checkpoint_loras",
+                    optional=True,
+                ),
+                setting_input("init_lora_choice", [NO_LORA] + comfyui.lora_names(), optional=True),
             ],
             outputs=[
                 output(io.Model, "model"),
                 output(io.String, "lora_name"),
                 output(LOSS, "loss"),
                 output(io.String, "validation_report"),
+                # The trained LoRA as core Save LoRA Weights / Load LoRA Model take it (LORA_MODEL).
+                output(LORA_MODEL, "lora"),
             ],
             # PROMPT: the queued workflow, to record the prompt text behind the conditioning.
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -103,6 +126,11 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
         "loss_weighting",
         "lora_targets",
         "lora_dtype",
+        "optimizer",
+        "adapter",
+        "loss",
+        "validate_every_steps",
+        "init_lora_choice",
     )
 
     @classmethod
@@ -134,10 +162,17 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
         gradient_checkpointing=DEFAULTS.gradient_checkpointing,
         lora_dtype=DEFAULTS.lora_dtype,
         validation_steps=DEFAULTS.validation_steps,
+        optimizer=DEFAULTS.optimizer,
+        adapter=DEFAULTS.adapter,
+        loss=DEFAULTS.loss,
+        validate_every_steps=DEFAULTS.validate_every_steps,
+        checkpoint_loras=DEFAULTS.checkpoint_loras,
+        init_lora=NO_LORA,
     ) -> io.NodeOutput:
         comfyui.require_flux(model)
         config = TrainConfig.from_inputs(locals())  # inputs are named like its fields
         name, lora_path, run_dir = run_paths(lora_name)
+        init_path = comfyui.find_lora_file(init_lora) if init_lora not in ("", NO_LORA) else None
         hidden = cls.hidden or io.HiddenHolder.from_dict(None)  # None when called outside ComfyUI
         progress = comfyui.NodeProgress(config.steps, hidden.unique_id)
         metadata = {"trained_with": "ComfyUI node KontextRestoreTrainLoRA"}
@@ -171,6 +206,7 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
                 check_cancel=comfyui.check_interrupted,
             ),
             metadata=metadata,
+            init_lora=init_path,
         )
         trained = comfyui.apply_lora(model, result.lora_state)
         report = format_validation_report(result.validation)
@@ -181,7 +217,7 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
             )
         loss = {"loss": result.losses, "validation": result.validation, "lora": name}
         report = shown_text(report)
-        return io.NodeOutput(trained, name, loss, report, ui=ui.PreviewText(report))
+        return io.NodeOutput(trained, name, loss, report, dict(result.lora_state), ui=ui.PreviewText(report))
 
 
 NODES: list[type[io.ComfyNode]] = [KontextRestoreTrainLoRA]

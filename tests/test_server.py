@@ -268,6 +268,16 @@ INTENDED_CHANGES = {
     },
 }
 V1_DESCRIPTION_CHANGED = {"KontextRestoreRestore"}  # it explains the 0 = "from the LoRA" inputs
+# Added since V1, after the V1 inputs and outputs (saved workflows keep their widget values):
+# optional inputs and outputs by node, and new nodes.
+ADDED_SINCE_V1 = {
+    "KontextRestoreTrainLoRA": {  # issue 24
+        "inputs": ["optimizer", "adapter", "loss", "validate_every_steps", "checkpoint_loras", "init_lora"],
+        "output": ["LORA_MODEL"],
+        "output_name": ["lora"],
+    },
+}
+NEW_NODES = {"KontextRestorePreviewPairs"}  # issue 24
 
 
 def _served_inputs(node_info: dict) -> list[dict]:
@@ -304,14 +314,19 @@ def _table_values(input_name: str, key: str) -> list:
 def test_object_info_shows_every_node_with_its_v1_inputs_outputs_and_tooltips(comfy_server):
     info = comfy_server.object_info()
     served = {k: v for k, v in info.items() if v["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"}
-    assert sorted(served) == sorted(V1_NODES)
+    assert sorted(served) == sorted([*V1_NODES, *NEW_NODES])
     for name, before in V1_NODES.items():
         now = served[name]
-        for key in ("display_name", "category", "output", "output_name", "output_node"):
+        added = ADDED_SINCE_V1.get(name, {})
+        for key in ("display_name", "category", "output_node"):
             assert now[key] == before[key], (name, key)
+        for key in ("output", "output_name"):
+            assert now[key] == before[key] + added.get(key, []), (name, key)
         if name not in V1_DESCRIPTION_CHANGED:
             assert now["description"] == before["description"], name
         inputs = _served_inputs(now)
+        extra, inputs = inputs[len(before["inputs"]) :], inputs[: len(before["inputs"])]
+        assert [(i["group"], i["name"]) for i in extra] == [("optional", n) for n in added.get("inputs", [])]
         # Names, groups and order: the workflows' widgets_values depend on them.
         assert [(i["group"], i["name"]) for i in inputs] == [
             (i["group"], i["name"]) for i in before["inputs"]

@@ -20,6 +20,7 @@ warms the cache, validates and writes; every rank trains its slice of each batch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from ..method.lora import to_kohya_state_dict
 from .run_checks import RunError, check_output_names, check_resume_prompt, dataset_identity, plan_run
 from .run_latents import CachedLatents, warm_cache
 from .run_lock import RunLockedError, acquire, release
+from .optimizers import require_optimizer
 from .step_losses import StepInfo
 from ..method.train_config import LORA_DTYPES, TrainConfig
 from .trainer import Trainer, TrainerHooks, TrainResult
@@ -102,6 +104,10 @@ class TrainingRun:
         self.lora_path, self.run_dir = Path(outputs.lora_path), Path(outputs.run_dir)
         self.resume, self.ctx, self.on_message = resume, ctx, on_message
         check_output_names(self.lora_path, self.run_dir, config.steps)
+        try:  # a missing optional package (prodigyopt, bitsandbytes) before anything is loaded
+            require_optimizer(config.optimizer)
+        except ValueError as e:
+            raise RunError(str(e)) from None
         self._lock = on_main_process(ctx, lambda: acquire(self.run_dir))
         try:
 
@@ -250,6 +256,17 @@ def _init_state(checkpoint: Path | None, init_lora: Path | None):
         raise RunError(f"init_lora {path} cannot be read as safetensors ({e}).") from e
 
 
+@contextlib.contextmanager
+def _init_errors(init):
+    """An init_lora file the model cannot take becomes a RunError (a message for the user)."""
+    try:
+        yield
+    except ValueError as e:
+        if init is not None and not init[2]:
+            raise RunError(str(e)) from None
+        raise
+
+
 def _say(hooks: RunHooks, ctx: DistContext, text: str) -> None:
     if hooks.on_message is not None and ctx.is_main:
         hooks.on_message(text)
@@ -332,18 +349,19 @@ def _train(
     )
     # ComfyUI runs nodes under inference mode; LoRA parameters need autograd.
     with torch.inference_mode(False):
-        lora_model = comfyui.FluxLoraModel(
-            model,
-            rank=config.rank,
-            alpha=config.lora_alpha,
-            lora_dtype=LORA_DTYPES[config.lora_dtype],
-            targets=config.lora_targets,
-            gradient_checkpointing=config.gradient_checkpointing,
-            seed=config.seed,
-            adapter=config.adapter,
-            init_state=init[0] if init else None,
-            init_source=init[1] if init else "",
-        )
+        with _init_errors(init):
+            lora_model = comfyui.FluxLoraModel(
+                model,
+                rank=config.rank,
+                alpha=config.lora_alpha,
+                lora_dtype=LORA_DTYPES[config.lora_dtype],
+                targets=config.lora_targets,
+                gradient_checkpointing=config.gradient_checkpointing,
+                seed=config.seed,
+                adapter=config.adapter,
+                init_state=init[0] if init else None,
+                init_source=init[1] if init else "",
+            )
         info = lora_model.init_info
         if info is not None:  # the file's rank and alpha, whatever the settings say
             meta.update({"ss_network_dim": str(max(info.ranks)), "ss_network_alpha": str(max(info.alphas))})
