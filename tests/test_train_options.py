@@ -10,7 +10,7 @@ import torch
 from conftest import make_conditioning, make_tiny_flux
 from safetensors.torch import load_file, save_file
 from test_adapters import _resumes_exactly, _trainer
-from toy import TOY_TRAIN_SETTINGS, ToyBatches, degrade_latent, toy_latents
+from toy import TOY_TRAIN_SETTINGS, degrade_latent, toy_latents
 
 from kontext_train import comfyui
 from kontext_train.data.batches import LatentBatch
