@@ -244,3 +244,38 @@ def test_a_run_started_from_a_file_trains_on_from_its_weights(comfy_root, tmp_pa
     fresh = _trainer(cfg, tmp_path / "c").run()
     assert continued.losses[0] != pytest.approx(fresh.losses[0], rel=1e-6)
     assert continued.losses[0] < first.losses[0]  # it starts where the first run ended
+
+
+# -- the memory plan ------------------------------------------------------------------------------
+def test_the_plan_counts_each_adapters_parameters_and_each_optimizers_real_state(comfy_root):
+    """plan_memory's adapter + optimizer-state bytes (meta device) equal what the same adapters
+    and optimizer hold for real after a step on the CPU."""
+    from kontext_train.comfyui.memory_probe import PlanSettings, plan_memory
+
+    tiny = dict(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1, context_in_dim=64)
+    planned = {}
+    for adapter, optimizer in (("lora", "adamw"), ("lokr", "adamw"), ("loha", "adamw"), ("lora", "adafactor"), ("lora", "adamw8bit"), ("lora", "prodigy")):  # fmt: skip
+        settings = PlanSettings(
+            weight_dtype="fp32", width=64, height=64, reference=False, rank=4, text_tokens=16,
+            adapter=adapter, optimizer=optimizer, **tiny,
+        )  # fmt: skip
+        plan = plan_memory(settings, attention="native", autocast=False)
+        model = comfyui.FluxLoraModel(comfyui.build_tiny_flux(**tiny), rank=4, alpha=4.0, adapter=adapter)
+        params = model.parameters()
+        opt = build_optimizer(optimizer, params, lr=1.0 if optimizer == "prodigy" else 1e-3, weight_decay=0.0)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        real = sum(p.numel() * p.element_size() for p in params)
+        real += sum(
+            v.numel() * v.element_size()
+            for p in params
+            for k, v in opt.state[p].items()
+            if torch.is_tensor(v) and v.numel() > 1 and not k.startswith("qmap")
+        )
+        assert plan.lora == real, (adapter, optimizer, plan.lora, real)
+        assert plan.settings.get("adapter", "lora") == adapter
+        planned[(adapter, optimizer)] = plan.lora
+    assert planned[("lokr", "adamw")] < planned[("lora", "adamw")] < planned[("loha", "adamw")]
+    assert planned[("lora", "adafactor")] < planned[("lora", "adamw8bit")] < planned[("lora", "adamw")]
+    assert planned[("lora", "prodigy")] > planned[("lora", "adamw")]
