@@ -51,7 +51,7 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
         v.numel() * v.element_size()
         for state in optimizer.state.values()
         for k, v in state.items()
-        if torch.is_tensor(v) and v.numel() > 1 and not k.startswith("qmap")
+        if torch.is_tensor(v) and k != "step" and not k.startswith("qmap")
     )
 
 

@@ -92,9 +92,15 @@ def test_every_optimizer_builds_and_its_state_is_what_the_plan_counts():
             counted = sum(
                 v.numel() * v.element_size()
                 for k, v in state.items()
-                if torch.is_tensor(v) and v.numel() > 1 and not k.startswith("qmap")
+                if torch.is_tensor(v) and k != "step" and not k.startswith("qmap")
             )
             assert counted == state_bytes_per_number(name, p.shape, p.element_size()), (name, p.shape)
+    zero = torch.nn.Parameter(torch.zeros(96, 80))  # Prodigy keeps one number of a zero start
+    opt = build_optimizer("prodigy", [zero], lr=1.0, weight_decay=0.0)
+    zero.grad = torch.randn_like(zero)
+    opt.step()
+    counted = sum(v.numel() * v.element_size() for v in opt.state[zero].values() if torch.is_tensor(v))
+    assert counted == state_bytes_per_number("prodigy", zero.shape, 4, starts_at_zero=True)
 
 
 def test_a_missing_optimizer_package_says_what_to_install(monkeypatch):
@@ -248,34 +254,53 @@ def test_a_run_started_from_a_file_trains_on_from_its_weights(comfy_root, tmp_pa
 
 # -- the memory plan ------------------------------------------------------------------------------
 def test_the_plan_counts_each_adapters_parameters_and_each_optimizers_real_state(comfy_root):
-    """plan_memory's adapter + optimizer-state bytes (meta device) equal what the same adapters
-    and optimizer hold for real after a step on the CPU."""
-    from kontext_train.comfyui.memory_probe import PlanSettings, plan_memory
+    """The planner's adapter + optimizer-state bytes (``lora_state_bytes``, shapes only) equal what
+    fresh adapters and the optimizer hold for real after a step on the CPU; ``plan_memory`` (on
+    the meta device) counts the same for a run's adapter and optimizer settings."""
+    from kontext_train.comfyui.memory_probe import PlanSettings, lora_state_bytes, plan_memory
 
     tiny = dict(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1, context_in_dim=64)
-    planned = {}
-    for adapter, optimizer in (("lora", "adamw"), ("lokr", "adamw"), ("loha", "adamw"), ("lora", "adafactor"), ("lora", "adamw8bit"), ("lora", "prodigy")):  # fmt: skip
-        settings = PlanSettings(
-            weight_dtype="fp32", width=64, height=64, reference=False, rank=4, text_tokens=16,
-            adapter=adapter, optimizer=optimizer, **tiny,
-        )  # fmt: skip
-        plan = plan_memory(settings, attention="native", autocast=False)
-        model = comfyui.FluxLoraModel(comfyui.build_tiny_flux(**tiny), rank=4, alpha=4.0, adapter=adapter)
-        params = model.parameters()
-        opt = build_optimizer(optimizer, params, lr=1.0 if optimizer == "prodigy" else 1e-3, weight_decay=0.0)
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt.step()
-        real = sum(p.numel() * p.element_size() for p in params)
-        real += sum(
-            v.numel() * v.element_size()
-            for p in params
-            for k, v in opt.state[p].items()
-            if torch.is_tensor(v) and v.numel() > 1 and not k.startswith("qmap")
-        )
-        assert plan.lora == real, (adapter, optimizer, plan.lora, real)
-        assert plan.settings.get("adapter", "lora") == adapter
-        planned[(adapter, optimizer)] = plan.lora
-    assert planned[("lokr", "adamw")] < planned[("lora", "adamw")] < planned[("loha", "adamw")]
-    assert planned[("lora", "adafactor")] < planned[("lora", "adamw8bit")] < planned[("lora", "adamw")]
-    assert planned[("lora", "prodigy")] > planned[("lora", "adamw")]
+    counted = {}
+    for adapter in ("lora", "lokr", "loha"):
+        for optimizer in OPTIMIZERS:
+            model = comfyui.FluxLoraModel(comfyui.build_tiny_flux(**tiny), rank=4, alpha=4.0, adapter=adapter)
+            params = model.parameters()
+            lr = 1.0 if optimizer == "prodigy" else 1e-3
+            opt = build_optimizer(optimizer, params, lr=lr, weight_decay=0.0)
+            planned = lora_state_bytes(model, optimizer)  # before the step: the fresh adapters
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            real = sum(p.numel() * p.element_size() for p in params)
+            real += sum(
+                v.numel() * v.element_size()
+                for p in params
+                for k, v in opt.state[p].items()
+                if torch.is_tensor(v) and k != "step" and not k.startswith("qmap")
+            )
+            assert planned == real, (adapter, optimizer, planned, real)
+            counted[(adapter, optimizer)] = real
+    assert counted[("lokr", "adamw")] < counted[("lora", "adamw")] < counted[("loha", "adamw")]
+    assert counted[("lora", "adafactor")] < counted[("lora", "adamw8bit")] < counted[("lora", "adamw")]
+    assert counted[("lora", "prodigy")] > counted[("lora", "adamw")]
+    settings = PlanSettings(
+        weight_dtype="fp32", width=64, height=64, reference=False, rank=4, text_tokens=16,
+        adapter="lokr", optimizer="prodigy", **tiny,
+    )  # fmt: skip
+    plan = plan_memory(settings, attention="native", autocast=False)
+    assert plan.lora == counted[("lokr", "prodigy")]
+    assert plan.settings["adapter"] == "lokr" and plan.settings["optimizer"] == "prodigy"
+
+
+def test_the_command_takes_the_new_options(capsys):
+    from kontext_train.app import cli
+
+    argv = ["train", "--unet", "x", "--optimizer", "adafactor", "--adapter", "lokr", "--loss", "huber"]
+    argv += ["--validate-every-steps", "50", "--no-checkpoint-loras", "--init-lora", "/tmp/start.safetensors"]
+    assert cli.main([*argv, "--print-config"]) == 0
+    shown = capsys.readouterr().out
+    for expected in ("adafactor", "lokr", "huber", "50", "/tmp/start.safetensors"):
+        assert expected in shown, expected
+    with pytest.raises(SystemExit):  # argparse refuses a choice it does not know
+        cli.main(["train", "--unet", "x", "--optimizer", "sgd", "--print-config"])
+    assert "--optimizer: invalid choice: 'sgd'" in capsys.readouterr().err

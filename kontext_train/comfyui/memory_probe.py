@@ -227,7 +227,7 @@ def _step(model: FluxLoraModel, s: PlanSettings, counter: LiveBytes, extra=None)
 def lora_state_bytes(model: FluxLoraModel, optimizer: str = "adamw") -> int:
     """The adapters' parameters and ``optimizer``'s state for them (AdamW: exp_avg and
     exp_avg_sq, each the parameter's size and dtype; others: ``plan/optimizer_state.py``)."""
-    return adapter_state_bytes(model.parameters(), optimizer)
+    return adapter_state_bytes(model.adapters, optimizer)
 
 
 def build_meta_flux(s: PlanSettings):

@@ -74,6 +74,7 @@ class LoraAdapter(torch.nn.Module):
     """
 
     KIND = "lora"
+    ZERO_INIT = ("up",)  # the factors a fresh adapter starts at zero
 
     def __init__(
         self,

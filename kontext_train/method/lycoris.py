@@ -62,6 +62,7 @@ class LokrAdapter(_LycorisAdapter):
     (``w2_b`` is zero), ``w1`` and ``w2_a`` get Kaiming-uniform-like bounds."""
 
     KIND = "lokr"
+    ZERO_INIT = ("w2_b",)
 
     def __init__(
         self,
@@ -104,6 +105,7 @@ class LohaAdapter(_LycorisAdapter):
     """Hadamard-product delta; starts at zero (``w2_a`` is zero), initialised as LyCORIS does."""
 
     KIND = "loha"
+    ZERO_INIT = ("w2_a",)
 
     def __init__(
         self,

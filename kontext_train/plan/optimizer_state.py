@@ -8,7 +8,7 @@ tests/test_train_options.py; ``adapter_parameter_bytes`` sizes an adapter set wi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -16,12 +16,16 @@ from ..method.lycoris import adapter_parameter_count
 from ..train.optimizers import state_bytes_per_number
 
 
-def adapter_state_bytes(params: Iterable[torch.Tensor], optimizer: str = "adamw") -> int:
-    """Bytes of ``params`` plus the state ``optimizer`` keeps for them (each in its own dtype)."""
+def adapter_state_bytes(adapters: Mapping[str, torch.nn.Module], optimizer: str = "adamw") -> int:
+    """Bytes of fresh ``adapters``' parameters plus the state ``optimizer`` keeps for them (each
+    in its own dtype). A factor in the adapter's ``ZERO_INIT`` starts at zero (Prodigy then keeps
+    one number for its initial value). Works on meta tensors: only shapes and dtypes are read."""
     total = 0
-    for p in params:
-        size = p.element_size()
-        total += p.numel() * size + state_bytes_per_number(optimizer, tuple(p.shape), size)
+    for adapter in adapters.values():
+        zero = getattr(adapter, "ZERO_INIT", ())
+        for name, p in adapter.named_parameters():
+            size = p.element_size()
+            total += p.numel() * size + state_bytes_per_number(optimizer, tuple(p.shape), size, name in zero)
     return total
 
 

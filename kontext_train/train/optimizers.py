@@ -79,12 +79,15 @@ def build_optimizer(
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
-def state_bytes_per_number(name: str, shape: Sequence[int], element_size: int) -> int:
+def state_bytes_per_number(
+    name: str, shape: Sequence[int], element_size: int, starts_at_zero: bool = False
+) -> int:
     """Bytes of optimizer state for one parameter of ``shape`` (``element_size`` bytes each).
 
     AdamW/Adam: two moments in the parameter's dtype. Adafactor (torch): a matrix keeps a row and a
     column second-moment vector, a vector the full one; no first moment. Prodigy: four tensors
-    (two moments, ``s`` and the initial value ``p0``). AdamW8bit: two 1-byte moments, plus a
+    (two moments, ``s`` and the initial value ``p0``, which is one number for a parameter that
+    ``starts_at_zero``, as a fresh adapter's zero factor does). AdamW8bit: two 1-byte moments, plus a
     float32 scale per 256-number block each (tensors under 4096 numbers stay 32-bit).
     """
     numel = 1
@@ -98,7 +101,7 @@ def state_bytes_per_number(name: str, shape: Sequence[int], element_size: int) -
             return (rows + int(shape[-1])) * element_size
         return numel * element_size
     if name == "prodigy":
-        return 4 * numel * element_size
+        return (3 * numel + (1 if starts_at_zero else numel)) * element_size
     if name == "adamw8bit":
         if numel < 4096:
             return 2 * numel * 4
