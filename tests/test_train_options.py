@@ -304,3 +304,18 @@ def test_the_command_takes_the_new_options(capsys):
     with pytest.raises(SystemExit):  # argparse refuses a choice it does not know
         cli.main(["train", "--unet", "x", "--optimizer", "sgd", "--print-config"])
     assert "--optimizer: invalid choice: 'sgd'" in capsys.readouterr().err
+
+
+def test_an_init_file_that_is_missing_or_not_safetensors_is_a_run_error(tmp_path):
+    from kontext_train.train.run_checks import RunError
+    from kontext_train.train.run_init import init_state
+
+    assert init_state(None, None) is None
+    with pytest.raises(RunError, match="no such file"):
+        init_state(None, tmp_path / "gone.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RunError, match="junk.safetensors cannot be read"):
+        init_state(None, tmp_path / "junk.safetensors")
+    save_file({"lora_unet_a.alpha": torch.tensor(1.0)}, str(tmp_path / "ok.safetensors"))
+    state, name, from_checkpoint = init_state(None, tmp_path / "ok.safetensors")
+    assert name == "ok.safetensors" and not from_checkpoint and set(state) == {"lora_unet_a.alpha"}

@@ -20,7 +20,6 @@ warms the cache, validates and writes; every rank trains its slice of each batch
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -45,6 +44,8 @@ from .distributed import (
 )
 from ..method.lora import to_kohya_state_dict
 from .run_checks import RunError, check_output_names, check_resume_prompt, dataset_identity, plan_run
+from .run_init import init_errors as _init_errors
+from .run_init import init_state as _init_state
 from .run_latents import CachedLatents, warm_cache
 from .run_lock import RunLockedError, acquire, release
 from .optimizers import require_optimizer
@@ -237,34 +238,6 @@ def train_lora(
             base_model=base_model,
             init_lora=init_lora,
         )
-
-
-def _init_state(checkpoint: Path | None, init_lora: Path | None):
-    """(kohya state dict, its source) the adapters are built from, or None for fresh adapters:
-    the checkpoint's LoRA when resuming (its layout is the run's), else the ``init_lora`` file."""
-    from safetensors.torch import load_file
-
-    path = Path(checkpoint) / "lora.safetensors" if checkpoint is not None else init_lora
-    if path is None:
-        return None
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"init_lora {path}: no such file; give a LoRA file (.safetensors).")
-    try:
-        return load_file(str(path)), path.name, checkpoint is not None
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise RunError(f"init_lora {path} cannot be read as safetensors ({e}).") from e
-
-
-@contextlib.contextmanager
-def _init_errors(init):
-    """An init_lora file the model cannot take becomes a RunError (a message for the user)."""
-    try:
-        yield
-    except ValueError as e:
-        if init is not None and not init[2]:
-            raise RunError(str(e)) from None
-        raise
 
 
 def _say(hooks: RunHooks, ctx: DistContext, text: str) -> None:
