@@ -112,6 +112,15 @@ SETTINGS: tuple[Setting, ...] = (
         surfaces=COMMAND_ONLY, commands=TRAINING),
     # -- training (TrainConfig) --------------------------------------------------------------
     *TRAIN_SETTINGS,  # method/train_config.py: one row per TrainConfig field
+    Setting("init_lora", "path", None,
+        "LoRA file to start from (ours or a kohya-format Kontext LoRA): its rank, alpha, layers and "
+        "adapter kind are read from the file; unset: a fresh LoRA.",
+        "LoRA file to start a new run from (kohya format); its rank, alpha, layers and kind are used",
+        surfaces=COMMAND_ONLY, commands=TRAINING),
+    Setting("init_lora_choice", "choice", NO_LORA,
+        "Start from this LoRA file's weights (ours or a kohya-format Kontext LoRA): its rank, alpha, "
+        "layers and adapter kind are read from the file (none: a fresh LoRA). Ignored when resuming.",
+        surfaces=NODE_ONLY, node_name="init_lora"),
     Setting("resume", "bool", True,
         "Continue from this LoRA name's latest checkpoint; off refuses to touch an existing run.",
         "continue the run in OUTPUT_DIR (--no-resume refuses an existing run)", commands=TRAINING),
@@ -130,6 +139,8 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("val", "all"), surfaces=COMMAND_ONLY, commands=("evaluate",)),
     Setting("eval_count", "int", 8, "At most this many images are evaluated.", min=1, max=100_000,
         surfaces=COMMAND_ONLY, commands=WITH_DATA),
+    Setting("preview_count", "int", 8, "How many training pairs the preview shows (8 typical).", min=1,
+        max=64, surfaces=NODE_ONLY, node_name="count"),
     # -- plots -------------------------------------------------------------------------------
     Setting("smoothing", "float", arg_default(render_loss_plot, "smoothing"),
         "How much the loss curve is smoothed (0: raw; 0.9 typical).", min=0.0, max=0.999, step=0.01,

@@ -5,10 +5,11 @@ ComfyUI registers them through the pack's ``comfy_entrypoint`` (the repository's
 
 from ..kontext_train.comfyui import prompt_check
 from ..kontext_train.comfyui.node_api import ComfyExtension, io
-from . import dataset_nodes, metrics_nodes, restore_nodes, train_nodes
+from . import dataset_nodes, metrics_nodes, preview_nodes, restore_nodes, train_nodes
 
 NODES: list[type[io.ComfyNode]] = [
     *dataset_nodes.NODES,
+    *preview_nodes.NODES,
     *train_nodes.NODES,
     *restore_nodes.NODES,
     *metrics_nodes.NODES,

@@ -24,6 +24,8 @@ DATASET = io.Custom("KONTEXT_RESTORE_DATASET")
 DEGRADATION = io.Custom("KONTEXT_RESTORE_DEGRADATION")
 LATENTS = io.Custom("KONTEXT_RESTORE_LATENTS")
 LOSS = io.Custom("KONTEXT_RESTORE_LOSS")
+# ComfyUI's own type of a LoRA state dict (core Save LoRA Weights, Load LoRA Model; 0.3.75 and 0.33.0).
+LORA_MODEL = io.Custom("LORA_MODEL")
 
 # The table's kinds of setting as V3 widget types ("choice" is a Combo).
 _WIDGETS = {"int": io.Int, "float": io.Float, "bool": io.Boolean, "str": io.String, "path": io.String}

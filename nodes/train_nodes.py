@@ -10,6 +10,7 @@ from ..kontext_train.comfyui.node_api import io, ui
 from ..kontext_train.data.images import tensor_to_pil
 from ..kontext_train.method.lora import sanitize_lora_name
 from ..kontext_train.method.training_prompt import PROMPT_KEY, prompt_from_graph
+from ..kontext_train.options import NO_LORA
 from ..kontext_train.report.plots import image_grid
 from ..kontext_train.train.progress_text import TrainingStatus
 from ..kontext_train.train.run import RunHooks, RunOutputs, train_lora
@@ -18,9 +19,11 @@ from ..kontext_train.train.validation import format_validation_report, format_va
 from .common import (
     CATEGORY,
     LATENTS,
+    LORA_MODEL,
     LOSS,
     input_validator,
     output,
+    setting_input,
     setting_inputs,
     shown_text,
     trainer_problems,
@@ -90,12 +93,26 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
                     "validation_steps",
                     optional=True,
                 ),
+                # Issue 24's options (optional inputs, after the existing ones).
+                *setting_inputs(
+                    "optimizer",
+                    "adapter",
+                    "loss",
+                    "validate_every_steps",
+                    "checkpoint_loras",
+                    optional=True,
+                ),
+                setting_input("init_lora_choice", [NO_LORA] + comfyui.lora_names(), optional=True),
             ],
             outputs=[
                 output(io.Model, "model", "The input model with the trained LoRA applied."),
                 output(io.String, "lora_name", "The LoRA file inside models/loras, for Restore Image."),
                 output(LOSS, "loss", "Loss history and validation scores, for Loss Plot."),
                 output(io.String, "validation_report", "Held-out scores at each validation."),
+                # The trained LoRA as core Save LoRA Weights / Load LoRA Model take it (LORA_MODEL).
+                output(
+                    LORA_MODEL, "lora", "The trained LoRA, for core Save LoRA Weights or Load LoRA Model."
+                ),
             ],
             # PROMPT: the queued workflow, to record the prompt text behind the conditioning.
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -114,6 +131,11 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
         "lora_targets",
         "gradient_checkpointing",
         "lora_dtype",
+        "optimizer",
+        "adapter",
+        "loss",
+        "validate_every_steps",
+        "init_lora_choice",
         also=("lora_name",),
         cross=trainer_problems,
     )
@@ -147,10 +169,17 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
         gradient_checkpointing=DEFAULTS.gradient_checkpointing,
         lora_dtype=DEFAULTS.lora_dtype,
         validation_steps=DEFAULTS.validation_steps,
+        optimizer=DEFAULTS.optimizer,
+        adapter=DEFAULTS.adapter,
+        loss=DEFAULTS.loss,
+        validate_every_steps=DEFAULTS.validate_every_steps,
+        checkpoint_loras=DEFAULTS.checkpoint_loras,
+        init_lora=NO_LORA,
     ) -> io.NodeOutput:
         comfyui.require_flux(model)
         config = TrainConfig.from_inputs(locals())  # inputs are named like its fields
         name, lora_path, run_dir = run_paths(lora_name)
+        init_path = comfyui.find_lora_file(init_lora) if init_lora not in ("", NO_LORA) else None
         hidden = cls.hidden or io.HiddenHolder.from_dict(None)  # None when called outside ComfyUI
         progress = comfyui.NodeProgress(config.steps, hidden.unique_id)
         metadata = {"trained_with": "ComfyUI node KontextRestoreTrainLoRA"}
@@ -196,6 +225,7 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
                 check_cancel=comfyui.check_interrupted,
             ),
             metadata=metadata,
+            init_lora=init_path,
         )
         progress.update(result.step, status.on_done(lora_path, result.step, result.already_complete))
         trained = comfyui.apply_lora(model, result.lora_state)
@@ -207,7 +237,7 @@ class KontextRestoreTrainLoRA(io.ComfyNode):
             )
         loss = {"loss": result.losses, "validation": result.validation, "lora": name}
         report = shown_text(report)
-        return io.NodeOutput(trained, name, loss, report, ui=ui.PreviewText(report))
+        return io.NodeOutput(trained, name, loss, report, dict(result.lora_state), ui=ui.PreviewText(report))
 
 
 NODES: list[type[io.ComfyNode]] = [KontextRestoreTrainLoRA]

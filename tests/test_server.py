@@ -293,6 +293,16 @@ V1_DESCRIPTION_CHANGED = {  # Restore explains the 0 = "from the LoRA" inputs; f
 }
 # Display names that the node library showed as the same truncated text (issue 23).
 V1_DISPLAY_NAME_CHANGED = {"KontextRestoreDegradation": "Kontext Restore: Synthetic Degradation"}
+# Added since V1, after the V1 inputs and outputs (saved workflows keep their widget values):
+# optional inputs and outputs by node, and new nodes.
+ADDED_SINCE_V1 = {
+    "KontextRestoreTrainLoRA": {  # issue 24
+        "inputs": ["optimizer", "adapter", "loss", "validate_every_steps", "checkpoint_loras", "init_lora"],
+        "output": ["LORA_MODEL"],
+        "output_name": ["lora"],
+    },
+}
+NEW_NODES = {"KontextRestorePreviewPairs"}  # issue 24
 
 
 def _served_inputs(node_info: dict) -> list[dict]:
@@ -329,11 +339,14 @@ def _table_values(input_name: str, key: str) -> list:
 def test_object_info_shows_every_node_with_its_v1_inputs_outputs_and_tooltips(comfy_server):
     info = comfy_server.object_info()
     served = {k: v for k, v in info.items() if v["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"}
-    assert sorted(served) == sorted(V1_NODES)
+    assert sorted(served) == sorted([*V1_NODES, *NEW_NODES])
     for name, before in V1_NODES.items():
         now = served[name]
-        for key in ("category", "output", "output_name", "output_node"):
+        added = ADDED_SINCE_V1.get(name, {})
+        for key in ("category", "output_node"):
             assert now[key] == before[key], (name, key)
+        for key in ("output", "output_name"):
+            assert now[key] == before[key] + added.get(key, []), (name, key)
         assert now["display_name"] == V1_DISPLAY_NAME_CHANGED.get(name, before["display_name"]), name
         if name not in V1_DESCRIPTION_CHANGED:
             assert now["description"] == before["description"], name
@@ -342,6 +355,8 @@ def test_object_info_shows_every_node_with_its_v1_inputs_outputs_and_tooltips(co
         tips = now.get("output_tooltips") or []
         assert len(tips) == len(now["output"]) and all(t and t.strip() for t in tips), (name, tips)
         inputs = _served_inputs(now)
+        extra, inputs = inputs[len(before["inputs"]) :], inputs[: len(before["inputs"])]
+        assert [(i["group"], i["name"]) for i in extra] == [("optional", n) for n in added.get("inputs", [])]
         # Names, groups and order: the workflows' widgets_values depend on them.
         assert [(i["group"], i["name"]) for i in inputs] == [
             (i["group"], i["name"]) for i in before["inputs"]

@@ -224,9 +224,12 @@ def _train(settings: Settings, ctx, config, out: Path, lora_path: Path, weights,
                 hooks=hooks,
                 metadata={"trained_with": trained_with, PROMPT_KEY: settings.prompt},
                 base_model=pipe.base_model,
+                init_lora=Path(settings.init_lora).expanduser() if settings.init_lora else None,
             )
         except KeyboardInterrupt:
             return 130
+        except RunError as e:  # an init_lora file that cannot be continued
+            raise UsageError(str(e)) from None
         except NonFiniteLossError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
             return 1

@@ -67,6 +67,8 @@ def settings_for_run(model, config: TrainConfig, buckets, text_tokens: int) -> P
         depth=unet["depth"],
         depth_single_blocks=unet["depth_single_blocks"],
         context_in_dim=unet["context_in_dim"],
+        adapter=config.adapter,
+        optimizer=config.optimizer,
     )
 
 

@@ -36,6 +36,7 @@ from ..plan.memory_plan import (
     flash_attention,
     tensor_bytes,
 )
+from ..plan.optimizer_state import adapter_state_bytes
 from ..train.trainer import Trainer
 from .tiny_models import flux_unet_config
 from .training_model import FluxLoraModel, PreparedConditioning
@@ -69,6 +70,9 @@ class PlanSettings:
     depth: int = 19
     depth_single_blocks: int = 38
     context_in_dim: int = 4096
+    # Issue 24: what the adapters and their optimizer state hold (plan/optimizer_state.py).
+    adapter: str = "lora"
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         if self.weight_dtype not in WEIGHT_DTYPES:
@@ -101,6 +105,9 @@ class PlanSettings:
             "targets": self.lora_targets,
             "batch": self.batch_size,
             "checkpointing": checkpointing_label(self.gradient_checkpointing, self.blocks),
+            # named only when not the default, so tables of default runs keep their columns
+            **({"adapter": self.adapter} if self.adapter != "lora" else {}),
+            **({"optimizer": self.optimizer} if self.optimizer != "adamw" else {}),
         }
 
 
@@ -250,9 +257,10 @@ def _step(model: FluxLoraModel, s: PlanSettings, counter: LiveBytes, extra=None)
         trainer.cond = None
 
 
-def lora_state_bytes(model: FluxLoraModel) -> int:
-    """LoRA parameters and AdamW's exp_avg and exp_avg_sq (each the parameter's size and dtype)."""
-    return 3 * tensor_bytes(model.parameters())
+def lora_state_bytes(model: FluxLoraModel, optimizer: str = "adamw") -> int:
+    """The adapters' parameters and ``optimizer``'s state for them (AdamW: exp_avg and
+    exp_avg_sq, each the parameter's size and dtype; others: ``plan/optimizer_state.py``)."""
+    return adapter_state_bytes(model.adapters, optimizer)
 
 
 def build_meta_flux(s: PlanSettings):
@@ -312,6 +320,7 @@ def plan_memory(
                 lora_dtype=LORA_DTYPES[s.lora_dtype],
                 targets=s.lora_targets,
                 gradient_checkpointing=s.gradient_checkpointing,
+                adapter=s.adapter,
             )
         try:
             with meta_default_device():
@@ -319,7 +328,7 @@ def plan_memory(
             counter = LiveBytes("meta")
             _step(model, s, counter, _autocast_blocks(compute) if autocast else None)
             weights = tensor_bytes(t for t in patcher.model.diffusion_model.state_dict().values())
-            lora = lora_state_bytes(model)
+            lora = lora_state_bytes(model, s.optimizer)
         finally:
             model.release()
             _forget_loaded(patcher)

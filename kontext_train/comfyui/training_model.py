@@ -14,6 +14,7 @@ import torch
 
 from ..method.grad_checkpoint import run_block
 from ..method.lora import LoraAdapter, create_adapters, select_targets
+from ..method.lora_init import InitInfo, adapters_from_state
 from . import lora_forward
 from .host import require_flux
 
@@ -216,6 +217,10 @@ class FluxLoraModel:
     another custom node or ComfyUI 0.33's bypass LoRA, or as an object patch of the input MODEL).
     ``self.lora_form`` is the form in use.
     Adapters, their initialisation and the saved file are the same in both forms.
+
+    ``adapter`` is the kind (``lora``, ``lokr``, ``loha``: ``method/lycoris.py``). ``init_state``
+    (a kohya state dict, from ``init_source``) gives the adapters instead: its layers, ranks,
+    alphas and weights (``method/lora_init.py``); ``self.init_info`` then describes them.
     """
 
     def __init__(
@@ -229,18 +234,33 @@ class FluxLoraModel:
         seed: int = 0,
         adapters: Mapping[str, LoraAdapter] | None = None,
         lora_form: str = lora_forward.ACTIVATIONS,
+        adapter: str = "lora",
+        init_state: Mapping[str, torch.Tensor] | None = None,
+        init_source: str = "the LoRA file",
     ) -> None:
         require_flux(model)
         self.patcher = training_clone(model)
         self.base = self.patcher.model
         diffusion = self.base.diffusion_model
         modules = dict(diffusion.named_modules())
+        self.init_info: InitInfo | None = None
+        if adapters is None and init_state is not None:
+            shapes = {
+                p: tuple(m.weight.shape)
+                for p, m in modules.items()
+                if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 2
+            }
+            adapters, self.init_info = adapters_from_state(
+                init_state, shapes, adapter, init_source, lora_dtype
+            )
         if adapters is None:
             targets = select_targets(modules, targets=targets)
             if not targets:
                 raise ValueError("No LoRA target layers found in the Flux model.")
             shapes = {p: tuple(modules[p].weight.shape) for p in targets}
-            adapters = create_adapters(shapes, rank=rank, alpha=alpha, dtype=lora_dtype, seed=seed)
+            adapters = create_adapters(
+                shapes, rank=rank, alpha=alpha, dtype=lora_dtype, seed=seed, kind=adapter
+            )
         self.adapters: dict[str, LoraAdapter] = dict(adapters)
         self._modules = {p: modules[p] for p in self.adapters}
         self.lora_form = lora_forward.choose_form(lora_form, self._modules, self.patcher.object_patches)

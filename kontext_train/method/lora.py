@@ -73,6 +73,9 @@ class LoraAdapter(torch.nn.Module):
     uniform initialisation like PEFT and kohya do.
     """
 
+    KIND = "lora"
+    ZERO_INIT = ("up",)  # the factors a fresh adapter starts at zero
+
     def __init__(
         self,
         out_features: int,
@@ -111,6 +114,10 @@ class LoraAdapter(torch.nn.Module):
         hidden = torch.nn.functional.linear(x, self.down.to(x.dtype))
         return torch.nn.functional.linear(hidden * self.scale, self.up.to(x.dtype))
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The saved tensors by key suffix (kohya's ``lora_down.weight``/``lora_up.weight``)."""
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up}
+
     # ComfyUI's memory manager asks weight functions how much memory they hold and moves them
     # together with the module they wrap.
     def passive_memory_usage(self) -> int:
@@ -121,19 +128,45 @@ class LoraAdapter(torch.nn.Module):
         return self.passive_memory_usage()
 
 
+ADAPTER_KINDS = ("lora", "lokr", "loha")
+
+
+def adapter_class(kind: str) -> type:
+    """The adapter class of ``kind``: LoRA here, LoKr and LoHa in ``method/lycoris.py``."""
+    from .lycoris import LohaAdapter, LokrAdapter
+
+    classes = {"lora": LoraAdapter, "lokr": LokrAdapter, "loha": LohaAdapter}
+    if kind not in classes:
+        raise ValueError(f"adapter must be one of {', '.join(ADAPTER_KINDS)}; got {kind!r}")
+    return classes[kind]
+
+
 def create_adapters(
     shapes: Mapping[str, tuple[int, int]],
     rank: int,
     alpha: float,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-) -> dict[str, LoraAdapter]:
-    """One adapter per module path, initialised deterministically from ``seed`` in path order."""
+    kind: str = "lora",
+) -> dict[str, torch.nn.Module]:
+    """One adapter of ``kind`` per module path, initialised deterministically from ``seed`` in
+    path order. Each rank may also be a mapping path -> rank (a file's layers differ)."""
+    cls = adapter_class(kind)
     generator = torch.Generator().manual_seed(seed)
+    ranks = rank if isinstance(rank, Mapping) else dict.fromkeys(shapes, rank)
+    alphas = alpha if isinstance(alpha, Mapping) else dict.fromkeys(shapes, alpha)
     return {
-        path: LoraAdapter(out_f, in_f, rank, alpha, dtype=dtype, generator=generator)
+        path: cls(out_f, in_f, ranks[path], alphas[path], dtype=dtype, generator=generator)
         for path, (out_f, in_f) in sorted(shapes.items())
     }
+
+
+def adapter_kind(adapters: Mapping[str, torch.nn.Module]) -> str:
+    """``lora``, ``lokr`` or ``loha``: the kind of the adapters (one kind per file)."""
+    kinds = {getattr(a, "KIND", "lora") for a in adapters.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"adapters of several kinds ({', '.join(sorted(kinds))}); one kind per LoRA file")
+    return kinds.pop()
 
 
 def diffusers_dropped_layers(module_paths: Iterable[str]) -> list[str]:
@@ -162,27 +195,35 @@ def kohya_name(module_path: str) -> str:
     return KOHYA_PREFIX + module_path.replace(".", "_")
 
 
-def to_kohya_state_dict(adapters: Mapping[str, LoraAdapter], dtype: torch.dtype | None = None) -> dict:
-    """Flattens adapters into kohya keys; ``dtype`` None keeps the training dtype."""
+def to_kohya_state_dict(adapters: Mapping[str, torch.nn.Module], dtype: torch.dtype | None = None) -> dict:
+    """Flattens adapters into kohya keys (``<name>.<suffix>`` per ``adapter.tensors()``, and
+    ``<name>.alpha``); ``dtype`` None keeps the training dtype."""
     out: dict[str, torch.Tensor] = {}
     for path, adapter in adapters.items():
         name = kohya_name(path)
-        down = adapter.down.detach()
-        up = adapter.up.detach()
-        if dtype is not None:
-            down, up = down.to(dtype), up.to(dtype)
-        out[f"{name}.lora_down.weight"] = down.contiguous().cpu()
-        out[f"{name}.lora_up.weight"] = up.contiguous().cpu()
+        for suffix, tensor in adapter.tensors().items():
+            tensor = tensor.detach()
+            out[f"{name}.{suffix}"] = (tensor if dtype is None else tensor.to(dtype)).contiguous().cpu()
         out[f"{name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
     return out
 
 
-def load_kohya_into(adapters: Mapping[str, LoraAdapter], state: Mapping[str, torch.Tensor]) -> None:
-    """Copies saved weights into existing adapters; shapes and the key set must match."""
+def kohya_layers(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A kohya state dict grouped by layer name: ``{name: {suffix: tensor}}`` (names have no dots)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name, _, suffix = key.partition(".")
+        layers.setdefault(name, {})[suffix] = tensor
+    return layers
+
+
+def load_kohya_into(adapters: Mapping[str, torch.nn.Module], state: Mapping[str, torch.Tensor]) -> None:
+    """Copies saved weights into existing adapters; the layers, the adapter kind and the shapes
+    must match."""
     expected = {kohya_name(p): p for p in adapters}
-    found = {k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k}
-    missing = sorted(set(expected) - found)
-    extra = sorted(found - set(expected))
+    layers = kohya_layers(state)
+    missing = sorted(set(expected) - set(layers))
+    extra = sorted(set(layers) - set(expected))
     if missing or extra:
         raise ValueError(
             "LoRA does not match this model's layers "
@@ -191,18 +232,22 @@ def load_kohya_into(adapters: Mapping[str, LoraAdapter], state: Mapping[str, tor
         )
     with torch.no_grad():
         for name, path in expected.items():
-            adapter = adapters[path]
-            down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
-            if down.shape != adapter.down.shape or up.shape != adapter.up.shape:
+            adapter, saved = adapters[path], layers[name]
+            params = adapter.tensors()
+            if set(saved) - {"alpha"} != set(params):
                 raise ValueError(
-                    f"LoRA layer {name}: saved shapes {tuple(down.shape)}/{tuple(up.shape)} differ from "
-                    f"{tuple(adapter.down.shape)}/{tuple(adapter.up.shape)}; the rank or base model differs."
+                    f"LoRA layer {name} holds {', '.join(sorted(saved))}, not a {adapter.KIND} adapter's "
+                    f"{', '.join(sorted(params))}; the adapter type differs."
                 )
-            adapter.down.copy_(down)
-            adapter.up.copy_(up)
-            alpha = state.get(f"{name}.alpha")
-            if alpha is not None:
-                adapter.alpha = float(alpha)
+            for suffix, param in params.items():
+                if saved[suffix].shape != param.shape:
+                    raise ValueError(
+                        f"LoRA layer {name}: saved {suffix} has shape {tuple(saved[suffix].shape)}, this "
+                        f"adapter {tuple(param.shape)}; the rank or base model differs."
+                    )
+                param.copy_(saved[suffix])
+            if "alpha" in saved:
+                adapter.alpha = float(saved["alpha"])
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping) -> Path:

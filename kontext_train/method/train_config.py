@@ -10,7 +10,7 @@ import torch
 
 from ..setting import COMMAND_ONLY, TRAINING, Setting, check_values
 from .flow import LOSS_WEIGHTING, TIMESTEP_SAMPLING, TRAINABLE_FORMULATIONS, check_formulation
-from .lora import TARGET_SETS
+from .lora import ADAPTER_KINDS, TARGET_SETS
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # ComfyUI's seed widgets allow 64 bits
 LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -18,6 +18,9 @@ LR_SCHEDULES = ("cosine", "constant_with_warmup", "linear")
 
 
 CHECKPOINTING_MODES = ("auto", "on", "off")
+# train/optimizers.py builds them; named here so that the table's rows stay in the method layer.
+OPTIMIZERS = ("adamw", "adam", "adafactor", "prodigy", "adamw8bit")
+LOSSES = ("mse", "l1", "huber")
 
 
 def checkpointing_mode(value):
@@ -66,6 +69,12 @@ class TrainConfig:
     # on: every block; off: none. true/false (saved workflows, old configs) mean on/off.
     gradient_checkpointing: str = "auto"
     lora_dtype: str = "float32"
+    optimizer: str = "adamw"  # train/optimizers.py: adamw | adam | adafactor | prodigy | adamw8bit
+    adapter: str = "lora"  # lora | lokr | loha (method/lycoris.py)
+    loss: str = "mse"  # mse | l1 | huber
+    huber_delta: float = 1.0
+    validate_every_steps: int = 0  # > 0: validation every N steps instead of every N epochs
+    checkpoint_loras: bool = True  # each checkpoint also as loras/<name>/<name>_step_N.safetensors
 
     # Settings that may change between a run and its resume; everything else must match.
     RESUMABLE_CHANGES = (
@@ -74,6 +83,8 @@ class TrainConfig:
         "keep_checkpoints",
         "validate_every_epochs",
         "validation_steps",
+        "validate_every_steps",
+        "checkpoint_loras",
     )
 
     def __post_init__(self) -> None:
@@ -183,4 +194,26 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("lora_dtype", "choice", _T.lora_dtype,
         "Precision of the trained LoRA weights (float32 typical).", "LoRA weights dtype",
         choices=tuple(LORA_DTYPES), commands=TRAINING),
+    Setting("optimizer", "choice", _T.optimizer,
+        "adamw (typical); adam; adafactor (least memory); prodigy (sets its own step size: use "
+        "learning_rate 1.0; needs pip install prodigyopt); adamw8bit (8-bit state; needs pip install "
+        "bitsandbytes).", "optimizer (prodigy: pip install prodigyopt; adamw8bit: pip install bitsandbytes)",
+        choices=OPTIMIZERS, commands=TRAINING),
+    Setting("adapter", "choice", _T.adapter,
+        "Kind of adapter: lora (typical); lokr (Kronecker product, far fewer numbers for its rank); "
+        "loha (Hadamard product, more expressive per number, slower). All load with ComfyUI's Load LoRA.",
+        "adapter kind (lora, lokr, loha)", choices=ADAPTER_KINDS, commands=TRAINING),
+    Setting("loss", "choice", _T.loss,
+        "How the error in the predicted velocity is measured: mse (typical), l1, or huber (mse for small "
+        "errors, l1 for large ones).", "training loss", choices=LOSSES, commands=TRAINING),
+    Setting("huber_delta", "float", _T.huber_delta, "Huber loss: where it turns from squared to linear (1.0).",
+        "Huber loss delta", min=1e-4, max=100.0, surfaces=COMMAND_ONLY, commands=TRAINING),
+    Setting("validate_every_steps", "int", _T.validate_every_steps,
+        "Restore and score the held-out images every this many steps instead of every few epochs "
+        "(0: use validate_every_epochs).", "validation every N steps (0 = every N epochs instead)",
+        min=0, max=1_000_000, commands=TRAINING),
+    Setting("checkpoint_loras", "bool", _T.checkpoint_loras,
+        "Also save each checkpoint as a LoRA file in loras/<lora name>/, so LoRA pickers list it "
+        "(the newest keep_checkpoints are kept).", "checkpoints also as LoRA files in LORAS/<name>/",
+        commands=TRAINING),
 )  # fmt: skip

@@ -79,7 +79,13 @@ def save_checkpoint(
     state: dict,
     metadata: Mapping[str, str],
     keep: int = 3,
+    lora_copy: Path | None = None,
 ) -> Path:
+    """Writes checkpoint ``step`` and prunes all but the newest ``keep`` (0: keeps all).
+
+    ``lora_copy``: the checkpoint's LoRA is also written there (``loras/<name>/<name>_step_N``, so
+    that LoRA pickers list it); copies of pruned checkpoints in that folder are removed with them.
+    """
     final = checkpoint_dir(run_dir, step)
     tmp = partial_checkpoint_dir(run_dir, step)
     if tmp.exists():
@@ -95,8 +101,14 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if lora_copy is not None:
+        Path(lora_copy).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(final / "lora.safetensors", Path(lora_copy).with_name(Path(lora_copy).name + ".tmp"))
+        os.replace(Path(lora_copy).with_name(Path(lora_copy).name + ".tmp"), lora_copy)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    if lora_copy is not None and keep > 0:
+        prune_lora_copies(Path(lora_copy).parent, {checkpoint_step(p) for p in list_checkpoints(run_dir)})
     return final
 
 
@@ -110,6 +122,24 @@ _STATE_TYPES = {
     "losses": list,
     "validation": list,
 }
+
+
+def lora_copies(folder: Path) -> dict[int, Path]:
+    """The checkpoint LoRA files in ``folder`` (``<folder name>_step_000500.safetensors``) by step."""
+    pattern = re.compile(re.escape(Path(folder).name) + r"_step_(\d{6,})\.safetensors$")
+    found = {}
+    for p in Path(folder).glob("*.safetensors") if Path(folder).is_dir() else []:
+        m = pattern.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def prune_lora_copies(folder: Path, kept_steps: set[int]) -> None:
+    """Removes the checkpoint LoRA files in ``folder`` whose checkpoint was pruned."""
+    for step, path in lora_copies(folder).items():
+        if step not in kept_steps:
+            path.unlink(missing_ok=True)
 
 
 def _read_state(path: Path) -> dict:

@@ -45,7 +45,10 @@ from .distributed import (
     on_main_process,
     sync_gradients,
 )
+from .optimizers import require_optimizer
 from .run_checks import RunError, check_output_names, check_resume_prompt, dataset_identity, plan_run
+from .run_init import init_errors as _init_errors
+from .run_init import init_state as _init_state
 from .run_latents import CachedLatents, warm_cache
 from .run_lock import RunLockedError, acquire, release
 from .step_losses import StepInfo
@@ -104,6 +107,10 @@ class TrainingRun:
         self.lora_path, self.run_dir = Path(outputs.lora_path), Path(outputs.run_dir)
         self.resume, self.ctx, self.on_message = resume, ctx, on_message
         check_output_names(self.lora_path, self.run_dir, config.steps)
+        try:  # a missing optional package (prodigyopt, bitsandbytes) before anything is loaded
+            require_optimizer(config.optimizer)
+        except ValueError as e:
+            raise RunError(str(e)) from None
         self._lock = on_main_process(ctx, lambda: acquire(self.run_dir))
         try:
 
@@ -144,8 +151,12 @@ class TrainingRun:
         hooks: RunHooks | None = None,
         metadata: Mapping[str, object] | None = None,
         base_model: str | None = None,
+        init_lora: Path | None = None,
     ) -> RunResult:
         """Trains (or continues) the run on ``latents`` (the dataset and seed it was opened with).
+
+        ``init_lora``: a LoRA file a new run starts from (``method/lora_init.py``); a resumed run
+        takes its adapters' layout from its checkpoint instead, so the file is not read again.
 
         ``vae`` decodes validation restorations for PSNR/SSIM (None: latent scores only).
         ``metadata`` adds keys to the LoRA's metadata; the base model, dataset size, degradation,
@@ -166,11 +177,14 @@ class TrainingRun:
         meta = _metadata(latents, self.config, self.identity, self.ctx, name, metadata)
         check_resume_prompt(self.plan, self.run_dir, meta.get(PROMPT_KEY))
         paths = (self.lora_path, self.run_dir)
+        init = _init_state(self.plan.checkpoint if self.resume else None, init_lora)
+        if init_lora is not None:
+            meta["init_lora"] = Path(init_lora).name
         checkpointing = _check_memory(model, latents, conditioning, self.config, hooks, self.ctx)
         meta["gradient_checkpointing"] = checkpointing_text(checkpointing, self.config)
         result = _train(
             latents, model, conditioning, self.config, paths, vae, self.resume, hooks, meta, self.ctx,
-            checkpointing,
+            checkpointing, init,
         )  # fmt: skip
         if result.resumed_from:
             _say(hooks, self.ctx, f"resumed from step {result.resumed_from} ({self.lora_path.name})")
@@ -210,6 +224,7 @@ def train_lora(
     metadata: Mapping[str, object] | None = None,
     base_model: str | None = None,
     dist: DistContext | None = None,
+    init_lora: Path | None = None,
 ) -> RunResult:
     """One training run from start to end: ``open_run`` then ``TrainingRun.train``, lock released
     at the end whatever happens. See those two for the arguments."""
@@ -218,7 +233,14 @@ def train_lora(
         latents.dataset, latents.seed, config, outputs, resume=resume, dist=dist, on_message=hooks.on_message
     ) as run:
         return run.train(
-            latents, model, conditioning, vae=vae, hooks=hooks, metadata=metadata, base_model=base_model
+            latents,
+            model,
+            conditioning,
+            vae=vae,
+            hooks=hooks,
+            metadata=metadata,
+            base_model=base_model,
+            init_lora=init_lora,
         )
 
 
@@ -299,7 +321,7 @@ def _finished(plan, lora_path: Path, config: TrainConfig, hooks: RunHooks) -> Ru
 
 
 def _train(
-    latents, model, conditioning, config, paths, vae, resume, hooks, meta, ctx, checkpointing=True
+    latents, model, conditioning, config, paths, vae, resume, hooks, meta, ctx, checkpointing=True, init=None
 ) -> RunResult:
     dataset, cache = latents.dataset, latents.cache
     lora_path, run_dir = paths
@@ -322,18 +344,28 @@ def _train(
     )
     # ComfyUI runs nodes under inference mode; LoRA parameters need autograd.
     with torch.inference_mode(False):
-        lora_model = comfyui.FluxLoraModel(
-            model,
-            rank=config.rank,
-            alpha=config.lora_alpha,
-            lora_dtype=LORA_DTYPES[config.lora_dtype],
-            targets=config.lora_targets,
-            gradient_checkpointing=checkpointing,
-            seed=config.seed,
-        )
+        with _init_errors(init):
+            lora_model = comfyui.FluxLoraModel(
+                model,
+                rank=config.rank,
+                alpha=config.lora_alpha,
+                lora_dtype=LORA_DTYPES[config.lora_dtype],
+                targets=config.lora_targets,
+                gradient_checkpointing=checkpointing,
+                seed=config.seed,
+                adapter=config.adapter,
+                init_state=init[0] if init else None,
+                init_source=init[1] if init else "",
+            )
+        info = lora_model.init_info
+        if info is not None:  # the file's rank and alpha, whatever the settings say
+            meta.update({"ss_network_dim": str(max(info.ranks)), "ss_network_alpha": str(max(info.alphas))})
+            if not init[2]:
+                _say(hooks, ctx, f"LoRA adapters from {init[1]}: {info.describe()}")
         try:
             validator = None
-            if ctx.is_main and dataset.val and config.validate_every_epochs:
+            validates = config.validate_every_steps or config.validate_every_epochs
+            if ctx.is_main and dataset.val and validates:
                 validator = Validator(
                     items_from_dataset(dataset, cache, latents.seed),
                     decode=(lambda z: comfyui.vae_decode(vae, z)) if vae is not None else None,
@@ -359,6 +391,7 @@ def _train(
                     "description": meta["dataset"],
                     **({"prompt": meta[PROMPT_KEY]} if meta.get(PROMPT_KEY) else {}),
                 },
+                checkpoint_lora_dir=lora_path.with_suffix(""),
             )
             trainer = (
                 DataParallelTrainer(*args, **kwargs, dist_context=ctx)

@@ -44,6 +44,7 @@ from ..restore.restore_settings import (  # as restoring reads
     METADATA_PREFIX,
 )
 from .checkpoints import find_resumable, save_checkpoint
+from .optimizers import build_optimizer, loss_per_sample
 from .step_losses import LOSS_READ_EVERY, StepInfo, read_step_losses
 
 __all__ = ["LORA_DTYPES", "LR_SCHEDULES", "TrainConfig", "Trainer", "TrainerHooks"]
@@ -92,7 +93,11 @@ def lora_metadata(config: TrainConfig, step: int, extra: Mapping[str, str] | Non
         "ss_steps": str(step),
         "ss_learning_rate": str(config.learning_rate),
         "modelspec.architecture": "flux-1-dev/lora",
+        # kohya's and LyCORIS' way to say the adapter kind (tools that list LoRAs read it).
+        "ss_network_module": "networks.lora_flux" if config.adapter == "lora" else "lycoris.kohya",
     }
+    if config.adapter != "lora":
+        meta["ss_network_args"] = json.dumps({"algo": config.adapter})
     for k, v in (extra or {}).items():
         key = k if "." in k or k.startswith("ss_") else METADATA_PREFIX + k
         meta[key] = v if isinstance(v, str) else json.dumps(v)
@@ -142,9 +147,11 @@ class Trainer:
         validator=None,
         hooks: TrainerHooks | None = None,
         dataset_identity: Mapping | None = None,
+        checkpoint_lora_dir: Path | None = None,
     ) -> None:
         """``dataset_identity`` (what the run trains on, see ``run.dataset_identity``) is stored in
-        every checkpoint, so a resume can be checked against it."""
+        every checkpoint, so a resume can be checked against it. ``checkpoint_lora_dir``: where
+        each checkpoint's LoRA is also written (``loras/<name>/``) when ``checkpoint_loras`` is on."""
         self.config = config
         self.model = model
         self.batches = batches
@@ -155,6 +162,7 @@ class Trainer:
         self.validator = validator
         self.hooks = hooks or TrainerHooks()
         self.dataset_identity = dict(dataset_identity) if dataset_identity else None
+        self.checkpoint_lora_dir = Path(checkpoint_lora_dir) if checkpoint_lora_dir else None
         self.step = 0
         self.epoch = 0
         self.position = 0
@@ -198,7 +206,7 @@ class Trainer:
         example = make_training_example(cfg.formulation, clean, degraded, sigmas_d, noise, cfg.bridge_noise)
         with self._autocast():
             pred = model.velocity(example.x, sigmas_d, self.cond, cfg.guidance, example.reference)
-        per_sample = (pred.float() - example.target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+        per_sample = loss_per_sample(pred, example.target, cfg.loss, cfg.huber_delta)
         return (loss_weights(sigmas_d, cfg.loss_weighting) * per_sample).mean()
 
     def _autocast(self):
@@ -259,12 +267,19 @@ class Trainer:
             self._state(optimizer, scheduler),
             self._metadata(),
             keep=self.config.keep_checkpoints,
+            lora_copy=self._checkpoint_lora_path(),
         )
         self.last_saved_step = self.step
         self.last_saved_validations = len(self.validation)
         if self.hooks.on_checkpoint:
             self.hooks.on_checkpoint(self.step, self.last_checkpoint)
         return self.last_checkpoint
+
+    def _checkpoint_lora_path(self) -> Path | None:
+        """``loras/<name>/<name>_step_000500.safetensors`` for this step, or None when off."""
+        if self.checkpoint_lora_dir is None or not self.config.checkpoint_loras:
+            return None
+        return self.checkpoint_lora_dir / f"{self.checkpoint_lora_dir.name}_step_{self.step:06d}.safetensors"
 
     def _resume(self, optimizer, scheduler) -> int:
         resumable = find_resumable(self.run_dir, move_aside=self.hooks.is_main_process)
@@ -314,7 +329,7 @@ class Trainer:
                 support,
             )
         params = self.model.parameters()
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(cfg.optimizer, params, cfg.learning_rate, cfg.weight_decay)
         scheduler = get_scheduler(
             cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
         )
@@ -360,9 +375,13 @@ class Trainer:
                         )
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint(optimizer, scheduler)
-                    for e in finished_epochs:
-                        if cfg.validate_every_epochs and (e + 1) % cfg.validate_every_epochs == 0:
-                            self._validate(e)
+                    if cfg.validate_every_steps:
+                        if self.step % cfg.validate_every_steps == 0:
+                            self._validate(self.epoch)
+                    else:
+                        for e in finished_epochs:
+                            if cfg.validate_every_epochs and (e + 1) % cfg.validate_every_epochs == 0:
+                                self._validate(e)
                     if self.hooks.check_cancel and self.step < cfg.steps:
                         self.hooks.check_cancel()
                 if self.validator is not None and (
