@@ -51,13 +51,16 @@ def _changes(kind: str, inputs: dict, dataset: str, images: dict[str, str], run:
     return changes
 
 
-def shrink_api(api: dict, dataset: str, images: dict[str, str], run: str) -> dict:
-    """An API-format template with tiny loaders, small buckets and few steps."""
+def shrink_api(
+    api: dict, dataset: str, images: dict[str, str], run: str, loaders: dict[str, str] = TINY_LOADERS
+) -> dict:
+    """An API-format template with tiny loaders (``loaders``: which to swap), small buckets and
+    few steps."""
     api = copy.deepcopy(api)
     for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
-        if kind in TINY_LOADERS:
-            node["class_type"] = TINY_LOADERS[kind]
+        if kind in loaders:
+            node["class_type"] = loaders[kind]
             node["inputs"] = dict(TINY_LOADER_INPUTS.get(node["class_type"], {}))
             continue
         inputs.update(_changes(kind, inputs, dataset, images, run))

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -134,6 +134,15 @@ def check_resume_compatible(saved: Mapping, config: TrainConfig) -> None:
         )
 
 
+def cuda_autocast(model) -> AbstractContextManager:
+    """The default forward context: bf16 autocast when the model computes in a reduced precision
+    on CUDA (bf16 weights, or fp8 weights cast to bf16), else none."""
+    device = getattr(model, "device", torch.device("cpu"))
+    if torch.device(device).type == "cuda" and getattr(model, "dtype", torch.float32) != torch.float32:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 class Trainer:
     def __init__(
         self,
@@ -148,10 +157,13 @@ class Trainer:
         hooks: TrainerHooks | None = None,
         dataset_identity: Mapping | None = None,
         checkpoint_lora_dir: Path | None = None,
+        autocast: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         """``dataset_identity`` (what the run trains on, see ``run.dataset_identity``) is stored in
         every checkpoint, so a resume can be checked against it. ``checkpoint_lora_dir``: where
-        each checkpoint's LoRA is also written (``loras/<name>/``) when ``checkpoint_loras`` is on."""
+        each checkpoint's LoRA is also written (``loras/<name>/``) when ``checkpoint_loras`` is on.
+        ``autocast`` makes the context the model's forward runs in (default ``cuda_autocast``: bf16
+        autocast on CUDA; the tests pass CPU bf16 autocast to run that precision path without a GPU)."""
         self.config = config
         self.model = model
         self.batches = batches
@@ -163,6 +175,7 @@ class Trainer:
         self.hooks = hooks or TrainerHooks()
         self.dataset_identity = dict(dataset_identity) if dataset_identity else None
         self.checkpoint_lora_dir = Path(checkpoint_lora_dir) if checkpoint_lora_dir else None
+        self.autocast = autocast
         self.step = 0
         self.epoch = 0
         self.position = 0
@@ -209,14 +222,8 @@ class Trainer:
         per_sample = loss_per_sample(pred, example.target, cfg.loss, cfg.huber_delta)
         return (loss_weights(sigmas_d, cfg.loss_weighting) * per_sample).mean()
 
-    def _autocast(self):
-        device = getattr(self.model, "device", torch.device("cpu"))
-        if (
-            torch.device(device).type == "cuda"
-            and getattr(self.model, "dtype", torch.float32) != torch.float32
-        ):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+    def _autocast(self) -> AbstractContextManager:
+        return self.autocast() if self.autocast is not None else cuda_autocast(self.model)
 
     # -- losses -----------------------------------------------------------------------------
     def read_losses(self) -> list[float]:
