@@ -87,9 +87,12 @@ def _restore(*args, **kw):
     return _restore_output(*args, **kw).result[0]
 
 
-def _write_lora(folder, name, **config):
+def _write_lora(folder, name, formulation="bridge", bridge_noise=0.0, **config):
     adapters = create_adapters({"double_blocks.0.img_attn.qkv": (384, 128)}, rank=2, alpha=2)
-    meta = lora_metadata(TrainConfig(**config), step=10)
+    cfg = TrainConfig(**config)
+    # Set past the training check: bridge_ref LoRAs come from earlier versions and still restore.
+    cfg.formulation, cfg.bridge_noise = formulation, bridge_noise
+    meta = lora_metadata(cfg, step=10)
     return atomic_save_safetensors(to_kohya_state_dict(adapters), folder / name, meta)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from server_host import PACK_LINK_NAME, server_fixture, write_png
-from tiny_templates import shrink_api
+from tiny_templates import CPU_BUCKET_SCALE, shrink_api
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -361,7 +361,8 @@ def test_train_then_evaluate_runs_end_to_end(comfy_server, trained):
     # The dataset's summary, then the trainer's validation report, in one preview (11).
     report = "".join(outputs["11"]["text"])
     assert report.startswith("Dataset ") and "used 3 image(s): 2 train, 1 held out" in report, report
-    assert "buckets (scale 0.25)" in report and "PSNR" in report.split("buckets (scale 0.25)")[1], report
+    scale = f"buckets (scale {CPU_BUCKET_SCALE:g})"
+    assert scale in report and "PSNR" in report.split(scale)[1], report
 
 
 def test_restore_with_lora_runs_with_the_trained_lora(comfy_server, trained):

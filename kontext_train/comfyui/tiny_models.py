@@ -161,8 +161,17 @@ def load_tiny_flux(arch: dict, weights: str | Path, prefix: str = "flux."):
     if not state:
         raise ValueError(f"{weights} holds no '{prefix}*' tensors: not a stand-in weights file")
     patcher = build_tiny_flux(**arch)
+    net = patcher.model.diffusion_model
+    expected = set(net.state_dict())
+    # Flux's q/k RMSNorm gain is ``.scale`` in older ComfyUI and ``.weight`` (torch's RMSNorm) in newer.
+    swap = {".scale": ".weight", ".weight": ".scale"}
+    for key in [k for k in state if k not in expected]:
+        for old, new in swap.items():
+            if key.endswith(old) and key[: -len(old)] + new in expected:
+                state[key[: -len(old)] + new] = state.pop(key)
+                break
     with torch.inference_mode(False), torch.no_grad():
-        patcher.model.diffusion_model.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True)
     patcher.cached_patcher_init = (_reload_tiny_flux, ({"arch": dict(arch), "weights": str(weights)},))
     return patcher
 

@@ -161,8 +161,8 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
         "Random seed: the same seed gives the same split, degradations, training and sampling noise.",
         "seed of split, degradations, LoRA init and noise", min=0, max=MAX_SEED),
     Setting("formulation", "choice", _T.formulation,
-        "bridge: start from the degraded image; kontext: start from noise, see it as reference; "
-        "shortened: start from it mixed with noise at sigma 0.6, see it as reference.",
+        "bridge (default): start from the degraded image; kontext: from noise; shortened: from it "
+        "mixed with noise at sigma 0.6; both see it as reference. bridge_ref restores only.",
         "flow-matching formulation (bridge_ref is no longer trained: its reference gives the target away)", choices=TRAINABLE_FORMULATIONS, commands=TRAINING),
     Setting("bridge_noise", "float", _T.bridge_noise,
         "Noise added to the degraded start of a bridge (0: none). "
