@@ -474,6 +474,17 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
             if at_line_start:
                 assert seen["line_start"], f"{title}: {needle!r} does not begin a line ({seen})"
         page.screenshot(path=str(ARTIFACTS / f"web_ui_{title.lower().replace(' ', '_')}.png"))
+    # Text drawn on the nodes wraps between words ("th e LoRA" was the frontend's break-all).
+    breaks = page.evaluate(
+        """(needle) => {
+            const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT), found = [];
+            while (walker.nextNode()) if (walker.currentNode.textContent.includes(needle))
+                found.push(getComputedStyle(walker.currentNode.parentElement).wordBreak);
+            return found;
+        }""",
+        "the LoRA learns from these alone",
+    )
+    assert breaks and "break-all" not in breaks, breaks
     drawn = node_boxes(page)
     assert build_workflows.overlapping([(f"{b['id']} {b['title']}", b["box"]) for b in drawn]) == []
     errors = console.errors_since(mark)
