@@ -43,12 +43,23 @@ def test_events_show_newest_first_under_the_step_and_the_lora_path_when_done():
     lines = text.splitlines()
     assert lines[0].startswith("step 5/10") and lines[1] == "2.00 s/step, ETA 10s"
     assert lines[2:] == [
-        "validation at step 6, latent MSE 0.10000 (degraded 0.20000)",
+        "validation at step 6: latent MSE 0.10000 (degraded 0.20000)",
         "checkpoint saved at step 6",
         "resumed from step 4",
     ]
+    status.on_checkpoint(10)
     done = status.on_done("/models/loras/x.safetensors", 10).splitlines()
-    assert done[0] == "done: step 10/10" and done[1] == "LoRA: /models/loras/x.safetensors"
-    assert len(done) == 4  # the three newest events are kept
+    # The LoRA's path last: a long path wraps, and the node's text box shows its first lines.
+    assert done == [
+        "done: step 10/10",
+        "checkpoint saved at step 10",
+        "validation at step 6: latent MSE 0.10000 (degraded 0.20000)",
+        "checkpoint saved at step 6",
+        "LoRA: /models/loras/x.safetensors",
+    ]
+    psnr = {"step": 8, "psnr_restored": 30.123, "psnr_degraded": 25.0, "latent_mse_restored": 0.1}
+    assert (
+        status.on_validation(psnr).splitlines()[1] == "validation at step 8: PSNR 30.12 dB (degraded 25.00)"
+    )
     again = TrainingStatus(10).on_done("/l.safetensors", 10, already_complete=True)
-    assert again.startswith("already trained to step 10: nothing trained or written\nLoRA: /l.safetensors")
+    assert again == "already trained to step 10: nothing trained or written\nLoRA: /l.safetensors"

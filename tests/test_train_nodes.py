@@ -154,7 +154,7 @@ def test_validation_shows_a_preview_grid_on_the_node(pack_nodes, image_folder, t
     previews = [(v, t, p) for v, t, p in updates if p is not None]
     assert previews, "validation should push a preview image to the node"
     value, text, image = previews[-1]
-    assert value == 3 and "\nvalidation at step 3, latent MSE" in text
+    assert value == 3 and "\nvalidation at step 3: PSNR" in text
     assert image.size[0] >= 3 * 192  # degraded | restored | clean
     assert sorted({v for v, t, p in updates if t and t.startswith("step ")}) == [1, 2, 3]
 

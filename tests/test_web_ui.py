@@ -399,7 +399,10 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
     page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.QueuePrompt') }")
     deadline = time.monotonic() + 420
     new = []
+    drawn_lines: set[str] = set()  # the trainer's text as the page drew it while it ran
     while time.monotonic() < deadline and not new:
+        text = page.evaluate("() => document.body.innerText")
+        drawn_lines |= {line for line in text.splitlines() if "s/step" in line or "checkpoint saved" in line}
         history = comfy_server.get("/history")
         new = [
             k
@@ -412,13 +415,17 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
     assert status["status_str"] == "success", json.dumps(status.get("messages"))[-3000:]
     # While it trained, the trainer's text on the node had the speed and the time left, and said
     # when a checkpoint was saved (checkpoint_every 2 of 4 steps).
-    shown = [
-        text
-        for kind, text, node in console.messages[mark:]
-        if kind == "progress_text" and node == trainer_node
+    frames = [
+        t for kind, t, node in console.messages[mark:] if kind == "progress_text" and node == trainer_node
     ]
+    shown = frames + sorted(drawn_lines)
     assert any(re.search(r"s/step, ETA \d+s", t) for t in shown), shown
     assert any("checkpoint saved at step 2" in t for t in shown), shown
+    # When done, where the LoRA went (last on the node: a long path wraps).
+    lora_file = str(comfy_server.base / "models" / "loras" / "web_ui_run.safetensors")
+    assert any(
+        lora_file in t.replace("\n", "") for t in frames + [page.evaluate("() => document.body.innerText")]
+    )
 
     # The detector sees the text, and sees it covered when a dialog lies over it.
     needle = "used 3 image(s)"
@@ -446,11 +453,7 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
         "Metrics": [("mean", True), ("SSIM", False)],
         "Dataset node": [("used 3 image(s): 2 train, 1 held out for validation", True), ("skipped 1", True)],
         "Restore node": [("image 1/1, step 2/2", True), ("bucket scale", False)],
-        "Trainer node": [
-            ("done: step 4/4", True),
-            ("checkpoint saved at step 4", True),
-            ("web_ui_run", False),
-        ],
+        "Trainer node": [("done: step 4/4", True), ("checkpoint saved at step 4", True)],
     }
     node_ids = {
         **previews,
@@ -471,6 +474,17 @@ def test_queued_template_shows_the_dataset_summary_and_validation_report(ui, com
             if at_line_start:
                 assert seen["line_start"], f"{title}: {needle!r} does not begin a line ({seen})"
         page.screenshot(path=str(ARTIFACTS / f"web_ui_{title.lower().replace(' ', '_')}.png"))
+    # Text drawn on the nodes wraps between words ("th e LoRA" was the frontend's break-all).
+    breaks = page.evaluate(
+        """(needle) => {
+            const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT), found = [];
+            while (walker.nextNode()) if (walker.currentNode.textContent.includes(needle))
+                found.push(getComputedStyle(walker.currentNode.parentElement).wordBreak);
+            return found;
+        }""",
+        "the LoRA learns from these alone",
+    )
+    assert breaks and "break-all" not in breaks, breaks
     drawn = node_boxes(page)
     assert build_workflows.overlapping([(f"{b['id']} {b['title']}", b["box"]) for b in drawn]) == []
     errors = console.errors_since(mark)

@@ -45,11 +45,11 @@ function frameReadMe() {
     const height = el.clientHeight || el.height;
     const title = 30;
     // Full size where the page has room, never below where the frontend still draws text.
-    const fit = Math.min((width - 120) / node.size[0], (height - 160) / (node.size[1] + title));
+    const fit = Math.min((width - 120) / node.size[0], (height - 190) / (node.size[1] + title));
     const scale = Math.max(0.8, Math.min(wanted.scale ?? 1, fit));
     canvas.ds.scale = scale;
     canvas.ds.offset[0] = 60 / scale - node.pos[0];
-    canvas.ds.offset[1] = 110 / scale - (node.pos[1] - title);
+    canvas.ds.offset[1] = 150 / scale - (node.pos[1] - title);
     canvas.setDirty(true, true);
   };
   apply();

@@ -193,7 +193,7 @@ def _training(data_col: int) -> list[Node]:
 NOTE_SIZE = (560, 460)
 # The trainer's progress text and its grid of held-out images (degraded | restored | clean),
 # as frontend 1.49 draws them below the widgets (measured: about 270 px).
-TRAINER_PREVIEW_H = 320
+TRAINER_PREVIEW_H = 380  # and five lines of its status (step, speed, checkpoints, validation)
 # The Dataset node's counts and warnings, and Restore Image's progress, settings and warnings,
 # drawn below their widgets as text that does not scroll.
 DATASET_TEXT_H = 120

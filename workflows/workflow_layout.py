@@ -20,7 +20,7 @@ SLOT_H = 20  # LiteGraph.NODE_SLOT_HEIGHT
 # The view a template opens with: its Read me at full size, this far from the canvas's corner.
 # Frontends drop text and widgets below about 0.6 (1.49 draws blank boxes at 0.37-0.51).
 OPEN_SCALE = 1.0
-OPEN_MARGIN = (40, 60)
+OPEN_MARGIN = (60, 150)  # clear of the page's menus and the workflow's name (1.32)
 
 
 def node_size(node: Node, n_inputs: int, n_outputs: int, n_widgets: int) -> list[int]:

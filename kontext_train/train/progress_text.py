@@ -53,6 +53,7 @@ class TrainingStatus:
         self._first: tuple[int, float] | None = None  # (step, time) of the first step seen
         self.step_line = f"starting: {self.total} steps"
         self.events: list[str] = []
+        self.result = ""  # where the LoRA went, last: a long path wraps over several lines
 
     # -- hooks ----------------------------------------------------------------------------
     def on_step(self, info: StepInfo) -> str:
@@ -76,14 +77,24 @@ class TrainingStatus:
         return self.event(f"checkpoint saved at step {step}")
 
     def on_validation(self, row: dict) -> str:
-        return self.event(f"validation at {format_validation_row(row)}")
+        """The scores in short (the node's report output has them all)."""
+        if "psnr_restored" in row:
+            scores = f"PSNR {row['psnr_restored']:.2f} dB (degraded {row['psnr_degraded']:.2f})"
+        elif "latent_mse_restored" in row:
+            scores = (
+                f"latent MSE {row['latent_mse_restored']:.5f} (degraded {row['latent_mse_degraded']:.5f})"
+            )
+        else:
+            return self.event(f"validation at {format_validation_row(row)}")
+        return self.event(f"validation at step {row.get('step')}: {scores}")
 
     def on_done(self, lora_path: Path, step: int, already_complete: bool = False) -> str:
         if already_complete:
             self.step_line = f"already trained to step {step}: nothing trained or written"
         else:
             self.step_line = f"done: step {step}/{self.total}"
-        return self.event(f"LoRA: {lora_path}")
+        self.result = f"LoRA: {lora_path}"
+        return self.text()
 
     # -- text -----------------------------------------------------------------------------
     def event(self, text: str) -> str:
@@ -91,4 +102,4 @@ class TrainingStatus:
         return self.text()
 
     def text(self) -> str:
-        return "\n".join([self.step_line, *reversed(self.events)])
+        return "\n".join([self.step_line, *reversed(self.events), *([self.result] if self.result else [])])
