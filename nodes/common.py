@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from ..kontext_train import comfyui
 from ..kontext_train.comfyui.node_api import io
 from ..kontext_train.options import SettingError, check_value, setting
 
@@ -125,6 +126,8 @@ def input_validator(*names: str, zero_or: Mapping[str, str] | None = None):
 def _check_choice(name: str, input_name: str, value: Any, options: list) -> None:
     if value in options or _legacy_choice(name, value, options):
         return
+    if name == "scheduler" and value in comfyui.UNFIT_SCHEDULERS:
+        raise SettingError(f"{input_name} {value!r} is not offered: {comfyui.UNFIT_SCHEDULERS[value]}")
     if len(options) <= 20:
         problem = f"{input_name} {value!r} is not one of: {', '.join(map(str, options))}."
     else:  # ComfyUI itself does not list long lists (model files) either

@@ -39,15 +39,17 @@ def _from_lora(value: float) -> float | None:
     return None if value == 0 else value
 
 
-def settings_report(settings: RestoreSettings) -> str:
-    """What the node restores with and where each value came from, then every warning."""
+def settings_report(settings: RestoreSettings, lora: comfyui.RestoreLora | None = None) -> str:
+    """What the node restores with and where each value came from, how the LoRA is applied, then
+    every warning."""
     src = settings.sources
     lines = [
         f"{settings.formulation} ({src.get('formulation')}), {settings.steps} steps ({src.get('steps')}), "
         f"guidance {settings.guidance:g} ({src.get('guidance')}), bucket scale {settings.bucket_scale:g} "
         f"({src.get('bucket_scale')}), bridge noise {settings.bridge_noise:g} ({src.get('bridge_noise')})"
     ]
-    lines += [f"Warning: {w}" for w in settings.warnings]
+    lines += lora.notes if lora is not None else []
+    lines += [f"Warning: {w}" for w in (*settings.warnings, *(lora.warnings if lora is not None else ()))]
     return "\n".join(lines)
 
 
@@ -74,7 +76,8 @@ class KontextRestoreRestore(io.ComfyNode):
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="Kontext with the restoration LoRA applied (LoraLoaderModelOnly or the trainer's MODEL).",
+                    tooltip="The Kontext model. With lora_use 'apply' (default) the plain model: the node applies "
+                    "lora_name itself; with 'already applied' the model with the LoRA (a loader or the trainer's MODEL).",
                 ),
                 io.Vae.Input(
                     "vae", tooltip="The Flux VAE: encodes the degraded images and decodes the result."
@@ -87,13 +90,25 @@ class KontextRestoreRestore(io.ComfyNode):
                 setting_input("restore_steps"),
                 setting_input("restore_guidance"),
                 setting_input("sampler", comfyui.sampler_names()),
-                setting_input("scheduler", [AS_TRAINED] + comfyui.scheduler_names()),
+                setting_input("scheduler", [AS_TRAINED] + comfyui.restore_scheduler_names()),
                 seed_input(),
                 setting_input("restore_bucket_scale"),
                 # The loras folder is listed each time ComfyUI asks for the node's inputs.
                 # A picker of the loras folder that also takes the trainer's lora_name output.
                 setting_input(
                     "restore_lora", [NO_LORA] + comfyui.lora_names(), optional=True, links=(io.String,)
+                ),
+                io.Combo.Input(
+                    "lora_use",
+                    options=list(comfyui.LORA_USES),
+                    default=comfyui.LORA_APPLY,
+                    optional=True,
+                    tooltip=(
+                        "apply: the node applies lora_name itself, on activations as in training, to a copy of "
+                        "the MODEL (no Load LoRA needed; exact also on fp8 models, where a merged LoRA loses "
+                        "most of its effect). already applied: the MODEL has the LoRA from a loader; only its "
+                        "settings are read. The node warns when the MODEL carries another LoRA, or none."
+                    ),
                 ),
             ],
             outputs=[output(io.Image, "images")],
@@ -126,11 +141,13 @@ class KontextRestoreRestore(io.ComfyNode):
         seed,
         bucket_scale,
         lora_name=NO_LORA,
+        lora_use=comfyui.LORA_APPLY,
     ) -> io.NodeOutput:
         comfyui.require_flux(model)
         hidden = cls.hidden or io.HiddenHolder.from_dict(None)  # None when called outside ComfyUI
         named = (lora_name or "").strip()
-        lora = read_lora_record(comfyui.find_lora_file(named)) if named not in ("", NO_LORA) else None
+        lora_path = comfyui.find_lora_file(named) if named not in ("", NO_LORA) else None
+        lora = read_lora_record(lora_path) if lora_path is not None else None
         settings = resolve_restore_settings(
             lora,
             mode=mode,
@@ -143,32 +160,35 @@ class KontextRestoreRestore(io.ComfyNode):
             prompt=prompt_from_graph(hidden.prompt, hidden.unique_id),
         )
         pixels = comfy_image_to_tensors(images)
-        report = settings_report(settings)
-        # resolve_restore_settings logged the warnings; the node shows them with the settings.
-        log.info(
-            "Kontext Restore: %d image(s) %dx%d: %s",
-            pixels.shape[0],
-            pixels.shape[-1],
-            pixels.shape[-2],
-            report,
-        )
-        bar = None
-        unique_id = hidden.unique_id
+        state = comfyui.load_lora_state(lora_path) if lora_path is not None else None
+        with comfyui.lora_for_restore(model, state, name=named, use=lora_use) as applied:
+            report = settings_report(settings, applied)
+            for warning in applied.warnings:  # resolve_restore_settings logged its own
+                log.warning("Kontext Restore: %s", warning)
+            log.info(
+                "Kontext Restore: %d image(s) %dx%d: %s",
+                pixels.shape[0],
+                pixels.shape[-1],
+                pixels.shape[-2],
+                report,
+            )
+            bar = None
+            unique_id = hidden.unique_id
 
-        def on_progress(p: RestoreProgress) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = comfyui.NodeProgress(p.total, unique_id)
-            # The settings and warnings stay on the node under the progress, after the run too.
-            bar.update(p.done, f"{p.text}\n{report}")
+            def on_progress(p: RestoreProgress) -> None:
+                nonlocal bar
+                if bar is None:
+                    bar = comfyui.NodeProgress(p.total, unique_id)
+                # The settings and warnings stay on the node under the progress, after the run too.
+                bar.update(p.done, f"{p.text}\n{report}")
 
-        outputs = restore_images(
-            pixels,
-            settings,
-            comfyui.region_restorer(model, vae, conditioning, settings),
-            on_progress=on_progress,
-            check_cancel=comfyui.check_interrupted,
-        )
+            outputs = restore_images(
+                pixels,
+                settings,
+                comfyui.region_restorer(applied.model, vae, conditioning, settings),
+                on_progress=on_progress,
+                check_cancel=comfyui.check_interrupted,
+            )
         return io.NodeOutput(
             tensors_to_comfy_image(torch.stack(outputs)), ui=ui.PreviewText(shown_text(report))
         )

@@ -204,9 +204,8 @@ def _train(settings: Settings, ctx, config, out: Path, lora_path: Path, weights,
         _say(
             f"restoring {len(samples_eval)} held-out image(s) with ComfyUI's {settings.sampler} sampler, {rs.steps} steps ..."
         )
-        ev = evaluate_samples(
-            pipe, patched_with_lora(pipe, result.lora_state), dataset, samples_eval, rs, settings
-        )
+        with patched_with_lora(pipe, result.lora_state) as patched:
+            ev = evaluate_samples(pipe, patched, dataset, samples_eval, rs, settings)
         write_evaluation(ev, out)
         _say(ev.scores.table())
     report = render_report(
