@@ -228,8 +228,10 @@ SETTINGS: tuple[Setting, ...] = (
        "Restore and score the held-out images every this many epochs (5 typical; 0: off).",
        "validation every N epochs (0 = off)", min=0, max=10_000, commands=TRAINING),
     _s("validation_steps", "int", _T.validation_steps,
-       "Sampling steps used to restore the held-out images during validation (8 typical).",
-       "sampling steps during validation", min=1, max=100, commands=TRAINING),
+       "Sampling steps used to restore the held-out images during validation; 0: as the Restore node "
+       "does (8 for bridge modes, 28 for kontext).",
+       "sampling steps during validation (0 = as restoring: 8 bridge, 28 kontext)", min=0, max=100,
+       commands=TRAINING),
     _s("seed", "int", _T.seed,
        "Random seed: the same seed gives the same split, degradations, training and sampling noise.",
        "seed of split, degradations, LoRA init and noise", min=0, max=MAX_SEED),
@@ -296,6 +298,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("restore_lora", "choice", NO_LORA,
        "LoRA file in the loras folder whose metadata sets mode auto, guidance, bucket scale, bridge noise "
        "and time shift (none: no LoRA).", surfaces=_NODE_ONLY, node_name="lora_name"),
+    _s("lora_use", "choice", "apply",
+       "apply: the node applies lora_name on activations, as trained (no Load LoRA needed); already "
+       "applied: the MODEL has it from a loader, only its settings are read.",
+       choices=("apply", "already applied"), surfaces=_NODE_ONLY),
     _s("lora", "path", None, "LoRA file to restore with.", "LoRA file (default OUTPUT_DIR/<name>.safetensors)",
        surfaces=_COMMAND_ONLY, commands=("restore", "evaluate")),
     _s("input", "path", None, "Image file or folder to restore.", surfaces=_COMMAND_ONLY,

@@ -98,18 +98,7 @@ class KontextRestoreRestore(io.ComfyNode):
                 setting_input(
                     "restore_lora", [NO_LORA] + comfyui.lora_names(), optional=True, links=(io.String,)
                 ),
-                io.Combo.Input(
-                    "lora_use",
-                    options=list(comfyui.LORA_USES),
-                    default=comfyui.LORA_APPLY,
-                    optional=True,
-                    tooltip=(
-                        "apply: the node applies lora_name itself, on activations as in training, to a copy of "
-                        "the MODEL (no Load LoRA needed; exact also on fp8 models, where a merged LoRA loses "
-                        "most of its effect). already applied: the MODEL has the LoRA from a loader; only its "
-                        "settings are read. The node warns when the MODEL carries another LoRA, or none."
-                    ),
-                ),
+                setting_input("lora_use", optional=True),
             ],
             outputs=[output(io.Image, "images")],
             # PROMPT: the queued workflow, to compare its prompt text with the LoRA's training prompt.
@@ -123,6 +112,7 @@ class KontextRestoreRestore(io.ComfyNode):
         "scheduler",
         "restore_bucket_scale",
         "restore_lora",
+        "lora_use",
         zero_or={"restore_guidance": "guidance", "restore_bucket_scale": "bucket_scale"},
     )
 

@@ -182,3 +182,14 @@ def test_the_command_applies_the_lora_as_the_node_does(comfy_root, tiny_vae, tmp
     _untouched(model, {})
     stock = restore(comfyui.apply_lora(model, state))
     assert torch.allclose(applied, stock, atol=2e-5) and (applied - restore(model)).abs().max() > 1e-2
+
+
+def test_lora_use_choices_are_the_librarys(pack_nodes):
+    from kontext_train.options import setting
+
+    assert (
+        setting("lora_use").choices == comfyui.LORA_USES and setting("lora_use").default == comfyui.LORA_APPLY
+    )
+    cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"]
+    assert cls.validate_inputs(lora_use="already applied") is True
+    assert "lora_use 'merge' is not one of: apply, already applied" in cls.validate_inputs(lora_use="merge")
