@@ -103,15 +103,22 @@ def test_node_applied_lora_restores_like_the_stock_loader(pack_nodes, tiny_vae, 
 
 
 def test_same_lora_from_a_loader_is_not_applied_twice(pack_nodes, tiny_vae, comfy_dirs):
+    """A workflow that still has Load LoRA: the loader's merged copy is taken off a clone and the
+    LoRA acts once, on activations (the same restore as without Load LoRA)."""
     model = make_tiny_flux()
     state = _lora_file(comfy_dirs["loras"], "twice.safetensors", model, seed=2)
+    exact, _ = _restore(pack_nodes, model, tiny_vae, lora_name="twice")
     stock_model = comfyui.apply_lora(model, state)
     before = {k: len(v) for k, v in stock_model.patches.items()}
-    expected, _ = _restore(pack_nodes, stock_model, tiny_vae, lora_name="twice", lora_use="already applied")
+    merged, _ = _restore(pack_nodes, stock_model, tiny_vae, lora_name="twice", lora_use="already applied")
     out, shown = _restore(pack_nodes, stock_model, tiny_vae, lora_name="twice")
-    assert "already has twice applied by a loader, so it is not applied again" in shown
-    assert torch.equal(out, expected)
+    assert "twice was also applied by a loader: that merged copy is not used (not applied twice)" in shown
+    assert "applied on activations to" in shown and "Warning" not in shown
+    assert torch.equal(out, exact)
+    assert torch.allclose(out, merged, atol=2e-5)  # once, not twice (float32: both forms agree)
     _untouched(stock_model, before)
+    again, _ = _restore(pack_nodes, stock_model, tiny_vae, lora_name="twice", lora_use="already applied")
+    assert torch.equal(again, merged)  # the loader's copy acts again where it is meant to
 
 
 def test_another_lora_on_the_model_is_warned_about_and_both_act(pack_nodes, tiny_vae, comfy_dirs):

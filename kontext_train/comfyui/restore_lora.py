@@ -10,7 +10,8 @@ patches (ComfyUI applies them when it loads the clone for sampling), and undoes 
 so the MODEL passed in never runs with them.
 
 It also checks what the MODEL already carries (weight patches from a loader):
-- the same file applied by a LoRA loader: it is not applied twice (the loader's merged copy acts);
+- the same file applied by a LoRA loader: it is not applied twice (the loader's merged copy is taken
+  off the clone and the exact form used instead, with a note);
 - another LoRA: both act, with a warning;
 - ``use="already applied"`` and no LoRA on the MODEL: a warning that only the settings are used.
 A file this cannot rebuild as plain low-rank adapters (LoCon mid weights, DoRA, other key names)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +130,24 @@ def carried_lora(model, state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
     return "other", count
 
 
+def without_lora(model, state: Mapping[str, torch.Tensor]):
+    """A clone of ``model`` without the weight patches a loader added for this LoRA file."""
+    import comfy.lora
+
+    clone = model.clone()
+    wanted = comfy.lora.load_lora(
+        dict(state), comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False
+    )
+    for key, adapter in wanted.items():
+        kept = [e for e in clone.patches.get(key, []) if not _same(_tensors(e[1]), _tensors(adapter))]
+        if kept:
+            clone.patches[key] = kept
+        else:
+            clone.patches.pop(key, None)
+    clone.patches_uuid = uuid.uuid4()  # ComfyUI re-patches the weights of a clone with new patches
+    return clone
+
+
 def on_activations(model, adapters: Mapping[str, LoraAdapter]):
     """A clone of ``model`` whose adapted layers add their LoRA term to their output."""
     clone = model.clone()
@@ -181,17 +201,14 @@ def lora_for_restore(
             )
         yield result
         return
-    if carried == "same":
-        yield RestoreLora(
-            model,
-            warnings=[
-                f"The MODEL already has {name} applied by a loader, so it is not applied again (the loader's "
-                "merged copy acts). Remove the Load LoRA node to restore with it on activations, as trained, "
-                "or set lora use to 'already applied'."
-            ],
-        )
-        return
     result = RestoreLora(model)
+    if carried == "same":
+        # Applied once: the loader's merged copy is taken off a clone and the exact form used instead.
+        model = without_lora(model, state)
+        result.notes.append(
+            f"{name} was also applied by a loader: that merged copy is not used (not applied twice); "
+            "Load LoRA can be removed"
+        )
     if carried == "other":
         result.warnings.append(
             f"The MODEL already carries another LoRA ({count} patched weights); {name} is applied on top, "
