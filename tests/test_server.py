@@ -260,6 +260,8 @@ INTENDED_CHANGES = {
         "min": 0.0,
         "tooltip": "0: the scale the LoRA",
     },
+    # Issue 25: the node applies lora_name itself, so its MODEL is the plain model by default.
+    ("KontextRestoreRestore", "model"): {"tooltip": "With lora_use 'apply' (default) the plain model"},
     ("KontextRestoreRestore", "lora_name"): {
         "type": "COMBO,STRING",
         "widgetType": "COMBO",
@@ -268,6 +270,9 @@ INTENDED_CHANGES = {
     },
 }
 V1_DESCRIPTION_CHANGED = {"KontextRestoreRestore"}  # it explains the 0 = "from the LoRA" inputs
+# Inputs added since, each after every V1 input (saved workflows keep their widget positions):
+# the Restore node's lora_use (issue 25: it applies the LoRA itself).
+ADDED_INPUTS = {"KontextRestoreRestore": ["lora_use"]}
 
 
 def _served_inputs(node_info: dict) -> list[dict]:
@@ -312,6 +317,9 @@ def test_object_info_shows_every_node_with_its_v1_inputs_outputs_and_tooltips(co
         if name not in V1_DESCRIPTION_CHANGED:
             assert now["description"] == before["description"], name
         inputs = _served_inputs(now)
+        added = ADDED_INPUTS.get(name, [])
+        assert [i["name"] for i in inputs[len(inputs) - len(added) :]] == added, name
+        inputs = inputs[: len(inputs) - len(added)]
         # Names, groups and order: the workflows' widgets_values depend on them.
         assert [(i["group"], i["name"]) for i in inputs] == [
             (i["group"], i["name"]) for i in before["inputs"]
