@@ -230,3 +230,13 @@ def test_ddim_uniform_is_refused_with_the_reason(comfy_root):
     assert (out - clean).abs().max() > 0.05
     with pytest.raises(ValueError, match="ddim_uniform is a schedule of a discrete-timestep model"):
         comfyui.restore_sigmas(model, RestoreSettings(steps=8, scheduler="ddim_uniform"), 8, 8)
+
+
+def test_ddim_uniform_is_refused_at_queue_time_with_the_reason(pack_nodes):
+    cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"]
+    options = cls.INPUT_TYPES()["required"]["scheduler"]
+    assert "ddim_uniform" not in str(options) and "simple" in str(options)
+    message = cls.validate_inputs(scheduler="ddim_uniform")
+    assert isinstance(message, str) and "scheduler 'ddim_uniform' is not offered" in message
+    assert "starts at sigma 0.92-0.96" in message
+    assert cls.validate_inputs(scheduler="beta") is True
