@@ -131,6 +131,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("restore_lora", "choice", NO_LORA,
         "LoRA file in the loras folder whose metadata sets mode auto, guidance, bucket scale, bridge noise "
         "and time shift (none: no LoRA).", surfaces=NODE_ONLY, node_name="lora_name"),
+    Setting("lora_use", "choice", "apply",
+        "apply: the node applies lora_name on activations, as trained (no Load LoRA needed); already "
+        "applied: the MODEL has it from a loader, only its settings are read.",
+        choices=("apply", "already applied"), surfaces=NODE_ONLY),
     Setting("lora", "path", None, "LoRA file to restore with.", "LoRA file (default OUTPUT_DIR/<name>.safetensors)",
         surfaces=COMMAND_ONLY, commands=("restore", "evaluate")),
     Setting("input", "path", None, "Image file or folder to restore.", surfaces=COMMAND_ONLY,

@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..kontext_train import comfyui
 from ..kontext_train.comfyui.node_api import io
 from ..kontext_train.method.flow import check_formulation
 from ..kontext_train.method.lora import sanitize_lora_name
@@ -165,6 +166,8 @@ def trainer_problems(values: Mapping[str, Any]) -> list[str]:
 def _check_choice(name: str, input_name: str, value: Any, options: list) -> None:
     if value in options or _legacy_choice(name, value, options):
         return
+    if name == "scheduler" and value in comfyui.UNFIT_SCHEDULERS:
+        raise SettingError(f"{input_name} {value!r} is not offered: {comfyui.UNFIT_SCHEDULERS[value]}")
     if len(options) <= 20:
         problem = f"{input_name} {value!r} is not one of: {', '.join(map(str, options))}."
     else:  # ComfyUI itself does not list long lists (model files) either

@@ -39,15 +39,17 @@ def _from_lora(value: float) -> float | None:
     return None if value == 0 else value
 
 
-def settings_report(settings: RestoreSettings) -> str:
-    """What the node restores with and where each value came from, then every warning."""
+def settings_report(settings: RestoreSettings, lora: comfyui.RestoreLora | None = None) -> str:
+    """What the node restores with and where each value came from, how the LoRA is applied, then
+    every warning."""
     src = settings.sources
     lines = [
         f"{settings.formulation} ({src.get('formulation')}), {settings.steps} steps ({src.get('steps')}), "
         f"guidance {settings.guidance:g} ({src.get('guidance')}), bucket scale {settings.bucket_scale:g} "
         f"({src.get('bucket_scale')}), bridge noise {settings.bridge_noise:g} ({src.get('bridge_noise')})"
     ]
-    lines += [f"Warning: {w}" for w in settings.warnings]
+    lines += lora.notes if lora is not None else []
+    lines += [f"Warning: {w}" for w in (*settings.warnings, *(lora.warnings if lora is not None else ()))]
     return "\n".join(lines)
 
 
@@ -74,7 +76,8 @@ class KontextRestoreRestore(io.ComfyNode):
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="Kontext with the restoration LoRA applied (LoraLoaderModelOnly or the trainer's MODEL).",
+                    tooltip="The Kontext model. With lora_use 'apply' (default) the plain model: the node applies "
+                    "lora_name itself; with 'already applied' the model with the LoRA (a loader or the trainer's MODEL).",
                 ),
                 io.Vae.Input(
                     "vae", tooltip="The Flux VAE: encodes the degraded images and decodes the result."
@@ -87,7 +90,7 @@ class KontextRestoreRestore(io.ComfyNode):
                 setting_input("restore_steps"),
                 setting_input("restore_guidance"),
                 setting_input("sampler", comfyui.sampler_names()),
-                setting_input("scheduler", [AS_TRAINED] + comfyui.scheduler_names()),
+                setting_input("scheduler", [AS_TRAINED] + comfyui.restore_scheduler_names()),
                 seed_input(
                     "Seed of the sampling noise: mode kontext's starting noise, the bridge noise of a LoRA "
                     "trained with some, and noise of ancestral samplers; image i of a batch uses seed + i."
@@ -98,6 +101,7 @@ class KontextRestoreRestore(io.ComfyNode):
                 setting_input(
                     "restore_lora", [NO_LORA] + comfyui.lora_names(), optional=True, links=(io.String,)
                 ),
+                setting_input("lora_use", optional=True),
             ],
             outputs=[output(io.Image, "images", "The restored images, at the input size.")],
             # PROMPT: the queued workflow, to compare its prompt text with the LoRA's training prompt.
@@ -111,6 +115,7 @@ class KontextRestoreRestore(io.ComfyNode):
         "scheduler",
         "restore_bucket_scale",
         "restore_lora",
+        "lora_use",
         zero_or={"restore_guidance": "guidance", "restore_bucket_scale": "bucket_scale"},
     )
 
@@ -129,11 +134,13 @@ class KontextRestoreRestore(io.ComfyNode):
         seed,
         bucket_scale,
         lora_name=NO_LORA,
+        lora_use=comfyui.LORA_APPLY,
     ) -> io.NodeOutput:
         comfyui.require_flux(model)
         hidden = cls.hidden or io.HiddenHolder.from_dict(None)  # None when called outside ComfyUI
         named = (lora_name or "").strip()
-        lora = read_lora_record(comfyui.find_lora_file(named)) if named not in ("", NO_LORA) else None
+        lora_path = comfyui.find_lora_file(named) if named not in ("", NO_LORA) else None
+        lora = read_lora_record(lora_path) if lora_path is not None else None
         settings = resolve_restore_settings(
             lora,
             mode=mode,
@@ -146,33 +153,36 @@ class KontextRestoreRestore(io.ComfyNode):
             prompt=prompt_from_graph(hidden.prompt, hidden.unique_id),
         )
         pixels = comfy_image_to_tensors(images)
-        report = settings_report(settings)
-        # resolve_restore_settings logged the warnings; the node shows them with the settings.
-        log.info(
-            "Kontext Restore: %d image(s) %dx%d: %s",
-            pixels.shape[0],
-            pixels.shape[-1],
-            pixels.shape[-2],
-            report,
-        )
-        bar = None
-        unique_id = hidden.unique_id
+        state = comfyui.load_lora_state(lora_path) if lora_path is not None else None
+        with comfyui.lora_for_restore(model, state, name=named, use=lora_use) as applied:
+            report = settings_report(settings, applied)
+            for warning in applied.warnings:  # resolve_restore_settings logged its own
+                log.warning("Kontext Restore: %s", warning)
+            log.info(
+                "Kontext Restore: %d image(s) %dx%d: %s",
+                pixels.shape[0],
+                pixels.shape[-1],
+                pixels.shape[-2],
+                report,
+            )
+            bar = None
+            unique_id = hidden.unique_id
 
-        def on_progress(p: RestoreProgress) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = comfyui.NodeProgress(p.total, unique_id)
-            # The settings and warnings stay on the node under the progress, after the run too.
-            bar.update(p.done, f"{p.text}\n{report}")
+            def on_progress(p: RestoreProgress) -> None:
+                nonlocal bar
+                if bar is None:
+                    bar = comfyui.NodeProgress(p.total, unique_id)
+                # The settings and warnings stay on the node under the progress, after the run too.
+                bar.update(p.done, f"{p.text}\n{report}")
 
-        outputs = restore_images(
-            pixels,
-            settings,
-            comfyui.region_restorer(model, vae, conditioning, settings),
-            on_progress=on_progress,
-            check_cancel=comfyui.check_interrupted,
-            check_memory=comfyui.restore_memory_guard(model, vae, conditioning, settings),
-        )
+            outputs = restore_images(
+                pixels,
+                settings,
+                comfyui.region_restorer(applied.model, vae, conditioning, settings),
+                on_progress=on_progress,
+                check_cancel=comfyui.check_interrupted,
+                check_memory=comfyui.restore_memory_guard(applied.model, vae, conditioning, settings),
+            )
         return io.NodeOutput(
             tensors_to_comfy_image(torch.stack(outputs)), ui=ui.PreviewText(shown_text(report))
         )

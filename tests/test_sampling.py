@@ -132,3 +132,134 @@ def test_unknown_sampler_or_scheduler_is_named(comfy_root):
         )
     with pytest.raises(ValueError, match="no_such_scheduler"):
         comfyui.restore_sigmas(model, RestoreSettings(scheduler="no_such_scheduler"), 4, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Every offered sampler and scheduler finishes the path (issue 20): with an exact model each must
+# land on the clean latent in 8 steps.
+# --------------------------------------------------------------------------------------------
+
+
+def _exact_model(clean_raw: torch.Tensor, start=None):
+    """The tiny MODEL with its prediction replaced by an exact one, on the trained clock.
+
+    ``start`` None: the denoiser of a one-image data set (the clean latent, from any x and sigma),
+    exact for every sampler, stochastic ones included. ``start`` given (model space): the constant
+    velocity ``start - clean`` of the straight path from ``start`` at sigma 1, exact only at the
+    sigma the path gives each point, so a schedule that labels the start with another sigma misses.
+    """
+    model = make_tiny_flux()
+    clean = model.get_model_object("latent_format").process_in(clean_raw)
+
+    def exact(apply_model, args):
+        x, sigma = args["input"], args["timestep"].reshape(-1, 1, 1, 1).to(args["input"])
+        if start is None:
+            return clean.to(x).expand_as(x)
+        return x - sigma * (start - clean).to(x)  # ComfyUI's wrapper returns the denoised latent
+
+    patched = model.clone()
+    patched.set_model_unet_function_wrapper(exact)
+    return comfyui.on_trained_clock(patched, RestoreSettings().mu(8, 8)), model
+
+
+def _pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g)
+
+
+def _restore(model, degraded, settings) -> torch.Tensor:
+    with torch.inference_mode():
+        sigmas = comfyui.restore_sigmas(model, settings, 8, 8)
+        return comfyui.sample_from(model, make_conditioning(), degraded, sigmas, settings)
+
+
+def _all_samplers() -> list[str]:
+    import comfy.samplers
+
+    return list(comfy.samplers.SAMPLER_NAMES)
+
+
+@pytest.mark.parametrize("formulation", ["bridge", "bridge_ref", "kontext"])
+def test_every_sampler_finishes_the_path(comfy_root, formulation):
+    clean, degraded = _pair()
+    model, _ = _exact_model(clean)
+    missed = {}
+    for name in _all_samplers():
+        settings = RestoreSettings(
+            formulation=formulation, bridge_noise=0.1 * (formulation == "bridge_ref"), steps=8, sampler=name
+        )
+        error = (_restore(model, degraded, settings) - clean).abs().max().item()
+        if not error <= 1e-5:
+            missed[name] = error
+    assert not missed, f"samplers that do not reach the clean latent in 8 steps: {missed}"
+
+
+def test_samplers_that_stop_short_are_finished(comfy_root):
+    """Without the added step the four samplers miss (what the wrapper fixes), and with a schedule
+    that does not end at 0 it adds nothing."""
+    import comfy.samplers
+
+    clean, degraded = _pair(1)
+    model, _ = _exact_model(clean)
+    settings = RestoreSettings(steps=8)
+    sigmas = settings.as_trained_sigmas(8, 8)
+    for name in comfyui.sampling.STOPS_SHORT_OF_ZERO:
+        stock = comfy.samplers.sampler_object(name)
+        guider = comfy.samplers.CFGGuider(model)
+        guider.inner_set_conds(
+            {"positive": comfyui.with_reference_and_guidance(make_conditioning(), None, 1.5)}
+        )
+        start = model.get_model_object("latent_format").process_in(degraded)
+        with torch.inference_mode():
+            out = guider.sample(start, degraded, stock, sigmas.clone(), disable_pbar=True, seed=0)
+            finished = guider.sample(
+                start, degraded, comfyui.finishing_sampler(name), sigmas.clone(), disable_pbar=True, seed=0
+            )
+        assert (out.float() - clean).abs().max() > 1e-3, name
+        assert (finished.float() - clean).abs().max() <= 1e-5, name
+    assert comfyui.finishing_sampler("euler").sampler_function.__name__ == "sample_euler"
+
+
+def test_every_offered_scheduler_finishes_the_path_and_starts_at_the_degraded_image(comfy_root):
+    clean, degraded = _pair(2)
+    probe, tiny = _exact_model(clean)
+    start = tiny.get_model_object("latent_format").process_in(degraded)
+    model, _ = _exact_model(clean, start=start)
+    offered = ["as_trained"] + comfyui.restore_scheduler_names()
+    assert "simple" in offered and "ddim_uniform" not in offered
+    for name in offered:
+        for sampler in ("euler", "dpm_fast"):
+            settings = RestoreSettings(steps=8, sampler=sampler, scheduler=name)
+            error = (_restore(model, degraded, settings) - clean).abs().max().item()
+            assert error <= 1e-5, (name, sampler, error)
+
+
+def test_ddim_uniform_is_refused_with_the_reason(comfy_root):
+    """What the refusal avoids: ddim_uniform's schedule starts below sigma 1 on Flux, and on the
+    straight path the restore then misses the clean latent."""
+    import comfy.samplers
+
+    clean, degraded = _pair(3)
+    _, tiny = _exact_model(clean)
+    start = tiny.get_model_object("latent_format").process_in(degraded)
+    model, _ = _exact_model(clean, start=start)
+    sigmas = comfy.samplers.calculate_sigmas(
+        model.get_model_object("model_sampling"), "ddim_uniform", 8
+    ).cpu()
+    assert float(sigmas[0]) < 0.99
+    settings = RestoreSettings(steps=8)
+    with torch.inference_mode():
+        out = comfyui.sample_from(model, make_conditioning(), degraded, sigmas, settings)
+    assert (out - clean).abs().max() > 0.05
+    with pytest.raises(ValueError, match="ddim_uniform is a schedule of a discrete-timestep model"):
+        comfyui.restore_sigmas(model, RestoreSettings(steps=8, scheduler="ddim_uniform"), 8, 8)
+
+
+def test_ddim_uniform_is_refused_at_queue_time_with_the_reason(pack_nodes):
+    cls = pack_nodes.NODE_CLASS_MAPPINGS["KontextRestoreRestore"]
+    options = cls.INPUT_TYPES()["required"]["scheduler"]
+    assert "ddim_uniform" not in str(options) and "simple" in str(options)
+    message = cls.validate_inputs(scheduler="ddim_uniform")
+    assert isinstance(message, str) and "scheduler 'ddim_uniform' is not offered" in message
+    assert "starts at sigma 0.92-0.96" in message
+    assert cls.validate_inputs(scheduler="beta") is True

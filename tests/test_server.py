@@ -260,6 +260,8 @@ INTENDED_CHANGES = {
         "min": 0.0,
         "tooltip": "0: the scale the LoRA",
     },
+    # Issue 25: the node applies lora_name itself, so its MODEL is the plain model by default.
+    ("KontextRestoreRestore", "model"): {"tooltip": "With lora_use 'apply' (default) the plain model"},
     ("KontextRestoreRestore", "lora_name"): {
         "type": "COMBO,STRING",
         "widgetType": "COMBO",
@@ -301,6 +303,8 @@ ADDED_SINCE_V1 = {
         "output": ["LORA_MODEL"],
         "output_name": ["lora"],
     },
+    # issue 25: the Restore node applies the LoRA itself (lora_use apply / already applied)
+    "KontextRestoreRestore": {"inputs": ["lora_use"]},
 }
 NEW_NODES = {"KontextRestorePreviewPairs"}  # issue 24
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,18 @@ def restore_tensor(
     return restore_images([image], rs, restorer, first_index=index, check_memory=guard)[0]
 
 
-def patched_with_lora(pipe: Pipeline, lora_state: Mapping[str, torch.Tensor] | None):
+@contextlib.contextmanager
+def patched_with_lora(pipe: Pipeline, lora_state: Mapping[str, torch.Tensor] | None) -> Iterator[Any]:
+    """The pipeline's MODEL with the LoRA applied as training applied it (on activations, on a
+    clone, released afterwards: ``comfyui.restore_lora``), as the Restore node applies it."""
     from .. import comfyui
 
-    return comfyui.apply_lora(pipe.model, lora_state) if lora_state else pipe.model
+    with comfyui.lora_for_restore(pipe.model, lora_state or None, name="the LoRA") as applied:
+        for note in applied.notes:
+            _say(note)
+        for warning in applied.warnings:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+        yield applied.model
 
 
 def _merge_scores(parts: list):
@@ -224,18 +233,18 @@ def cmd_restore(settings: Settings, ctx) -> int:
     out = prepare_output_dir(Path(settings.output_dir).expanduser() / "restored")
     pipe = load_pipeline(settings)
     _check_lora_matches(lora_path, pipe)
-    patched = patched_with_lora(pipe, _load_lora_state(lora_path))
-    for i, f in enumerate(files):
-        try:
-            image = pil_to_tensor(load_rgb(f, min_size=8))
-        except ImageLoadError as e:
-            _say(f"skipping {e}")
-            continue
-        t = time.perf_counter()
-        restored = restore_tensor(pipe, patched, image, rs, i)
-        target = out / (f.stem + ".png")
-        _save_png(tensor_to_pil(restored), target)
-        _say(f"{f} -> {target} ({time.perf_counter() - t:.1f} s)")
+    with patched_with_lora(pipe, _load_lora_state(lora_path)) as patched:
+        for i, f in enumerate(files):
+            try:
+                image = pil_to_tensor(load_rgb(f, min_size=8))
+            except ImageLoadError as e:
+                _say(f"skipping {e}")
+                continue
+            t = time.perf_counter()
+            restored = restore_tensor(pipe, patched, image, rs, i)
+            target = out / (f.stem + ".png")
+            _save_png(tensor_to_pil(restored), target)
+            _say(f"{f} -> {target} ({time.perf_counter() - t:.1f} s)")
     return 0
 
 
@@ -251,10 +260,10 @@ def cmd_evaluate(settings: Settings, ctx) -> int:
     samples = samples[: settings.eval_count]
     pipe = load_pipeline(settings)
     _check_lora_matches(lora_path, pipe)
-    patched = patched_with_lora(pipe, _load_lora_state(lora_path))
-    ev = evaluate_samples(
-        pipe, patched, dataset, samples, rs, settings, lambda i, n: _say(f"image {i + 1}/{n}")
-    )
+    with patched_with_lora(pipe, _load_lora_state(lora_path)) as patched:
+        ev = evaluate_samples(
+            pipe, patched, dataset, samples, rs, settings, lambda i, n: _say(f"image {i + 1}/{n}")
+        )
     paths = write_evaluation(ev, out)
     _say(ev.scores.table())
     _say(f"VAE round trip PSNR (ceiling): {fmt_value(ev.vae_roundtrip_psnr, '{:.2f}')} dB")

@@ -256,11 +256,11 @@ def _train(settings: Settings, ctx, config, out: Path, lora_path: Path, weights,
             + (f", seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
             + " ..."
         )
-        patched = patched_with_lora(pipe, result.lora_state)
-        for seed in seeds:
-            seed_evs.append(
-                evaluate_samples(pipe, patched, dataset, samples_eval, rs.with_seed(seed), settings)
-            )
+        with patched_with_lora(pipe, result.lora_state) as patched:
+            for seed in seeds:
+                seed_evs.append(
+                    evaluate_samples(pipe, patched, dataset, samples_eval, rs.with_seed(seed), settings)
+                )
         ev = seed_evs[0]
         write_evaluation(ev, out)
         _say(ev.scores.table())

@@ -7,6 +7,7 @@ ComfyUI's modules are imported inside functions, so ``import kontext_train`` wor
 - ``bootstrap``: find a ComfyUI install and import it in this process; load weights headless.
 - ``host``: model checks, folders, VAE, applying a LoRA, progress, cancel, out-of-memory.
 - ``training_model``: LoRA adapters on a clone of the MODEL, velocity calls for training.
+- ``restore_lora``: a LoRA file applied for restoring as training applied it (on activations).
 - ``sampling``: restoring from the degraded latent with ComfyUI's samplers, on the training clock.
 - ``tiny_models``: small random Flux and VAE models for tests and the demo.
 """
@@ -41,14 +42,19 @@ from .host import (
     vae_encode,
     vae_identity,
 )
+from .restore_lora import APPLY as LORA_APPLY
+from .restore_lora import LORA_USES, RestoreLora, load_lora_state, lora_for_restore
 from .restore_memory_check import restore_memory_guard
 from .sampling import (
+    UNFIT_SCHEDULERS,
     DegradedStartNoise,
     comfy_sigmas,
     degraded_start_noise,
+    finishing_sampler,
     on_trained_clock,
     region_restorer,
     restore_pixels,
+    restore_scheduler_names,
     restore_sigmas,
     sample_from,
     with_reference_and_guidance,
@@ -60,9 +66,13 @@ __all__ = [
     "ComfyUINotFound",
     "DegradedStartNoise",
     "FluxLoraModel",
+    "LORA_APPLY",
+    "LORA_USES",
     "NodeProgress",
     "PreparedConditioning",
+    "RestoreLora",
     "TINY_CONTEXT_DIM",
+    "UNFIT_SCHEDULERS",
     "apply_lora",
     "bootstrap_comfyui",
     "build_tiny_flux",
@@ -74,8 +84,11 @@ __all__ = [
     "encode_prompt",
     "find_lora_file",
     "find_comfyui",
+    "finishing_sampler",
     "flux_unet_config",
     "input_folder",
+    "load_lora_state",
+    "lora_for_restore",
     "interrupt_exception_types",
     "load_models_headless",
     "lora_folder",
@@ -90,6 +103,7 @@ __all__ = [
     "require_flux",
     "resolve_model_file",
     "restore_pixels",
+    "restore_scheduler_names",
     "restore_sigmas",
     "sample_from",
     "sampler_names",

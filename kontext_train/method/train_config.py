@@ -54,7 +54,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every_epochs: int = 5
-    validation_steps: int = 8
+    validation_steps: int = 0  # 0: as restoring does (restore_settings.resolve_steps: 8 bridge, 28 kontext)
     seed: int = 0
     formulation: str = "bridge"  # chosen over seeds and two toys: README "Why bridge is the default"
     bridge_noise: float = 0.0

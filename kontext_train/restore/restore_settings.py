@@ -241,7 +241,8 @@ class RestoreSettings:
             formulation=config.formulation,
             bridge_noise=float(config.bridge_noise),
             guidance=float(config.guidance),
-            steps=int(config.validation_steps),
+            # 0 (the default): the steps the Restore node takes for this formulation.
+            steps=resolve_steps(int(config.validation_steps), config.formulation),
             seed=int(getattr(config, "seed", 0)),
             sources={"formulation": "training", "bridge_noise": "training", "guidance": "training"},
         )
