@@ -190,10 +190,16 @@ def test_work_of_tiny_tiles_is_bounded_before_any_sampling():
         shape = (3, 8000, 8000)
 
     restorer = FakeRestorer(1)
+    # One image in 20,449 tiles is refused by the tile limit (issue 22) before the work limit.
+    with pytest.raises(ValueError, match=r"20,449 tiles of .*limit of 256 tiles per image"):
+        restore_images([Large()], RestoreSettings(steps=8, bucket_scale=SCALE), restorer)
+    assert restorer.calls == []
+    from kontext_train.restore.restore import check_work
+
+    plan = plan_restoration(8000, 8000, bucket_resolutions(SCALE))
     with pytest.raises(
         ValueError, match=r"20,449 tile\(s\) x 8 step\(s\) = 163,592 .*limit of 20,000. Raise bucket_scale"
     ):
-        restore_images([Large()], RestoreSettings(steps=8, bucket_scale=SCALE), restorer)
-    assert restorer.calls == []
+        check_work([plan], 8, SCALE)
     # The largest image at the default scale stays allowed even at the most steps the node offers.
     assert len(plan_restoration(8000, 8000, bucket_resolutions(1.0)).tiles) * 200 <= MAX_REGION_STEPS
