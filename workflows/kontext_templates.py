@@ -56,9 +56,10 @@ LORA_NAME = "kontext_restore"
 TRAIN_WEIGHT_DTYPE = "fp8_e4m3fn"
 # The frontend's own Markdown note (virtual: never sent to the server; frontends 1.32 and 1.49).
 NOTE_TYPE = "MarkdownNote"
-# Restore Image applies the LoRA of its picker itself once it does (then the restore template needs
-# no Load LoRA node): the one line to change.
-RESTORE_APPLIES_LORA = False
+# Restore Image applies the LoRA of its picker itself (lora_use apply: on activations, as trained;
+# exact on fp8 weights, where a merged LoRA loses most of its effect: BENCHMARKS.md section 11), so
+# the restore template needs no Load LoRA node.
+RESTORE_APPLIES_LORA = True
 
 
 @dataclass
@@ -340,7 +341,8 @@ def train_then_evaluate() -> list[Node]:
             4,
             {},
             {
-                "model": (8, 0),
+                # The plain model: Restore applies the trained LoRA (linked by name) itself.
+                "model": (1, 0),
                 "vae": (3, 0),
                 "conditioning": (4, 0),
                 "images": (14, 0),

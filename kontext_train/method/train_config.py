@@ -155,8 +155,10 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
         "Restore and score the held-out images every this many epochs (5 typical; 0: off).",
         "validation every N epochs (0 = off)", min=0, max=10_000, commands=TRAINING),
     Setting("validation_steps", "int", _T.validation_steps,
-        "Sampling steps used to restore the held-out images during validation (8 typical).",
-        "sampling steps during validation", min=1, max=100, commands=TRAINING),
+        "Sampling steps used to restore the held-out images during validation; 0: as the Restore node "
+        "does (8 for bridge modes, 28 for kontext).",
+        "sampling steps during validation (0 = as restoring: 8 bridge, 28 kontext)", min=0, max=100,
+        commands=TRAINING),
     Setting("seed", "int", _T.seed,
         "Random seed: the same seed gives the same split, degradations, training and sampling noise.",
         "seed of split, degradations, LoRA init and noise", min=0, max=MAX_SEED),
