@@ -115,6 +115,22 @@ class TrainConfig:
         return cls.from_dict(inputs)
 
 
+def check_resume_compatible(saved: Mapping, config: TrainConfig) -> None:
+    """ValueError naming every setting that differs from a checkpoint's and may not change."""
+    current = config.to_dict()
+    differ = [
+        k
+        for k, v in saved.items()
+        if k in current and k not in TrainConfig.RESUMABLE_CHANGES and current[k] != v
+    ]
+    if differ:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in differ)
+        raise ValueError(
+            f"Cannot resume: settings differ from the checkpoint ({detail}). "
+            "Use the original settings, or choose another LoRA name for a new run."
+        )
+
+
 _T = TrainConfig  # the rows read the field defaults from the class
 
 # One row per field, in the order of the settings table (and of ``kontext-train --help``).

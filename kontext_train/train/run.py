@@ -21,8 +21,6 @@ warms the cache, validates and writes; every rank trains its slice of each batch
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ from .run_init import init_errors as _init_errors
 from .run_init import init_state as _init_state
 from .run_latents import CachedLatents, warm_cache
 from .run_lock import RunLockedError, acquire, release
+from .run_memory import check_run_memory, checkpointing_text
 from .step_losses import StepInfo
 from .trainer import Trainer, TrainerHooks, TrainResult
 from .validation import Validator, items_from_dataset
@@ -180,7 +179,9 @@ class TrainingRun:
         init = _init_state(self.plan.checkpoint if self.resume else None, init_lora)
         if init_lora is not None:
             meta["init_lora"] = Path(init_lora).name
-        checkpointing = _check_memory(model, latents, conditioning, self.config, hooks, self.ctx)
+        checkpointing = check_run_memory(
+            model, latents, conditioning, self.config, lambda text: _say(hooks, self.ctx, text), self.ctx
+        )
         meta["gradient_checkpointing"] = checkpointing_text(checkpointing, self.config)
         result = _train(
             latents, model, conditioning, self.config, paths, vae, self.resume, hooks, meta, self.ctx,
@@ -247,40 +248,6 @@ def train_lora(
 def _say(hooks: RunHooks, ctx: DistContext, text: str) -> None:
     if hooks.on_message is not None and ctx.is_main:
         hooks.on_message(text)
-
-
-def _check_memory(model, latents, conditioning, config, hooks, ctx) -> bool | int:
-    """The memory plan before a run (``comfyui.memory_check.plan_run_memory``): says through
-    ``on_message`` when the run will not fit the GPU's free memory, naming settings that would, and
-    how many blocks ``gradient_checkpointing`` auto checkpoints. Returns the checkpointing for the
-    model (True: every block; an int: that many). CUDA only; the plan costs seconds of CPU once
-    per settings. ``KONTEXT_MEMORY_PLAN=0`` skips it; so do data-parallel runs (every process must
-    checkpoint alike: auto checkpoints every block there)."""
-    fixed = config.gradient_checkpointing != "off"
-    if not ctx.is_main or ctx.enabled or os.environ.get("KONTEXT_MEMORY_PLAN") == "0":
-        return fixed
-    try:
-        from ..comfyui.memory_check import plan_run_memory
-
-        buckets = sorted({s.bucket for s in latents.dataset.train})
-        planned = plan_run_memory(model, config, buckets, int(conditioning[0][0].shape[1]))
-    except Exception as e:  # a planning failure must never stop a run
-        logging.getLogger("kontext_restore").warning("Kontext Restore: no memory plan (%s)", e)
-        return fixed
-    if planned.note:
-        logging.getLogger("kontext_restore").info("Kontext Restore: %s", planned.note)
-        _say(hooks, ctx, planned.note)
-    if planned.warning:
-        _say(hooks, ctx, planned.warning)
-    return planned.checkpointing
-
-
-def checkpointing_text(checkpointing: bool | int, config: TrainConfig) -> str:
-    """What the run checkpoints, for the LoRA's metadata: "auto: 20 blocks", "on", "off"."""
-    mode = config.gradient_checkpointing
-    if mode != "auto":
-        return mode
-    return "auto: every block" if checkpointing is True else f"auto: {int(checkpointing)} blocks"
 
 
 def _metadata(latents, config, identity, ctx, base_model, extra) -> dict:

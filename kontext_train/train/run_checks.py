@@ -24,7 +24,7 @@ from pathlib import Path
 from ..data.degradations import describe
 from ..data.latent_cache import file_sha256
 from ..files.atomic import temporary_name
-from ..method.train_config import TrainConfig
+from ..method.train_config import TrainConfig, check_resume_compatible
 from ..method.training_prompt import same_prompt
 from .checkpoints import (
     CheckpointError,
@@ -33,7 +33,7 @@ from .checkpoints import (
     latest_checkpoint,
     partial_checkpoint_dir,
 )
-from .trainer import check_resume_compatible, validation_report_paths
+from .validation import validation_report_paths
 
 __all__ = [
     "ResumePlan",

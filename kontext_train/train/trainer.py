@@ -27,7 +27,7 @@ import torch
 
 from .. import __version__
 from ..data.batches import LatentBatch, LatentBatches
-from ..files.atomic import atomic_write_csv, atomic_write_text
+from ..files.atomic import atomic_write_text
 from ..method.flow import (
     flux_shift_mu,
     image_tokens,
@@ -37,7 +37,7 @@ from ..method.flow import (
     sample_training_sigmas,
 )
 from ..method.lora import atomic_save_safetensors, diffusers_support, load_kohya_into, to_kohya_state_dict
-from ..method.train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig
+from ..method.train_config import LORA_DTYPES, LR_SCHEDULES, TrainConfig, check_resume_compatible
 from ..restore.restore_settings import (  # as restoring reads
     DEFAULT_BASE_SHIFT,
     DEFAULT_MAX_SHIFT,
@@ -46,6 +46,7 @@ from ..restore.restore_settings import (  # as restoring reads
 from .checkpoints import find_resumable, save_checkpoint
 from .optimizers import build_optimizer, loss_per_sample
 from .step_losses import LOSS_READ_EVERY, StepInfo, read_step_losses
+from .validation import write_validation_report
 
 __all__ = ["LORA_DTYPES", "LR_SCHEDULES", "TrainConfig", "Trainer", "TrainerHooks"]
 
@@ -102,36 +103,6 @@ def lora_metadata(config: TrainConfig, step: int, extra: Mapping[str, str] | Non
         key = k if "." in k or k.startswith("ss_") else METADATA_PREFIX + k
         meta[key] = v if isinstance(v, str) else json.dumps(v)
     return meta
-
-
-def validation_report_paths(lora_path: Path) -> tuple[Path, Path]:
-    """``<lora>.validation.json`` and ``.csv`` beside the LoRA file."""
-    base = Path(lora_path).with_suffix("")
-    return base.with_name(base.name + ".validation.json"), base.with_name(base.name + ".validation.csv")
-
-
-def write_validation_report(rows: list[dict], lora_path: Path) -> tuple[Path, Path]:
-    """The validation rows so far, as JSON and CSV beside the LoRA file."""
-    json_path, csv_path = validation_report_paths(lora_path)
-    atomic_write_text(json_path, json.dumps(rows, indent=2, default=str))
-    atomic_write_csv(csv_path, rows)
-    return json_path, csv_path
-
-
-def check_resume_compatible(saved: Mapping, config: TrainConfig) -> None:
-    """ValueError naming every setting that differs from a checkpoint's and may not change."""
-    current = config.to_dict()
-    differ = [
-        k
-        for k, v in saved.items()
-        if k in current and k not in TrainConfig.RESUMABLE_CHANGES and current[k] != v
-    ]
-    if differ:
-        detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in differ)
-        raise ValueError(
-            f"Cannot resume: settings differ from the checkpoint ({detail}). "
-            "Use the original settings, or choose another LoRA name for a new run."
-        )
 
 
 def cuda_autocast(model) -> AbstractContextManager:

@@ -8,12 +8,15 @@ decoder and is what the tiny test models can be judged on.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files.atomic import atomic_write_csv, atomic_write_text
 from ..method.sampler import restore_latents
 from ..report.metrics import evaluate_restoration
 from ..restore.restore_settings import RestoreSettings
@@ -137,3 +140,17 @@ def format_validation_report(rows: list[Mapping[str, Any]]) -> str:
     if not rows:
         return "No validation ran (no held-out images, or validation off)."
     return "\n".join(format_validation_row(r) for r in rows)
+
+
+def validation_report_paths(lora_path: Path) -> tuple[Path, Path]:
+    """``<lora>.validation.json`` and ``.csv`` beside the LoRA file."""
+    base = Path(lora_path).with_suffix("")
+    return base.with_name(base.name + ".validation.json"), base.with_name(base.name + ".validation.csv")
+
+
+def write_validation_report(rows: list[dict], lora_path: Path) -> tuple[Path, Path]:
+    """The validation rows so far, as JSON and CSV beside the LoRA file."""
+    json_path, csv_path = validation_report_paths(lora_path)
+    atomic_write_text(json_path, json.dumps(rows, indent=2, default=str))
+    atomic_write_csv(csv_path, rows)
+    return json_path, csv_path
