@@ -380,3 +380,12 @@ def test_a_training_run_shows_the_memory_warning_and_still_trains(
     warnings = [m for m in messages if m.startswith("Memory plan:")]
     assert len(warnings) == 1 and "0.0 GiB is free" in warnings[0] and "None of the usual" in warnings[0]
     assert planned == [torch.device("cuda")] and result.step == 1 and outputs.lora_path.exists()
+
+
+def test_plan_command_takes_the_adapter_and_the_optimizer():
+    from kontext_train.app.plan_command import build_parser, settings_from
+
+    ns = build_parser().parse_args(["--adapter", "lokr", "--optimizer", "adafactor"])
+    settings = settings_from(ns)
+    assert (settings.adapter, settings.optimizer) == ("lokr", "adafactor")
+    assert settings_from(build_parser().parse_args([])).optimizer == "adamw"

@@ -18,7 +18,16 @@ from ..plan.memory_plan import DEFAULT_OVERHEAD_BYTES, GIB, MemoryPlan, fits, fo
 from .settings import PROG
 
 # Settings that exist in the options table keep its flag, default, choices and range.
-_FROM_OPTIONS = ("rank", "lora_targets", "batch_size", "gradient_checkpointing", "bucket_scale", "lora_dtype")
+_FROM_OPTIONS = (
+    "rank",
+    "lora_targets",
+    "batch_size",
+    "gradient_checkpointing",
+    "bucket_scale",
+    "lora_dtype",
+    "adapter",
+    "optimizer",
+)
 TABLE_SIDES = (512, 768, 1024)
 
 
@@ -108,6 +117,8 @@ def settings_from(ns: argparse.Namespace):
         gradient_checkpointing=ns.gradient_checkpointing != "off",  # auto: see _plan_and_print
         lora_dtype=ns.lora_dtype,
         text_tokens=ns.text_tokens,
+        adapter=ns.adapter,
+        optimizer=ns.optimizer,
     )
 
 
