@@ -355,7 +355,9 @@ def test_prompt_from_graph_finds_the_prompt_in_the_shipped_api_workflows():
     assert found >= 4  # the trainer and the Restore node of the three templates
 
 
-@pytest.mark.parametrize(("formulation", "noise"), [("bridge", 0.0), ("bridge_ref", 0.1), ("kontext", 0.0)])
+@pytest.mark.parametrize(
+    ("formulation", "noise"), [("bridge", 0.0), ("bridge", 0.1), ("kontext", 0.0), ("shortened", 0.0)]
+)
 def test_validation_samples_with_the_steps_restoring_takes(formulation, noise):
     """Issue 20: validation restored kontext in 8 steps where the Restore node takes 28."""
     config = TrainConfig(formulation=formulation, bridge_noise=noise)

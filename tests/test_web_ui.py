@@ -505,6 +505,8 @@ def test_restore_picker_lists_a_freshly_trained_lora_after_refresh(ui, comfy_ser
         save_file({"lora_unet_x.alpha": torch.ones(())}, str(loras / fresh))
     workflow = json.loads(build_workflows.ui_path("restore_with_lora").read_text())
     load_workflow(page, workflow)
+    # Core Load LoRA beside it, to compare with (the template has none: Restore applies its LoRA).
+    page.evaluate("() => { const n = LiteGraph.createNode('LoraLoaderModelOnly'); app.graph.add(n); }")
     (restore,) = [str(n["id"]) for n in workflow["nodes"] if n["type"] == "KontextRestoreRestore"]
     lists = """(id) => { const n = app.graph.nodes.find(n => String(n.id) === id);
         const core = app.graph.nodes.find(n => n.type === 'LoraLoaderModelOnly');
@@ -512,7 +514,7 @@ def test_restore_picker_lists_a_freshly_trained_lora_after_refresh(ui, comfy_ser
         return {restore: values(n), core: values(core)}; }"""
     before = page.evaluate(lists, restore)
     # The page was loaded before the LoRA existed: both lists lack it until the refresh.
-    assert fresh not in before["restore"] and fresh not in before["core"], before
+    assert before["core"] and fresh not in before["restore"] and fresh not in before["core"], before
     mark = console.mark()
     page.mouse.click(800, 500)  # the canvas has the keyboard focus, as after a click on it
     page.keyboard.press("r")

@@ -121,7 +121,8 @@ def _train_alone(
     from ..train.run_lock import RunLockedError, acquire, release
 
     try:
-        lock = acquire(out) if settings.is_main else None
+        # The lock lives in OUTPUT_DIR: create and prove it writable first (a one-line error).
+        lock = acquire(prepare_output_dir(out)) if settings.is_main else None
     except RunLockedError as e:
         raise UsageError(str(e)) from None
     try:
