@@ -500,7 +500,9 @@ def test_no_import_cycle_among_the_packs_own_modules():
     # The graph is read whole: the pack's modules, the arrows at the top and inside functions.
     arrows = sum(map(len, graph.values()))
     assert len(graph) > 60 and arrows > 150, (len(graph), arrows)
-    assert "kontext_train.comfyui.memory_check" in graph["kontext_train.train.run_memory"]  # inside a function
+    assert (
+        "kontext_train.comfyui.memory_check" in graph["kontext_train.train.run_memory"]
+    )  # inside a function
     assert "nodes" in graph[""] and "kontext_train.setting" in graph["kontext_train.options"]
     cycles = _cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(_describe(c, graph) for c in cycles)
