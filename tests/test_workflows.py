@@ -245,7 +245,7 @@ def test_note_says_which_models_where_and_what_fits(name):
             "24 GB",
             "16 GB",
             "fp8_e4m3fn",
-            "gradient_checkpointing on",
+            "gradient_checkpointing auto",
             "rank 16",
             "bucket_scale 0.5",
         ):

@@ -103,9 +103,9 @@ logged in before the download works
 # The one sentence to update with kontext-train plan --table's numbers (README "Will it fit?").
 TRAIN_MEMORY_NOTE = """\
 **GPU memory** (README "Will it fit?"; planned, not yet measured on a GPU): a 24 GB card runs \
-this template as it is (weight_dtype fp8_e4m3fn, bucket_scale 1.0, rank 16, batch_size 1: 15.8 GiB \
-with every block recomputed; gradient_checkpointing auto recomputes fewer where memory allows); a \
-16 GB card needs bucket_scale 0.5 (512 px: 14.2 GiB). Every other setting is the node's default."""
+this template as it is (weight_dtype fp8_e4m3fn, bucket_scale 1.0, gradient_checkpointing auto, \
+rank 16, batch_size 1: 15.8 GiB, every block recomputed); a 16 GB card needs bucket_scale 0.5 (14.2 GiB). \
+Every other setting is the node's default."""
 
 TRAIN_TIME_NOTE = """\
 **How long:** 3000 steps. Once it runs, Train LoRA shows s/step, the time left (ETA) and each \
