@@ -106,6 +106,18 @@ def test_single_point():
     assert _mask(img, SMOOTH_COLOR)[_BELOW_LEGEND:].any()
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("log_y", [False, True])
+def test_single_step_whose_ema_differs_in_the_last_bit(log_y):
+    """A one-step run's loss and its bias-corrected EMA can differ by one ulp; the axis once took
+    that 2e-16 span for a real range and looped forever adding ticks too small to move a float
+    (a 13 GB server on ComfyUI 0.33 before this was found)."""
+    loss = 1.484965205192566
+    assert ema([loss])[0] != loss  # the case itself: otherwise this test checks nothing
+    img = render_loss_plot([loss], log_y=log_y)
+    assert img.size == (768, 432) and _mask(img, SMOOTH_COLOR)[_BELOW_LEGEND:].any()
+
+
 def test_explicit_steps_length_checked():
     with pytest.raises(ValueError, match="one step per loss"):
         render_loss_plot([0.1, 0.2], steps=[1])

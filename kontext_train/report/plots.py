@@ -85,12 +85,10 @@ def _nice_step(span: float, target: int) -> float:
 def _nice_ticks(lo: float, hi: float, target: int = 5, min_step: float = 0.0) -> list[float]:
     step = max(_nice_step(hi - lo, target), min_step)
     first = math.ceil(lo / step - 1e-9) * step
-    ticks = []
-    t = first
-    while t <= hi + step * 1e-9:
-        ticks.append(0.0 if abs(t) < step * 1e-9 else t)
-        t += step
-    return ticks
+    # Counted, not accumulated: a step below the values' float resolution would never move an
+    # accumulating tick past ``hi`` (a one-step run's loss and its EMA differ in the last bit).
+    count = math.floor((hi - first) / step + 1e-9) + 1
+    return [0.0 if abs(t) < step * 1e-9 else t for t in (first + i * step for i in range(max(count, 0)))]
 
 
 def _fmt_tick(v: float, step: float) -> str:
@@ -153,7 +151,9 @@ def _draw_panel(
     ylo, yhi = min(p[1] for p in valid), max(p[1] for p in valid)
     if xhi == xlo:  # a single step: give it some width so it lands mid-axis
         xlo, xhi = xlo - 1, xhi + 1
-    if yhi == ylo:
+    # Equal to float precision counts as equal: one step's loss and its EMA can differ in the
+    # last bit, and a span of 1e-16 would make ticks no float can tell apart.
+    if yhi - ylo <= 1e-9 * max(abs(ylo), abs(yhi), 1e-12):
         pad = 0.5 if log_y else max(abs(ylo) * 0.05, 1e-3)
         ylo, yhi = ylo - pad, yhi + pad
     pad = (yhi - ylo) * 0.05
