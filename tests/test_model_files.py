@@ -53,18 +53,19 @@ TEXT_ENCODERS_ONLY = {"DualCLIPLoader": TINY_LOADERS["DualCLIPLoader"]}
 FORMATS = {"bfl_bf16": BFL_FILE, "comfy_org_fp8_scaled": SCALED_FP8_FILE}
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2")
 # Through both templates in the server (format, training weight_dtype, restoring weight_dtype):
-# the templates as shipped, which train on the BFL file in fp8_e4m3fn and restore in the default.
-SERVER_CASES = [("bfl_bf16", "fp8_e4m3fn", "default")]
+# the templates as shipped, which train on the BFL file in fp8_e4m3fn and restore in the default,
+# and the file ComfyUI's own Kontext example downloads, the Comfy-Org fp8 scaled one, as loaded.
+SERVER_CASES = [("bfl_bf16", "fp8_e4m3fn", "default"), ("comfy_org_fp8_scaled", "default", "default")]
 # Every other pair trains in this process (one step at Flux's width costs seconds on a CPU, a
-# LoRA merged into fp8 weights at restore time much more); the Comfy-Org file in its default is
-# also restored from there (the LoRA merged into its scaled fp8 layers, one model call).
+# LoRA merged into fp8 weights at restore time much more); one Comfy-Org case is also restored
+# from there through the stock LoRA patching (the LoRA merged into its scaled fp8 layers).
 IN_PROCESS_CASES = [
     (fmt, dtype)
     for fmt in FORMATS
     for dtype in WEIGHT_DTYPES
     if not any(case[:2] == (fmt, dtype) for case in SERVER_CASES)
 ]
-MERGE_CASES = [("comfy_org_fp8_scaled", "default")]
+MERGE_CASES = [("comfy_org_fp8_scaled", "fp8_e4m3fn")]
 # Smallest buckets (64 px: 16 image tokens), one step, no held-out images (no validation runs).
 FAST = {
     "KontextRestoreDataset": {"bucket_scale": 0.0625, "val_count": 0},
