@@ -188,7 +188,8 @@ def test_other_weight_dtypes_train_on_activations_and_save_a_lora_comfyui_loads(
 ):
     """The rest of the format x weight_dtype matrix, in this process (no sampling: the server
     test restores through the templates): the stock UNETLoader on the same files, one training
-    step, the LoRA file through ComfyUI's LoRA loading (every key matched)."""
+    step, the LoRA on activations as Restore Image applies it (a model call), and the LoRA file
+    through ComfyUI's LoRA loading (every key matched)."""
     import comfy.model_management
     import folder_paths
     from conftest import make_conditioning
@@ -214,17 +215,29 @@ def test_other_weight_dtypes_train_on_activations_and_save_a_lora_comfyui_loads(
     result = Trainer(cfg, lora, batches, cond, tmp_path / "run", lora_path=path).run(resume=False)
     lora.release()
     assert result.step == 1 and all(math.isfinite(v) for v in result.losses)
+    # Restore's path: the LoRA on the activations of this model (no merge, whatever its dtype),
+    # and it changes the model's output.
+    state = load_file(str(path))
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def model_output(m) -> torch.Tensor:
+        comfy.model_management.load_models_gpu([m])
+        with torch.no_grad():
+            return m.model.diffusion_model(
+                x, torch.tensor([0.5]), cond.context, y=cond.pooled, guidance=torch.tensor([1.5])
+            ).float()
+
+    plain = model_output(model)
+    with comfyui.lora_for_restore(model, state, name="lora", use=comfyui.LORA_APPLY) as applied:
+        assert any("applied on activations" in note for note in applied.notes), applied.notes
+        restored = model_output(applied.model)
+    assert torch.isfinite(restored).all() and not torch.equal(restored, plain)
     caplog.clear()
-    patched = comfyui.apply_lora(model, load_file(str(path)))
+    patched = comfyui.apply_lora(model, state)
     assert len(patched.patches) == len(lora.adapters) and "lora key not loaded" not in caplog.text
     if (fmt, weight_dtype) in MERGE_CASES:
         # ComfyUI merges the LoRA into the stored weights when it loads the patched MODEL.
-        comfy.model_management.load_models_gpu([patched])
-        with torch.no_grad():
-            x = torch.randn(1, 16, 8, 8)
-            out = patched.model.diffusion_model(
-                x, torch.tensor([0.5]), cond.context, y=cond.pooled, guidance=torch.tensor([1.5])
-            )
+        out = model_output(patched)
         assert out.shape == x.shape and torch.isfinite(out).all()
     del model, patched, lora
     comfy.model_management.unload_all_models()
