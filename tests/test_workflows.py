@@ -289,6 +289,14 @@ def test_no_two_nodes_overlap(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_no_link_passes_over_a_node(name):
+    """Links as the frontends draw them (curves between slots) pass over no node other than their
+    ends (test_link_check_sees_a_link_through_a_node is the check's negative control). When a
+    template changes: `python workflows/build_workflows.py --untangle` prints node positions."""
+    assert build_workflows.links_through_nodes(load_ui(name)) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_node_sizes_hold_their_slots_and_widgets(name):
     """At least what LiteGraph computes (1.32 and 1.49 alike: 20 px per slot row, 24 per
     widget, 14 of padding); tests/test_web_ui.py compares with the frontend's own computeSize."""

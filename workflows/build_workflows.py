@@ -63,6 +63,7 @@ from workflow_layout import (  # noqa: E402
     links_through_nodes,
     node_boxes,
     overlapping,
+    untangle,
     view_on,
 )
 
@@ -84,6 +85,7 @@ __all__ = [
     "node_boxes",
     "node_inputs",
     "overlapping",
+    "untangle",
     "to_api",
     "to_ui",
     "ui_essence",
@@ -92,7 +94,7 @@ __all__ = [
 ]
 
 # name -> the function describing its nodes (the API file's name; see kontext_templates.Template).
-WORKFLOWS = {name: t.nodes for name, t in TEMPLATES.items()}
+WORKFLOWS = {name: t.placed_nodes for name, t in TEMPLATES.items()}
 
 
 def ui_path(name: str) -> Path:
@@ -166,12 +168,37 @@ def _object_info(url: str | None) -> dict:
             return server.object_info()
 
 
+def print_untangled(files: dict[Path, dict]) -> int:
+    """For each template whose links pass over nodes: node positions that avoid it, as the
+    ``y=`` to give each Node in kontext_templates.py. Exit 1 if one could not be untangled."""
+    failed = 0
+    for name in TEMPLATES:
+        ui = files[ui_path(name)]
+        if not links_through_nodes(ui) and not overlapping(node_boxes(ui)):
+            print(f"{name}: no link over a node")
+            continue
+        note = frozenset(n["id"] for n in ui["nodes"] if n["type"] == NOTE_TYPE)
+        left = untangle(ui, keep=note)
+        failed += left > 0
+        print(f"{name}: {left} crossing(s) or overlap(s) left with")
+        for node in sorted(ui["nodes"], key=lambda n: (n["pos"][0], n["pos"][1])):
+            print(f"  node {node['id']} {node['type']}: y={node['pos'][1]}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running ComfyUI with this pack (default: start a headless one)")
     parser.add_argument("--check", action="store_true", help="only report stale files (exit 1)")
+    parser.add_argument(
+        "--untangle",
+        action="store_true",
+        help="print y= values for the templates' nodes that leave no link over a node (writes nothing)",
+    )
     args = parser.parse_args(argv)
     files = build_all(_object_info(args.url))
+    if args.untangle:
+        return print_untangled(files)
     stale, extra = stale_files(files), unexpected_files()
     if args.check:
         for p in stale:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ RESTORE_APPLIES_LORA = True
 @dataclass
 class Node:
     """One node. ``col`` is the layout column (left to right); nodes of a column are stacked top
-    to bottom in the order they are listed (build_workflows.layout)."""
+    to bottom in the order they are listed, or placed at ``y`` (build_workflows.layout)."""
 
     id: int
     type: str
@@ -78,6 +78,9 @@ class Node:
     # Height kept free below the widgets for what the node shows once it has run (the trainer's
     # progress line and validation images), so it does not grow over the node below it.
     room: int = 0
+    # Where the node sits in its column (canvas y); None: below the node listed before it. Set
+    # where links would otherwise pass over nodes (build_workflows.py --untangle finds values).
+    y: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,12 @@ class Template:
     title: str  # UI file name: what the template browser and the workflow tab show
     description: str  # one line, first in the Note and in the READMEs
     nodes: Callable[[], list[Node]]
+    # Canvas y of nodes by id, where stacking them would put links over nodes; found by
+    # `python workflows/build_workflows.py --untangle` (tests/test_workflows.py checks the result).
+    places: dict[int, int] = field(default_factory=dict)
+
+    def placed_nodes(self) -> list[Node]:
+        return [replace(n, y=self.places.get(n.id, n.y)) for n in self.nodes()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +224,7 @@ TRAIN = Template(
     "Trains a LoRA that removes noise, blur and JPEG artifacts, from a folder of clean photos "
     "(ComfyUI/input/restore_hq) degraded on the fly.",
     lambda: train_restoration_lora(),
+    {1: 840, 2: 960, 3: 1120, 4: 1260, 5: 560, 6: 560, 7: 940, 8: 1260, 9: 400, 10: 40, 11: 1280, 20: 980},
 )
 RESTORE = Template(
     "restore_with_lora",
@@ -222,6 +232,7 @@ RESTORE = Template(
     "Restores a degraded photo with a trained LoRA (models/loras/kontext_restore.safetensors) and "
     "saves the result.",
     lambda: restore_with_lora(),
+    {1: 760, 2: 880, 3: 1040, 4: 220, 6: 400, 7: 760, 8: 760},
 )
 EVALUATE = Template(
     "train_then_evaluate",
@@ -229,6 +240,8 @@ EVALUATE = Template(
     "Trains the LoRA, then degrades a clean reference photo, restores it with the new LoRA and "
     "scores restored against reference (PSNR/SSIM, the degraded input as the baseline).",
     lambda: train_then_evaluate(),
+    {1: 900, 2: 1020, 3: 1180, 4: 2080, 5: 700, 6: 780, 7: 1160, 8: 2160, 9: 0, 10: 120, 11: 860,
+     12: 1340, 13: 1348, 14: 1616, 15: 1580, 16: 1580, 17: 1760, 18: 1340, 19: 1140, 20: 1220},
 )
 
 TRAIN_STEPS_NOTE = """\

@@ -34,7 +34,7 @@ def node_size(node: Node, n_inputs: int, n_outputs: int, n_widgets: int) -> list
 
 def layout(nodes: list[Node], sizes: dict[int, list[int]]) -> dict[int, list[int]]:
     """Positions: columns left to right, each as wide as its widest node, nodes stacked in the
-    order listed with room for the title bar between them, so no two nodes overlap."""
+    order listed with room for the title bar between them, or at their own ``y``."""
     columns: dict[int, list[Node]] = {}
     for node in nodes:
         columns.setdefault(node.col, []).append(node)
@@ -42,6 +42,7 @@ def layout(nodes: list[Node], sizes: dict[int, list[int]]) -> dict[int, list[int
     for col in sorted(columns):
         y = 0
         for node in columns[col]:
+            y = node.y if node.y is not None else y
             pos[node.id] = [x, y]
             y += sizes[node.id][1] + TITLE_H + GAP_Y
         x += max(sizes[n.id][0] for n in columns[col]) + GAP_X
@@ -115,6 +116,82 @@ def links_through_nodes(ui: dict, inset: float = 4.0) -> list[tuple[str, str]]:
             if any(x + inset < px < x + w - inset and y + inset < py < y + h - inset for px, py in points):
                 found.append((label, node_label))
     return found
+
+
+def _curve_points(ui: dict, samples: int = 48) -> tuple[list[int], list[int], "np.ndarray"]:
+    """(sources, targets, points (links x samples x 2)) of every link, as ``link_curves`` draws them."""
+    import numpy as np
+
+    curves = link_curves(ui, samples)
+    return [c[1] for c in curves], [c[2] for c in curves], np.array([c[3] for c in curves])
+
+
+def _layout_cost(ui: dict, inset: float = 4.0) -> float:
+    """What ``untangle`` minimises: links over nodes and overlapping nodes first, then nodes out of
+    their listed order in a column, how far the links climb, how tall the graph is and how far
+    down its nodes sit."""
+    import numpy as np
+
+    src, dst, pts = _curve_points(ui)
+    boxes = np.array([box for _, box in node_boxes(ui)], dtype=float)  # x, y, w, h
+    ids = [n["id"] for n in ui["nodes"]]
+    x, y = pts[..., 0][:, :, None], pts[..., 1][:, :, None]  # links x samples x 1
+    inside = (
+        (x > boxes[:, 0] + inset)
+        & (x < boxes[:, 0] + boxes[:, 2] - inset)
+        & (y > boxes[:, 1] + inset)
+        & (y < boxes[:, 1] + boxes[:, 3] - inset)
+    ).any(axis=1)  # links x nodes
+    ends = np.array([[i in (a, b) for i in ids] for a, b in zip(src, dst, strict=True)])
+    crossings = int((inside & ~ends).sum())
+    bx, by, bw, bh = boxes.T
+    over = (bx[:, None] < bx + bw) & (bx < (bx + bw)[:, None]) & (by[:, None] < by + bh) & (by < (by + bh)[:, None])
+    overlaps = int((over.sum() - len(boxes)) // 2)
+    # Each column keeps the order its nodes are listed in (loaders, then prompt, ... top down).
+    column_ends: dict[float, float] = {}
+    out_of_order = 0
+    for x0, top, height in zip(bx, by, bh, strict=True):
+        out_of_order += top < column_ends.get(x0, -1e9)
+        column_ends[x0] = top + height
+    climb = float(np.abs(pts[:, -1, 1] - pts[:, 0, 1]).sum())
+    return 1e6 * (crossings + overlaps) + 5e3 * out_of_order + climb + 2.0 * float((by + bh).max()) + 0.5 * float(by.sum())
+
+
+def untangle(
+    ui: dict, rounds: int = 6000, seed: int = 0, keep: frozenset = frozenset(), max_y: int = 2400
+) -> int:
+    """Moves nodes up and down their columns (between 0 and ``max_y``) until no link passes over
+    a node and no node overlaps another, then packs the graph as short as that allows: simulated
+    annealing and then plain descent, with a fixed seed, so the same graph always gets the same
+    layout. Nodes whose id is in ``keep`` stay put. Returns the crossings and overlaps left."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    movable = [n for n in ui["nodes"] if n["id"] not in keep]
+    cost = _layout_cost(ui)
+    best = (cost, [list(n["pos"]) for n in ui["nodes"]])
+    for r in range(2 * rounds):
+        # Annealing first (worse layouts accepted now and then, less and less), then descent.
+        temperature = 2e6 * (1 - r / rounds) ** 3 if r < rounds else 0.0
+        node = rng.choice(movable)
+        old = node["pos"][1]
+        step = rng.choice((-1, 1)) * rng.choice((20, 40, 80, 160, 320, 640))
+        node["pos"][1] = min(max_y, max(0, old + step))
+        new_cost = _layout_cost(ui)
+        if new_cost <= cost or (temperature and rng.random() < math.exp((cost - new_cost) / temperature)):
+            cost = new_cost
+            if cost < best[0]:
+                best = (cost, [list(n["pos"]) for n in ui["nodes"]])
+        else:
+            node["pos"][1] = old
+        if r == rounds - 1:  # descend from the best layout the annealing saw
+            for n, pos in zip(ui["nodes"], best[1], strict=True):
+                n["pos"] = list(pos)
+            cost = best[0]
+    for node, pos in zip(ui["nodes"], best[1], strict=True):
+        node["pos"] = pos
+    return len(links_through_nodes(ui)) + len(overlapping(node_boxes(ui)))
 
 
 # --------------------------------------------------------------------------------------------
