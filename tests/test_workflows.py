@@ -413,9 +413,13 @@ def test_link_check_sees_a_link_through_a_node():
     restore = next(n for n in ui["nodes"] if n["type"] == "KontextRestoreRestore")
     save = next(n for n in ui["nodes"] if n["type"] == "SaveImage")
     # Save Image moved to the middle of the VAE -> Restore Image link.
-    mid_x = (vae["pos"][0] + vae["size"][0] + restore["pos"][0]) / 2
-    mid_y = (vae["pos"][1] + restore["pos"][1]) / 2 + 34
-    save["pos"] = [mid_x - 20, mid_y - 20]
+    (points,) = [
+        pts
+        for _, src, dst, pts in build_workflows.link_curves(ui)
+        if (src, dst) == (vae["id"], restore["id"])
+    ]
+    mid_x, mid_y = points[len(points) // 2]
+    save["pos"] = [mid_x - 20, mid_y - 20 + build_workflows.TITLE_H]
     save["size"] = [40, 40]
     found = build_workflows.links_through_nodes({"nodes": list(nodes.values()), "links": ui["links"]})
     assert any("VAELoader -> " in link and "SaveImage" in node for link, node in found), found

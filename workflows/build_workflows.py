@@ -178,7 +178,13 @@ def print_untangled(files: dict[Path, dict]) -> int:
             print(f"{name}: no link over a node")
             continue
         note = frozenset(n["id"] for n in ui["nodes"] if n["type"] == NOTE_TYPE)
-        left = untangle(ui, keep=note)
+        start = [list(n["pos"]) for n in ui["nodes"]]
+        for seed in range(8):  # a search that got stuck is tried again with another seed
+            for node, pos in zip(ui["nodes"], start, strict=True):
+                node["pos"] = list(pos)
+            left = untangle(ui, seed=seed, keep=note)
+            if not left:
+                break
         failed += left > 0
         print(f"{name}: {left} crossing(s) or overlap(s) left with")
         for node in sorted(ui["nodes"], key=lambda n: (n["pos"][0], n["pos"][1])):

@@ -224,7 +224,7 @@ TRAIN = Template(
     "Trains a LoRA that removes noise, blur and JPEG artifacts, from a folder of clean photos "
     "(ComfyUI/input/restore_hq) degraded on the fly.",
     lambda: train_restoration_lora(),
-    {1: 840, 2: 960, 3: 1120, 4: 1260, 5: 560, 6: 560, 7: 940, 8: 1260, 9: 400, 10: 40, 11: 1280, 20: 980},
+    {1: 420, 2: 580, 3: 780, 4: 820, 5: 2140, 6: 2140, 7: 400, 8: 640, 9: 420, 10: 20, 11: 1480, 20: 1880},
 )
 RESTORE = Template(
     "restore_with_lora",
@@ -232,7 +232,7 @@ RESTORE = Template(
     "Restores a degraded photo with a trained LoRA (models/loras/kontext_restore.safetensors) and "
     "saves the result.",
     lambda: restore_with_lora(),
-    {1: 760, 2: 880, 3: 1040, 4: 220, 6: 400, 7: 760, 8: 760},
+    {1: 740, 2: 260, 3: 620, 4: 260, 6: 780, 7: 620, 8: 620},
 )
 EVALUATE = Template(
     "train_then_evaluate",
@@ -240,8 +240,28 @@ EVALUATE = Template(
     "Trains the LoRA, then degrades a clean reference photo, restores it with the new LoRA and "
     "scores restored against reference (PSNR/SSIM, the degraded input as the baseline).",
     lambda: train_then_evaluate(),
-    {1: 900, 2: 1020, 3: 1180, 4: 2080, 5: 700, 6: 780, 7: 1160, 8: 2160, 9: 0, 10: 120, 11: 860,
-     12: 1340, 13: 1348, 14: 1616, 15: 1580, 16: 1580, 17: 1760, 18: 1340, 19: 1140, 20: 1220},
+    {
+        1: 1740,
+        2: 640,
+        3: 1620,
+        4: 640,
+        5: 860,
+        6: 320,
+        7: 1520,
+        8: 1320,
+        9: 1360,
+        10: 1520,
+        11: 260,
+        12: 1320,
+        13: 1328,
+        14: 1216,
+        15: 740,
+        16: 1360,
+        17: 1780,
+        18: 1180,
+        19: 940,
+        20: 660,
+    },
 )
 
 TRAIN_STEPS_NOTE = """\

@@ -118,7 +118,7 @@ def links_through_nodes(ui: dict, inset: float = 4.0) -> list[tuple[str, str]]:
     return found
 
 
-def _curve_points(ui: dict, samples: int = 48) -> tuple[list[int], list[int], "np.ndarray"]:
+def _curve_points(ui: dict, samples: int = 48) -> tuple[list[int], list[int], np.ndarray]:
     """(sources, targets, points (links x samples x 2)) of every link, as ``link_curves`` draws them."""
     import numpy as np
 
@@ -145,7 +145,14 @@ def _layout_cost(ui: dict, inset: float = 4.0) -> float:
     ends = np.array([[i in (a, b) for i in ids] for a, b in zip(src, dst, strict=True)])
     crossings = int((inside & ~ends).sum())
     bx, by, bw, bh = boxes.T
-    over = (bx[:, None] < bx + bw) & (bx < (bx + bw)[:, None]) & (by[:, None] < by + bh) & (by < (by + bh)[:, None])
+    # At least GAP_Y between nodes, as when stacked: the frontend may draw a node a little taller.
+    bh = bh + GAP_Y
+    over = (
+        (bx[:, None] < bx + bw)
+        & (bx < (bx + bw)[:, None])
+        & (by[:, None] < by + bh)
+        & (by < (by + bh)[:, None])
+    )
     overlaps = int((over.sum() - len(boxes)) // 2)
     # Each column keeps the order its nodes are listed in (loaders, then prompt, ... top down).
     column_ends: dict[float, float] = {}
@@ -154,7 +161,13 @@ def _layout_cost(ui: dict, inset: float = 4.0) -> float:
         out_of_order += top < column_ends.get(x0, -1e9)
         column_ends[x0] = top + height
     climb = float(np.abs(pts[:, -1, 1] - pts[:, 0, 1]).sum())
-    return 1e6 * (crossings + overlaps) + 5e3 * out_of_order + climb + 2.0 * float((by + bh).max()) + 0.5 * float(by.sum())
+    return (
+        1e6 * (crossings + overlaps)
+        + 5e3 * out_of_order
+        + climb
+        + 2.0 * float((by + bh).max())
+        + 0.5 * float(by.sum())
+    )
 
 
 def untangle(
