@@ -10,6 +10,7 @@ SPLINE_LINK``, the default link style of frontends 1.32 and 1.49).
 
 from __future__ import annotations
 
+import numpy as np
 from kontext_templates import Node
 
 TITLE_H = 30
@@ -120,7 +121,6 @@ def links_through_nodes(ui: dict, inset: float = 4.0) -> list[tuple[str, str]]:
 
 def _curve_points(ui: dict, samples: int = 48) -> tuple[list[int], list[int], np.ndarray]:
     """(sources, targets, points (links x samples x 2)) of every link, as ``link_curves`` draws them."""
-    import numpy as np
 
     curves = link_curves(ui, samples)
     return [c[1] for c in curves], [c[2] for c in curves], np.array([c[3] for c in curves])
@@ -130,7 +130,6 @@ def _layout_cost(ui: dict, inset: float = 4.0) -> float:
     """What ``untangle`` minimises: links over nodes and overlapping nodes first, then nodes out of
     their listed order in a column, how far the links climb, how tall the graph is and how far
     down its nodes sit."""
-    import numpy as np
 
     src, dst, pts = _curve_points(ui)
     boxes = np.array([box for _, box in node_boxes(ui)], dtype=float)  # x, y, w, h
