@@ -92,7 +92,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("name", "str", "kontext_restore",
         "Name of the LoRA file written to the loras folder, and of its checkpoint folder.",
         "LoRA file name inside OUTPUT_DIR", node_name="lora_name"),
-    Setting("demo_images", "int", None, "Number of bundled sample photos the demo uses.", min=1,
+    Setting("demo_images", "int", None,
+        "Number of bundled sample photos the demo uses, its held-out photo included.", min=1,
         surfaces=COMMAND_ONLY, commands=WITH_DATA),
     # -- dataset -----------------------------------------------------------------------------
     Setting("hq_folder", "str", "restore_hq",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..files.atomic import atomic_write_bytes
-from .demo import DEMO_BASE_MODEL
+from .demo import DEMO_BASE_MODEL, DEMO_HELD_OUT
 from .settings import (
     BY_NAME,
     PROG,
@@ -245,6 +245,7 @@ def build_run_dataset(settings: Settings, out: Path, ctx, logger: logging.Logger
             min_size=settings.min_size,
             degradation=degradation_config(settings),
             logger=logger or log,
+            held_out_first=DEMO_HELD_OUT if settings.demo else (),
         )
     except ValueError as e:
         which = "HR_ROOT/LR_ROOT" if lr else "HR_ROOT"

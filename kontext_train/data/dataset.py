@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,12 +265,14 @@ def build_dataset(
     min_size: int = 64,
     degradation: DegradationConfig | None = None,
     logger: logging.Logger | None = None,
+    held_out_first: Collection[str] = (),
 ) -> RestorationDataset:
     """Scan, validate, pair, bucket and split. Unusable files are skipped with a warning.
 
     ``val_count`` images are held out for validation, fewer in a small folder (``split_sizes``):
     the reduction and a training set under ``FEW_TRAINING_IMAGES`` are logged as warnings and
-    shown in ``summary()``.
+    shown in ``summary()``. The images named in ``held_out_first`` (paths relative to the folder)
+    are held out before the seed's choice, as far as the count allows (the demo's unseen photo).
 
     Raises ValueError (naming the folder and what to do) when a folder is missing, not a folder,
     has no image files, or has no usable image.
@@ -341,7 +344,7 @@ def build_dataset(
     n_val, split_warnings = split_sizes(len(usable), val_count)
     for warning in split_warnings:
         log.warning("%s: %s", hq, warning)
-    ranked = sorted(usable, key=lambda s: _split_rank(seed, s.key))
+    ranked = sorted(usable, key=lambda s: (s.key not in held_out_first, _split_rank(seed, s.key)))
     val_keys = {s.key for s in ranked[:n_val]}
     train = [s for s in usable if s.key not in val_keys]
     val = [s for s in usable if s.key in val_keys]
