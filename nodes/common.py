@@ -72,6 +72,20 @@ def setting_input(
     return _WIDGETS[s.kind].Input(s.input_name, **common)
 
 
+def folder_input(name: str, folders: list[str], optional: bool = False) -> io.Input:
+    """Setting ``name`` (a folder path) as a picker of ``folders``, the setting's default first
+    whether or not it exists yet. The socket also takes a STRING, and the node's validator must
+    name the input (ComfyUI then leaves the choice to it) so that a path typed before the picker
+    existed, or an absolute one, still loads and runs."""
+    s = setting(name)
+    listed = list(dict.fromkeys([s.default, *folders]))
+    tooltip = f"{s.tooltip} Lists the input folder's sub-folders (press R to refresh)."
+    combo = io.Combo.Input(
+        s.input_name, options=listed, default=s.default, tooltip=tooltip, optional=optional
+    )
+    return io.MultiType.Input(combo, types=[io.String])
+
+
 def setting_inputs(*names: str, optional: bool = False) -> list[io.Input]:
     """The inputs of several settings, in the order given (the widgets' order)."""
     return [setting_input(n, optional=optional) for n in names]

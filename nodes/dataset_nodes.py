@@ -25,6 +25,7 @@ from .common import (
     DATASET,
     DEGRADATION,
     LATENTS,
+    folder_input,
     input_validator,
     output,
     seed_input,
@@ -164,7 +165,9 @@ class KontextRestoreDataset(io.ComfyNode):
             description="Reads a folder of clean photos (and optionally their real degraded "
             "versions), skips unusable files, holds some out for validation and buckets the rest.",
             inputs=[
-                *setting_inputs("hq_folder", "bucket_scale", "val_count", "seed"),
+                # Listed each time ComfyUI asks for the node's inputs, like core's folder loaders.
+                folder_input("hq_folder", comfyui.input_subfolders()),
+                *setting_inputs("bucket_scale", "val_count", "seed"),
                 *setting_inputs("lq_folder", optional=True),
                 DEGRADATION.Input(
                     "degradation",

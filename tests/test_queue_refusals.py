@@ -158,6 +158,37 @@ def test_a_valid_graph_with_the_summary_shown_is_still_queued(comfy_server):
     assert "no_such_folder_h5" in json.dumps(entry["status"]["messages"])
 
 
+def test_hq_folder_is_a_picker_of_input_subfolders_that_still_takes_any_path(comfy_server):
+    """Issue 23: hq_folder lists the input folder's sub-folders (the default first, even while it
+    does not exist), a new folder shows up when the frontend asks again (R), and a path typed
+    before the picker existed, here an absolute one that is no option, still queues and runs."""
+
+    def hq_folder_spec() -> dict:
+        info = comfy_server.get("/object_info/KontextRestoreDataset")["KontextRestoreDataset"]
+        kind, spec = info["input"]["required"]["hq_folder"]
+        assert "COMBO" in kind and "STRING" in kind, kind  # a picker whose socket takes a path
+        return spec
+
+    assert hq_folder_spec()["options"][0] == "restore_hq" and hq_folder_spec()["default"] == "restore_hq"
+    assert not (comfy_server.input_dir / "restore_hq").exists()
+    _photos(comfy_server, "picked_set/inner", seed=70)
+    assert {"picked_set", "picked_set/inner"} <= set(hq_folder_spec()["options"])
+    graph = {
+        "1": {
+            "class_type": "KontextRestoreDataset",
+            "inputs": {
+                "hq_folder": str(comfy_server.input_dir / "picked_set" / "inner"),
+                "bucket_scale": 0.25,
+                "val_count": 1,
+                "seed": 0,
+            },
+        },
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}},
+    }
+    entry = comfy_server.run_prompt(graph, timeout=120)
+    assert "used 3 image(s)" in "".join(entry["outputs"]["2"]["text"])
+
+
 # ------------------------------------------------------------ run-time messages a user can act on
 
 

@@ -268,6 +268,13 @@ INTENDED_CHANGES = {
         "default": "none",
         "options": None,
     },
+    # Issue 23: a picker of the input folder's sub-folders that still takes a typed path.
+    ("KontextRestoreDataset", "hq_folder"): {
+        "type": "COMBO,STRING",
+        "widgetType": "COMBO",
+        "options": None,
+        "tooltip": "Lists the input folder's sub-folders",
+    },
     # The seed says what it seeds on each node (issue 23; the table's tooltip is about training).
     ("KontextRestoreRestore", "seed"): {"tooltip": "Seed of the sampling noise"},
     ("KontextRestoreDegradeImage", "seed"): {"tooltip": "Seed of the random noise"},

@@ -98,6 +98,13 @@ def input_folder() -> Path:
     return Path(folder_paths.get_input_directory())
 
 
+def input_subfolders() -> list[str]:
+    """The input folder's sub-folders, recursively, as core's folder loaders list them."""
+    import folder_paths
+
+    return list(folder_paths.get_input_subfolders())
+
+
 def model_name(model) -> str:
     """Best-effort name of the weights a MODEL came from, for metadata."""
     for attr in ("cached_patcher_init", "model_file", "ckpt_path"):
