@@ -234,34 +234,18 @@ RESTORE = Template(
     lambda: restore_with_lora(),
     {1: 740, 2: 260, 3: 620, 4: 260, 6: 780, 7: 620, 8: 620},
 )
+# Node positions found by build_workflows.py --untangle (tests/test_workflows.py checks them).
+EVALUATE_PLACES = {
+    1: 1740, 2: 640, 3: 1620, 4: 640, 5: 860, 6: 320, 7: 1520, 8: 1320, 9: 1360, 10: 1520, 11: 260,
+    12: 1320, 13: 1328, 14: 1216, 15: 740, 16: 1360, 17: 1780, 18: 1180, 19: 940, 20: 660,
+}  # fmt: skip
 EVALUATE = Template(
     "train_then_evaluate",
     "Train and evaluate a Kontext LoRA",
     "Trains the LoRA, then degrades a clean reference photo, restores it with the new LoRA and "
     "scores restored against reference (PSNR/SSIM, the degraded input as the baseline).",
     lambda: train_then_evaluate(),
-    {
-        1: 1740,
-        2: 640,
-        3: 1620,
-        4: 640,
-        5: 860,
-        6: 320,
-        7: 1520,
-        8: 1320,
-        9: 1360,
-        10: 1520,
-        11: 260,
-        12: 1320,
-        13: 1328,
-        14: 1216,
-        15: 740,
-        16: 1360,
-        17: 1780,
-        18: 1180,
-        19: 940,
-        20: 660,
-    },
+    EVALUATE_PLACES,
 )
 
 TRAIN_STEPS_NOTE = """\
