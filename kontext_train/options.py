@@ -15,14 +15,14 @@ range, whole numbers whole, choices valid.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from .data.buckets import BUCKET_SCALE
 from .data.dataset import DATASET_SETTINGS
 from .data.degradations import DEGRADATION_SETTINGS
 from .data.latent_cache import CACHE_SETTINGS
-from .method.train_config import MAX_SEED, TRAIN_SETTINGS, checkpointing_mode
+from .method.train_config import MAX_SEED, TRAIN_SETTINGS
 from .report.plots import render_loss_plot
 from .restore.restore_settings import RESTORE_SETTINGS
 from .setting import (
@@ -167,13 +167,11 @@ def on_surface(surface: str) -> list[Setting]:
     return [s for s in SETTINGS if surface in s.surfaces]
 
 
-# Values a setting held before it changed kind, mapped to today's (saved workflows keep loading).
-_LEGACY_VALUES: dict[str, Callable[[Any], Any]] = {"gradient_checkpointing": checkpointing_mode}
-
-
 def check_value(name: str, value: Any, label: str | None = None) -> Any:
-    """``value`` checked against setting ``name`` (``Setting.check``); returned unchanged."""
-    return setting(name).check(_LEGACY_VALUES.get(name, lambda v: v)(value), label)
+    """``value`` checked against setting ``name`` (``Setting.check``, after ``Setting.current``:
+    a value saved before the setting changed kind passes as what it now means)."""
+    s = setting(name)
+    return s.check(s.current(value), label)
 
 
 def check_settings(values: Mapping[str, Any]) -> None:

@@ -70,6 +70,13 @@ class Setting:
     env: str | None = None
     node_name: str | None = None
     node_default: Any = None  # what a node widget shows for a None default (alpha: 0)
+    # Maps a value the setting held before it changed kind to today's (saved workflows and config
+    # files keep loading); anything else is returned as it is, for ``check``.
+    legacy: Callable[[Any], Any] | None = None
+
+    def current(self, value: Any) -> Any:
+        """``value`` as the setting holds it today (``legacy`` applied)."""
+        return self.legacy(value) if self.legacy is not None else value
 
     @property
     def flag(self) -> str:

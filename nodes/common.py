@@ -15,7 +15,7 @@ from ..kontext_train import comfyui
 from ..kontext_train.comfyui.node_api import io
 from ..kontext_train.method.flow import check_formulation
 from ..kontext_train.method.lora import sanitize_lora_name
-from ..kontext_train.method.train_config import TrainConfig, checkpointing_mode
+from ..kontext_train.method.train_config import TrainConfig
 from ..kontext_train.options import SettingError, check_value, setting
 
 CATEGORY = "Kontext Restore"
@@ -195,11 +195,11 @@ _CHOICE_HINTS = {
 
 
 def _legacy_choice(name: str, value: Any, options: list) -> bool:
-    """Values saved workflows hold from when lora_name was free text: "" (no LoRA) and a file
-    name without its .safetensors suffix; and true/false from when gradient_checkpointing was a
-    switch (on/off now)."""
-    if name == "gradient_checkpointing":
-        return checkpointing_mode(value) in options
+    """Values saved workflows hold from before a setting changed kind: its row's ``legacy``
+    (gradient_checkpointing's true/false, on/off now), and from when lora_name was free text, ""
+    (no LoRA) and a file name without its .safetensors suffix (these depend on the files listed)."""
+    if setting(name).current(value) in options:
+        return True
     if name != "restore_lora" or not isinstance(value, str):
         return False
     return value.strip() == "" or f"{value.strip()}.safetensors" in options

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..method.train_config import TrainConfig, checkpointing_mode
+from ..method.train_config import TrainConfig
 from ..options import COMMAND, COMMANDS, DEFAULT_PROMPT, Setting, SettingError, check_value, on_surface
 from .demo import DEMO_DEFAULTS, SAMPLE_PHOTOS
 
@@ -54,8 +54,7 @@ def _convert(opt: Option, value: Any, source: str) -> Any:
     where = f"{opt.name} ({source})"
     if value is None:
         return None
-    if opt.name == "gradient_checkpointing":  # true/false from before auto: on/off
-        value = checkpointing_mode(value)
+    value = opt.current(value)  # e.g. gradient_checkpointing true/false from before auto: on/off
     if opt.kind == "bool":
         if isinstance(value, bool):
             return value

@@ -208,7 +208,7 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
         "Recompute blocks' activations during the backward pass: less memory, slower. auto: the memory "
         "plan recomputes only as many blocks as the GPU's free memory needs; on: all; off: none.",
         "recompute blocks in backward: auto (as many as the GPU needs), on (all), off",
-        choices=CHECKPOINTING_MODES, commands=TRAINING),
+        choices=CHECKPOINTING_MODES, commands=TRAINING, legacy=checkpointing_mode),
     Setting("lora_dtype", "choice", _T.lora_dtype,
         "Precision of the trained LoRA weights (float32 typical).", "LoRA weights dtype",
         choices=tuple(LORA_DTYPES), commands=TRAINING),
