@@ -122,7 +122,6 @@ def main() -> None:
     jobs = [(c, s) for c in CONFIGS for s in args.seeds]
     with ThreadPoolExecutor(max_workers=2) as pool:
         rows = [r for rs in pool.map(lambda j: one_seed(*j, root), jobs) for r in rs]
-    sys.path.insert(0, str(ROOT))
     bounds = [linear_bound(root / f"demo_defaults_{s}" / "demo_images", s) for s in args.seeds]
 
     table = []

@@ -72,7 +72,7 @@ def setting_input(
     return _WIDGETS[s.kind].Input(s.input_name, **common)
 
 
-def folder_input(name: str, folders: list[str], optional: bool = False) -> io.Input:
+def folder_input(name: str, folders: list[str]) -> io.Input:
     """Setting ``name`` (a folder path) as a picker of ``folders``, the setting's default first
     whether or not it exists yet. The socket also takes a STRING, and the node's validator must
     name the input (ComfyUI then leaves the choice to it) so that a path typed before the picker
@@ -80,9 +80,7 @@ def folder_input(name: str, folders: list[str], optional: bool = False) -> io.In
     s = setting(name)
     listed = list(dict.fromkeys([s.default, *folders]))
     tooltip = f"{s.tooltip} Lists the input folder's sub-folders (press R to refresh)."
-    combo = io.Combo.Input(
-        s.input_name, options=listed, default=s.default, tooltip=tooltip, optional=optional
-    )
+    combo = io.Combo.Input(s.input_name, options=listed, default=s.default, tooltip=tooltip)
     return io.MultiType.Input(combo, types=[io.String])
 
 

@@ -57,6 +57,21 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
         build_dataset(root, val_count=-1, bucket_scale=SCALE)
 
 
+def test_images_named_held_out_first_are_held_out_whatever_the_seed(tmp_path):
+    """The demo's unseen photo: named, it is held out for every seed, counts toward val_count
+    (the rest of the count still follows the seed), and val_count 0 holds out nothing."""
+    root = _folder(tmp_path / "hq", 20)
+    name = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))[7]
+    rest = set()
+    for seed in range(6):
+        ds = build_dataset(root, val_count=2, seed=seed, bucket_scale=SCALE, held_out_first=(name,))
+        vals = [s.key for s in ds.val]
+        assert name in vals and len(vals) == 2 and name not in {s.key for s in ds.train}
+        rest |= set(vals) - {name}
+    assert len(rest) > 1  # the other held-out image still depends on the seed
+    assert build_dataset(root, val_count=0, bucket_scale=SCALE, held_out_first=(name,)).val == []
+
+
 def test_a_reduced_split_keeps_the_images_a_larger_one_held_out(tmp_path):
     """Capping the count takes the first of the same ranking, so the held-out images of a small
     count are a subset of a larger one's (evaluation later sees the same images)."""

@@ -169,8 +169,8 @@ def _object_info(url: str | None) -> dict:
 
 
 def print_untangled(files: dict[Path, dict]) -> int:
-    """For each template whose links pass over nodes: node positions that avoid it, as the
-    ``y=`` to give each Node in kontext_templates.py. Exit 1 if one could not be untangled."""
+    """For each template whose links pass over nodes: node heights that avoid it, to copy into
+    the template's ``places`` in kontext_templates.py. Exit 1 if one could not be untangled."""
     failed = 0
     for name in TEMPLATES:
         ui = files[ui_path(name)]
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--untangle",
         action="store_true",
-        help="print y= values for the templates' nodes that leave no link over a node (writes nothing)",
+        help="print node heights (a template's places) that leave no link over a node (writes nothing)",
     )
     args = parser.parse_args(argv)
     files = build_all(_object_info(args.url))

@@ -79,7 +79,7 @@ class Node:
     # progress line and validation images), so it does not grow over the node below it.
     room: int = 0
     # Where the node sits in its column (canvas y); None: below the node listed before it. Set
-    # where links would otherwise pass over nodes (build_workflows.py --untangle finds values).
+    # from its template's ``places`` (Template.placed_nodes).
     y: int | None = None
 
 

@@ -10,6 +10,9 @@ SPLINE_LINK``, the default link style of frontends 1.32 and 1.49).
 
 from __future__ import annotations
 
+import math
+import random
+
 import numpy as np
 from kontext_templates import Node
 
@@ -104,45 +107,39 @@ def link_curves(ui: dict, samples: int = 48) -> list[tuple[str, int, int, list[t
     return curves
 
 
+def _links_over_nodes(ui: dict, inset: float) -> tuple[list[str], list[str], np.ndarray]:
+    """(link labels, node labels, links x nodes: the link's curve passes over the node, its ends
+    excluded). A node's box includes its title bar and is shrunk by ``inset``."""
+    curves = link_curves(ui)
+    labelled = node_boxes(ui)
+    boxes = np.array([box for _, box in labelled], dtype=float)  # x, y, w, h
+    pts = np.array([points for *_, points in curves])  # links x samples x 2
+    x, y = pts[..., 0][:, :, None], pts[..., 1][:, :, None]
+    inside = (
+        (x > boxes[:, 0] + inset)
+        & (x < boxes[:, 0] + boxes[:, 2] - inset)
+        & (y > boxes[:, 1] + inset)
+        & (y < boxes[:, 1] + boxes[:, 3] - inset)
+    ).any(axis=1)
+    ids = [n["id"] for n in ui["nodes"]]
+    ends = np.array([[i in (src, dst) for i in ids] for _, src, dst, _ in curves])
+    return [c[0] for c in curves], [label for label, _ in labelled], inside & ~ends
+
+
 def links_through_nodes(ui: dict, inset: float = 4.0) -> list[tuple[str, str]]:
     """(link, node) pairs where a link's curve passes over a node other than its two ends (the
     node's box with its title bar, shrunk by ``inset`` so that a curve grazing an edge does not
     count)."""
-    boxes = [(n["id"], label, box) for (label, box), n in zip(node_boxes(ui), ui["nodes"], strict=True)]
-    found = []
-    for label, src, dst, points in link_curves(ui):
-        for node_id, node_label, (x, y, w, h) in boxes:
-            if node_id in (src, dst):
-                continue
-            if any(x + inset < px < x + w - inset and y + inset < py < y + h - inset for px, py in points):
-                found.append((label, node_label))
-    return found
-
-
-def _curve_points(ui: dict, samples: int = 48) -> tuple[list[int], list[int], np.ndarray]:
-    """(sources, targets, points (links x samples x 2)) of every link, as ``link_curves`` draws them."""
-
-    curves = link_curves(ui, samples)
-    return [c[1] for c in curves], [c[2] for c in curves], np.array([c[3] for c in curves])
+    links, nodes, over = _links_over_nodes(ui, inset)
+    return [(links[i], nodes[j]) for i, j in zip(*np.nonzero(over), strict=True)]
 
 
 def _layout_cost(ui: dict, inset: float = 4.0) -> float:
     """What ``untangle`` minimises: links over nodes and overlapping nodes first, then nodes out of
     their listed order in a column, how far the links climb, how tall the graph is and how far
     down its nodes sit."""
-
-    src, dst, pts = _curve_points(ui)
-    boxes = np.array([box for _, box in node_boxes(ui)], dtype=float)  # x, y, w, h
-    ids = [n["id"] for n in ui["nodes"]]
-    x, y = pts[..., 0][:, :, None], pts[..., 1][:, :, None]  # links x samples x 1
-    inside = (
-        (x > boxes[:, 0] + inset)
-        & (x < boxes[:, 0] + boxes[:, 2] - inset)
-        & (y > boxes[:, 1] + inset)
-        & (y < boxes[:, 1] + boxes[:, 3] - inset)
-    ).any(axis=1)  # links x nodes
-    ends = np.array([[i in (a, b) for i in ids] for a, b in zip(src, dst, strict=True)])
-    crossings = int((inside & ~ends).sum())
+    crossings = int(_links_over_nodes(ui, inset)[2].sum())
+    boxes = np.array([box for _, box in node_boxes(ui)], dtype=float)
     bx, by, bw, bh = boxes.T
     # At least GAP_Y between nodes, as when stacked: the frontend may draw a node a little taller.
     bh = bh + GAP_Y
@@ -159,7 +156,7 @@ def _layout_cost(ui: dict, inset: float = 4.0) -> float:
     for x0, top, height in zip(bx, by, bh, strict=True):
         out_of_order += top < column_ends.get(x0, -1e9)
         column_ends[x0] = top + height
-    climb = float(np.abs(pts[:, -1, 1] - pts[:, 0, 1]).sum())
+    climb = sum(abs(points[-1][1] - points[0][1]) for *_, points in link_curves(ui, samples=1))
     return (
         1e6 * (crossings + overlaps)
         + 5e3 * out_of_order
@@ -176,9 +173,6 @@ def untangle(
     a node and no node overlaps another, then packs the graph as short as that allows: simulated
     annealing and then plain descent, with a fixed seed, so the same graph always gets the same
     layout. Nodes whose id is in ``keep`` stay put. Returns the crossings and overlaps left."""
-    import math
-    import random
-
     rng = random.Random(seed)
     movable = [n for n in ui["nodes"] if n["id"] not in keep]
     cost = _layout_cost(ui)

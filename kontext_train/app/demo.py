@@ -115,10 +115,10 @@ def honest_paragraph(
     if psnr is not None and psnr[1] > psnr[0]:
         shown = (
             f"In this run the LoRA restored the held-out photo better than the degraded input ({psnr[1]:.2f} "
-            f"against {psnr[0]:.2f} dB PSNR), by a small margin: at 128 px the default blur (radius 1.5 px) "
-            "removes detail that even the best 7x7 linear filter fitted to these training pairs brings back "
-            "only about 1 dB of, and sampling in several steps adds texture that PSNR counts as error "
-            "(BENCHMARKS.md, section 14). What it does show is that the method and the plumbing"
+            f"against {psnr[0]:.2f} dB PSNR). With the default degradation that margin is small (BENCHMARKS.md, "
+            "section 14): at 128 px its blur (radius 1.5 px) removes detail that even the best 7x7 linear filter "
+            "fitted to the training pairs brings back only about 1 dB of, and sampling in several steps adds "
+            "texture that PSNR counts as error. What it does show is that the method and the plumbing"
         )
     elif psnr is not None:
         shown = (
