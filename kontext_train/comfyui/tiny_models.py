@@ -190,7 +190,7 @@ def full_training(diffusion_model: torch.nn.Module) -> Iterator[dict]:
 
     from .training_model import _BlockPatch
 
-    owner = types.SimpleNamespace(gradient_checkpointing=False)
+    owner = types.SimpleNamespace(checkpoint_blocks=0)  # no block recomputes in backward
     replace = {
         ("double_block", i): _BlockPatch(b, True, owner) for i, b in enumerate(diffusion_model.double_blocks)
     }
