@@ -103,6 +103,23 @@ def test_precedence_flags_over_config_over_env_over_defaults(tmp_path, clean_env
     )
 
 
+def test_the_demos_tiles_put_back_together_are_the_photo(tmp_path):
+    pytest.importorskip("skimage")
+    from kontext_train.app.demo import export_sample_photos
+
+    written = export_sample_photos(tmp_path, 2, tile_grids=(2, 3))
+    assert len(written) == 1 + 4 + 9 + 1  # astronaut whole and tiled, motorcycle whole
+    whole = np.asarray(Image.open(tmp_path / "astronaut.png"))
+    for g in (2, 3):
+        rows = [
+            np.concatenate(
+                [np.asarray(Image.open(tmp_path / f"astronaut_tile{g}x{g}_{r}{c}.png")) for c in range(g)], 1
+            )
+            for r in range(g)
+        ]
+        assert np.array_equal(np.concatenate(rows, 0), whole), g
+
+
 def test_the_demo_has_its_own_defaults(clean_env, capsys):
     assert cli.main(["demo", "--steps", "7", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -209,11 +226,14 @@ def test_demo_runs_end_to_end_and_writes_everything(demo_run):
     state = load_file(str(lora))
     assert any(k.endswith("lora_up.weight") for k in state)
     assert any(float(v.abs().max()) > 0 for k, v in state.items() if k.endswith("lora_up.weight"))
-    assert sorted(p.name for p in (out / "demo_images").iterdir()) == [
-        "astronaut.png",
-        "coffee.png",
-        "motorcycle.png",  # held out whatever the count (DEMO_HELD_OUT)
-    ]
+    names = sorted(p.name for p in (out / "demo_images").iterdir())
+    # The held-out photo (DEMO_HELD_OUT, whatever the count) whole only; each training photo whole
+    # and as its 2x2 and 3x3 tiles.
+    assert [n for n in names if "_tile" not in n] == ["astronaut.png", "coffee.png", "motorcycle.png"]
+    for photo in ("astronaut", "coffee"):
+        assert sum(n.startswith(f"{photo}_tile2x2_") for n in names) == 4
+        assert sum(n.startswith(f"{photo}_tile3x3_") for n in names) == 9
+    assert not any(n.startswith("motorcycle_") for n in names)
     assert (
         out / "runs" / "kontext_restore_demo" / "checkpoints" / "step_000004" / "lora.safetensors"
     ).is_file()
