@@ -120,6 +120,16 @@ def test_the_demos_tiles_put_back_together_are_the_photo(tmp_path):
         assert np.array_equal(np.concatenate(rows, 0), whole), g
 
 
+def test_the_demo_writes_no_tile_its_dataset_would_skip_as_too_small(tmp_path):
+    pytest.importorskip("skimage")
+    from kontext_train.app.demo import export_sample_photos
+
+    written = export_sample_photos(tmp_path, tile_grids=(3,))  # page (384x191) has 63 px tiles at 3x3
+    sides = {p.name: min(Image.open(p).size) for p in written}
+    assert min(sides.values()) >= 64, {n: s for n, s in sides.items() if s < 64}
+    assert "page_tile3x3_00.png" not in sides and "page_tile3x3_10.png" in sides
+
+
 def test_the_demo_has_its_own_defaults(clean_env, capsys):
     assert cli.main(["demo", "--steps", "7", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
