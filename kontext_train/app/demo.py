@@ -51,7 +51,7 @@ DEMO_DEFAULTS: dict[str, object] = {
     "batch_size": 2,
     "warmup_steps": 20,
     "checkpoint_every": 200,
-    "validate_every_epochs": 2,
+    "validate_every_steps": 200,  # four times a run, however many images
     "gradient_checkpointing": "off",
     "bucket_scale": 0.125,
     "val_count": 1,  # the motorcycle
