@@ -34,7 +34,6 @@ DEMO_HELD_OUT: tuple[str, ...] = ("motorcycle.png",)
 # demo's 800 steps; with the tiles the held-out gain at 8 sampling steps went from +0.34 to +0.60 dB
 # over three seeds (BENCHMARKS.md section 14). The held-out photo is written whole only.
 DEMO_TILE_GRIDS: tuple[int, ...] = (2, 3)
-_MIN_TILE_SIDE = 64  # build_dataset's default min_size
 _PHOTO_SOURCE = {"motorcycle": "motorcycle_left"}
 DEMO_BASE_MODEL = STANDIN_BASE_MODEL
 
@@ -84,10 +83,13 @@ def export_sample_photos(
         ) from None
     from PIL import Image
 
+    from ..data.dataset import build_dataset
+    from ..setting import arg_default
     from .standin import load_photo
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    min_side = arg_default(build_dataset, "min_size")
     written = []
     # The held-out photo (last) is always among them: fewer photos means fewer to train on.
     for name in (*SAMPLE_PHOTOS[: count - 1], SAMPLE_PHOTOS[-1]):
@@ -98,7 +100,7 @@ def export_sample_photos(
             for r, c in itertools.product(range(g), range(g)):
                 left, top, right, bottom = _tile_box(photo.size, g, r, c)
                 # A tile the dataset would skip as too small (its default min_size) is not written.
-                if min(right - left, bottom - top) >= _MIN_TILE_SIDE:
+                if min(right - left, bottom - top) >= min_side:
                     views[f"{name}_tile{g}x{g}_{r}{c}.png"] = (g, r, c)
         for file_name, tile in views.items():
             path = folder / file_name
