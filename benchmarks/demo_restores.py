@@ -116,7 +116,7 @@ def bounds(demo_images: Path, seed: int, fit_seconds: float) -> dict:
         "linear 3x3 latents": psnr(least_squares(3, latents)),
         "cnn": psnr(cnn_restore(pairs, degraded, fit_seconds, seed)),
     }
-    out.update(finetune_restore(ds, pairs, degraded, pca, fit_seconds, seed, psnr))
+    out.update(finetune_restore(pairs, degraded, pca, fit_seconds, seed, psnr))
     return out
 
 
@@ -150,7 +150,7 @@ def cnn_restore(pairs: list, degraded, seconds: float, seed: int):
         return degraded + net(degraded[None])[0]
 
 
-def finetune_restore(ds, pairs: list, degraded, pca: dict, seconds: float, seed: int, psnr) -> dict:
+def finetune_restore(pairs: list, degraded, pca: dict, seconds: float, seed: int, psnr) -> dict:
     """The stand-in with every weight trained on the bridge objective (v = degraded - clean at
     x = sigma * degraded + (1 - sigma) * clean, the demo's guidance and prompt) for ``seconds``, on
     random 16x16-latent crops in batches of 4; PSNR restored in 1 and 8 Euler steps."""

@@ -106,7 +106,6 @@ def test_precedence_flags_over_config_over_env_over_defaults(tmp_path, clean_env
 
 
 def test_the_demos_tiles_put_back_together_are_the_photo(tmp_path):
-    pytest.importorskip("skimage")
     from kontext_train.app.demo import export_sample_photos
 
     written = export_sample_photos(tmp_path, 2, tile_grids=(2, 3))
@@ -123,7 +122,6 @@ def test_the_demos_tiles_put_back_together_are_the_photo(tmp_path):
 
 
 def test_the_demo_writes_no_tile_its_dataset_would_skip_as_too_small(tmp_path):
-    pytest.importorskip("skimage")
     from kontext_train.app.demo import export_sample_photos
 
     written = export_sample_photos(tmp_path, tile_grids=(3,))  # page (384x191) has 63 px tiles at 3x3
